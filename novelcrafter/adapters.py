@@ -1,0 +1,132 @@
+"""Published adapters in the store: the contract between trainers and inference.
+
+A version is immutable and lives under ``adapters/<book_id>/<version>/``::
+
+    adapter_model.safetensors   PEFT LoRA weights
+    adapter_config.json         PEFT config (base model, rank, target modules)
+    meta.json                   written LAST: marks the version complete; sizes and
+                                sha256 of the files above, job, part, base model, metrics
+
+``adapters/<book_id>/latest`` is a JSON pointer ``{"version": …}`` written after
+``meta.json``, so a reader that follows ``latest`` always finds a complete version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from novelcrafter import layout
+from novelcrafter.errors import FailedPrecondition, NotFound
+from novelcrafter.store import Store
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+META = "meta.json"
+
+
+@dataclass
+class AdapterMeta:
+    book_id: str
+    version: str
+    job_id: str
+    part: int
+    base_model: str
+    published_at: float = 0.0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {size, sha256}
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return layout.adapter_prefix(self.book_id, self.version)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_adapter(
+    store: Store,
+    local_dir: Path,
+    *,
+    book_id: str,
+    job_id: str,
+    part: int,
+    base_model: str,
+    metrics: dict[str, Any] | None = None,
+    move_latest: bool = True,
+) -> AdapterMeta:
+    """Upload a saved PEFT adapter directory as an immutable version, then move ``latest``.
+
+    Idempotent for a retried publish of the same (job, part): the files are simply
+    rewritten before ``meta.json``; nobody reads a version before its meta exists.
+    """
+    version = layout.adapter_version_id(job_id, part)
+    meta = AdapterMeta(book_id, version, job_id, part, base_model, metrics=dict(metrics or {}))
+    for name in ADAPTER_FILES:
+        path = Path(local_dir) / name
+        if not path.exists():
+            raise FailedPrecondition(f"adapter directory {local_dir} lacks {name}")
+        meta.files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        store.put_file(meta.prefix + name, path)
+    meta.published_at = time.time()
+    store.put_json(meta.prefix + META, asdict(meta))
+    if move_latest:
+        store.put_json(layout.latest_key(book_id), {"version": version, "published_at": meta.published_at})
+    return meta
+
+
+def read_meta(store: Store, book_id: str, version: str) -> AdapterMeta:
+    try:
+        data = store.get_json(layout.adapter_prefix(book_id, version) + META)
+    except NotFound:
+        raise NotFound(f"adapter version {version} of book {book_id} not found")
+    return AdapterMeta(**data)
+
+
+def latest_version(store: Store, book_id: str) -> str | None:
+    """The version ``latest`` points to, or None when nothing is published."""
+    try:
+        data = store.get_json(layout.latest_key(book_id))
+    except NotFound:
+        return None
+    return layout.check_version(str(data.get("version", "")))
+
+
+def list_versions(store: Store, book_id: str) -> list[AdapterMeta]:
+    """Complete versions of a book (those with meta.json), oldest first."""
+    metas = []
+    prefix = layout.adapters_prefix(book_id)
+    for key in store.list(prefix):
+        if key.endswith("/" + META):
+            version = key[len(prefix) :].split("/", 1)[0]
+            try:
+                metas.append(read_meta(store, book_id, version))
+            except (NotFound, TypeError, ValueError):
+                continue
+    return sorted(metas, key=lambda m: (m.published_at, m.version))
+
+
+def list_books_with_adapters(store: Store) -> list[str]:
+    books = {key.split("/")[1] for key in store.list("adapters/") if key.count("/") >= 2}
+    return sorted(b for b in books if layout.BOOK_ID_RE.match(b))
+
+
+def download_adapter(store: Store, meta: AdapterMeta, dest: Path, *, verify: bool = True) -> Path:
+    """Fetch a version's files into ``dest``, checking sizes and sha256 against meta.json."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        path = store.download(meta.prefix + name, dest / name)
+        if verify:
+            expected = meta.files.get(name, {})
+            if expected and (path.stat().st_size != expected.get("size") or _sha256(path) != expected.get("sha256")):
+                raise FailedPrecondition(f"adapter {meta.version}: {name} does not match its published checksum")
+    json.loads((dest / "adapter_config.json").read_text())  # must parse
+    return dest

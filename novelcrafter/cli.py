@@ -1,0 +1,125 @@
+"""The ``novelcrafter`` command.
+
+Subcommands are contributed by the service packages (``register(app, serve_app)`` in
+``novelcrafter.<service>.cli``), so each service owns its flags and the core only
+owns dispatch and error handling: user-facing failures are one ``error: …`` line
+on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated
+
+import grpc
+import typer
+
+from novelcrafter import __version__
+from novelcrafter.errors import NovelCrafterError, from_rpc_error
+
+app = typer.Typer(
+    name="novelcrafter",
+    help="Train LoRA adapters that write like a book, and serve them over gRPC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+serve_app = typer.Typer(help="Run a service: ingest (with the job coordinator), trainer, inference, or all.",
+                        no_args_is_help=True)
+model_app = typer.Typer(help="Base models: provision and inspect.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(model_app, name="model")
+
+# Modules that contribute commands; each has register(app, serve_app).
+COMMAND_MODULES = (
+    "novelcrafter.ingest.cli",
+    "novelcrafter.trainer.cli",
+    "novelcrafter.inference.cli",
+    "novelcrafter.run.cli",
+)
+# Commands the architecture names; a placeholder explains any that is not available.
+TOP_COMMANDS = ("ingest", "train", "generate", "run", "status")
+SERVE_COMMANDS = ("ingest", "trainer", "inference", "all")
+
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX "
+                                                              "[env NOVELCRAFTER_STORE, default ./data]")]
+BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="Base model name, hub id or path "
+                                                                       "[env NOVELCRAFTER_BASE_MODEL]")]
+
+
+@model_app.command("provision")
+def model_provision(base_model: BaseModelOpt = None) -> None:
+    """Convert or download the base model into the cache (once) and print its directory."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.logs import configure_logging
+    from novelcrafter.models import provision_base_model
+
+    configure_logging()
+    settings = get_settings(base_model=base_model)
+    print(provision_base_model(settings.base_model, settings))
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def _registered(typer_app: typer.Typer) -> set[str]:
+    names = set()
+    for info in typer_app.registered_commands:
+        names.add(info.name or (info.callback.__name__.replace("_", "-") if info.callback else ""))
+    return names
+
+
+def _placeholder(name: str, what: str) -> None:
+    def command() -> None:
+        raise NovelCrafterError(f"`novelcrafter {name}` is not available in this build yet ({what})")
+
+    command.__doc__ = f"(not available yet: {what})"
+    return command
+
+
+def _load_commands() -> None:
+    for module in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue  # that service has not contributed commands
+            raise
+        mod.register(app, serve_app)
+    have = _registered(app)
+    for name in TOP_COMMANDS:
+        if name not in have:
+            app.command(name)(_placeholder(name, "its service is not built yet"))
+    have_serve = _registered(serve_app)
+    for name in SERVE_COMMANDS:
+        if name not in have_serve:
+            serve_app.command(name)(_placeholder(f"serve {name}", "its service is not built yet"))
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _load_commands()
+    try:
+        app(args=argv, prog_name="novelcrafter")
+    except NovelCrafterError as exc:
+        fail(exc.message)
+    except grpc.RpcError as exc:
+        fail(from_rpc_error(exc).message)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    except BrokenPipeError:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Object-store layout and identifiers: the one place that knows where things live.
+
+Every key a client can influence is built from validated identifiers, so nothing
+a client sends can address a key outside its place in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+
+from novelcrafter.errors import InvalidArgument
+
+BOOK_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+JOB_ID_RE = re.compile(r"^j-[0-9a-f]{12}$")
+VERSION_RE = re.compile(r"^j-[0-9a-f]{12}-p[0-9]{2,4}$")
+PART_ALIAS_RE = re.compile(r"^part-([0-9]{1,4})$")
+MAX_PARTS = 1000
+
+
+def book_id_for(pdf_bytes: bytes) -> str:
+    """The book id: the first 16 hex digits of the PDF's SHA-256 (same PDF, same book)."""
+    return hashlib.sha256(pdf_bytes).hexdigest()[:16]
+
+
+def new_job_id() -> str:
+    return f"j-{uuid.uuid4().hex[:12]}"
+
+
+def adapter_version_id(job_id: str, part: int) -> str:
+    """Immutable adapter version id: (job, part). The book is the folder it lives in."""
+    check_job_id(job_id)
+    check_part(part)
+    return f"{job_id}-p{part:02d}"
+
+
+def parse_version(version: str) -> tuple[str, int]:
+    check_version(version)
+    job, _, part = version.rpartition("-p")
+    return job, int(part)
+
+
+def _check(value: str, pattern: re.Pattern[str], what: str, example: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        shown = repr(value)[:80]
+        raise InvalidArgument(f"invalid {what} {shown}: expected something like {example!r}")
+    return value
+
+
+def check_book_id(book_id: str) -> str:
+    return _check(book_id, BOOK_ID_RE, "book id", "3f2a9c1d0b7e4a65")
+
+
+def check_job_id(job_id: str) -> str:
+    return _check(job_id, JOB_ID_RE, "job id", "j-0123456789ab")
+
+
+def check_version(version: str) -> str:
+    return _check(version, VERSION_RE, "adapter version", "j-0123456789ab-p03")
+
+
+def check_part(part: int) -> int:
+    if not isinstance(part, int) or part < 0 or part >= MAX_PARTS:
+        raise InvalidArgument(f"invalid part index {part!r}: expected 0..{MAX_PARTS - 1}")
+    return part
+
+
+# --- books -------------------------------------------------------------------------------------
+
+
+def book_prefix(book_id: str) -> str:
+    return f"books/{check_book_id(book_id)}/"
+
+
+def source_key(book_id: str) -> str:
+    return book_prefix(book_id) + "source.pdf"
+
+
+def manifest_key(book_id: str) -> str:
+    return book_prefix(book_id) + "manifest.json"
+
+
+def text_key(book_id: str) -> str:
+    return book_prefix(book_id) + "text.txt"
+
+
+def part_train_key(book_id: str, part: int) -> str:
+    return book_prefix(book_id) + f"parts/{check_part(part):02d}/train.jsonl"
+
+
+def part_test_key(book_id: str, part: int) -> str:
+    return book_prefix(book_id) + f"parts/{check_part(part):02d}/test.jsonl"
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{check_job_id(job_id)}/"
+
+
+def job_key(job_id: str) -> str:
+    return job_prefix(job_id) + "job.json"
+
+
+def job_events_key(job_id: str) -> str:
+    return job_prefix(job_id) + "events.jsonl"
+
+
+def part_prefix(job_id: str, part: int) -> str:
+    return job_prefix(job_id) + f"parts/{check_part(part):02d}/"
+
+
+def checkpoint_prefix(job_id: str, part: int, step: int) -> str:
+    return part_prefix(job_id, part) + f"checkpoints/step-{step:07d}/"
+
+
+def last_checkpoint_key(job_id: str, part: int) -> str:
+    """Pointer to the last complete (verified) checkpoint of a part."""
+    return part_prefix(job_id, part) + "checkpoints/last.json"
+
+
+def part_metrics_key(job_id: str, part: int) -> str:
+    return part_prefix(job_id, part) + "metrics.json"
+
+
+# --- adapters ----------------------------------------------------------------------------------
+
+
+def adapters_prefix(book_id: str) -> str:
+    return f"adapters/{check_book_id(book_id)}/"
+
+
+def adapter_prefix(book_id: str, version: str) -> str:
+    return adapters_prefix(book_id) + check_version(version) + "/"
+
+
+def latest_key(book_id: str) -> str:
+    """The `latest` pointer: JSON naming the newest complete version. Written last."""
+    return adapters_prefix(book_id) + "latest"

@@ -1,0 +1,1 @@
+"""`novelcrafter run`: the whole job on one machine, through the real services."""

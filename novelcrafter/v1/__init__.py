@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for novelcrafter.v1 (make proto)."""

@@ -1,0 +1,67 @@
+from novelcrafter.v1 import common_pb2 as _common_pb2
+from novelcrafter.v1 import jobs_pb2 as _jobs_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class IngestMetadata(_message.Message):
+    __slots__ = ("filename", "title", "password", "params", "create_job", "job_config", "size_bytes")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_JOB_FIELD_NUMBER: _ClassVar[int]
+    JOB_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    title: str
+    password: str
+    params: _common_pb2.IngestParams
+    create_job: bool
+    job_config: _common_pb2.JobConfig
+    size_bytes: int
+    def __init__(self, filename: _Optional[str] = ..., title: _Optional[str] = ..., password: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.IngestParams, _Mapping]] = ..., create_job: _Optional[bool] = ..., job_config: _Optional[_Union[_common_pb2.JobConfig, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class IngestBookRequest(_message.Message):
+    __slots__ = ("metadata", "chunk")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    metadata: IngestMetadata
+    chunk: bytes
+    def __init__(self, metadata: _Optional[_Union[IngestMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class IngestBookResponse(_message.Message):
+    __slots__ = ("manifest", "already_existed", "job")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_EXISTED_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    manifest: _common_pb2.BookManifest
+    already_existed: bool
+    job: _jobs_pb2.Job
+    def __init__(self, manifest: _Optional[_Union[_common_pb2.BookManifest, _Mapping]] = ..., already_existed: _Optional[bool] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ...) -> None: ...
+
+class GetBookRequest(_message.Message):
+    __slots__ = ("book_id",)
+    BOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    book_id: str
+    def __init__(self, book_id: _Optional[str] = ...) -> None: ...
+
+class GetBookResponse(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: _common_pb2.BookManifest
+    def __init__(self, manifest: _Optional[_Union[_common_pb2.BookManifest, _Mapping]] = ...) -> None: ...
+
+class ListBooksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBooksResponse(_message.Message):
+    __slots__ = ("books",)
+    BOOKS_FIELD_NUMBER: _ClassVar[int]
+    books: _containers.RepeatedCompositeFieldContainer[_common_pb2.BookManifest]
+    def __init__(self, books: _Optional[_Iterable[_Union[_common_pb2.BookManifest, _Mapping]]] = ...) -> None: ...

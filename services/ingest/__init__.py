@@ -1,0 +1,1 @@
+"""NovelCrafter ingest service."""

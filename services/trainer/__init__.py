@@ -1,0 +1,1 @@
+"""NovelCrafter trainer service."""
