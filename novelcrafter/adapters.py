@@ -126,7 +126,11 @@ def download_adapter(store: Store, meta: AdapterMeta, dest: Path, *, verify: boo
         path = store.download(meta.prefix + name, dest / name)
         if verify:
             expected = meta.files.get(name, {})
-            if expected and (path.stat().st_size != expected.get("size") or _sha256(path) != expected.get("sha256")):
-                raise FailedPrecondition(f"adapter {meta.version}: {name} does not match its published checksum")
+            if expected and (
+                path.stat().st_size != expected.get("size") or _sha256(path) != expected.get("sha256")
+            ):
+                raise FailedPrecondition(
+                    f"adapter {meta.version}: {name} does not match its published checksum"
+                )
     json.loads((dest / "adapter_config.json").read_text())  # must parse
     return dest

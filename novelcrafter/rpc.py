@@ -48,7 +48,9 @@ def _channel_options(settings: Settings) -> list[tuple[str, Any]]:
 # --- interceptors ------------------------------------------------------------------------------
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]
+) -> grpc.RpcMethodHandler:
     """Rebuild a method handler with its behaviour wrapped, whatever its streaming kind."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
@@ -69,7 +71,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Cal
 
 def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     if isinstance(exc, NovelCrafterError):
-        log.info("rpc error", extra={"fields": {"method": method, "code": exc.code.name, "error": exc.message}})
+        log.info(
+            "rpc error", extra={"fields": {"method": method, "code": exc.code.name, "error": exc.message}}
+        )
         context.abort(exc.code, exc.message)
     incident = uuid.uuid4().hex[:8]
     log.exception("unhandled error in rpc", extra={"fields": {"method": method, "incident": incident}})
@@ -93,7 +97,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 def stream_behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                     try:
                         yield from behaviour(request, context)
-                    except Exception as exc:  # noqa: BLE001 - mapped to a status
+                    except Exception as exc:
                         if _is_abort(exc):
                             raise
                         _abort_for(exc, context, method)
@@ -103,7 +107,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def unary_behaviour(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     return behaviour(request, context)
-                except Exception as exc:  # noqa: BLE001 - mapped to a status
+                except Exception as exc:
                     if _is_abort(exc):
                         raise
                     _abort_for(exc, context, method)
@@ -167,7 +171,9 @@ class GrpcServer:
     on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def set_serving(self, serving: bool, service: str = "") -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         names = [service] if service else ["", *self.services]
         for name in names:
             self.health.set(name, status)
@@ -183,7 +189,7 @@ class GrpcServer:
         for callback in self.on_stop:
             try:
                 callback()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("shutdown hook failed")
         self.server.stop(grace).wait()
         log.info("stopped")
@@ -260,8 +266,15 @@ def start_server(
     srv.set_serving(serving)
     log.info(
         "grpc server listening",
-        extra={"fields": {"listen": listen, "port": port, "services": ",".join(names), "tls": bool(creds),
-                          "auth": bool(settings.auth_token)}},
+        extra={
+            "fields": {
+                "listen": listen,
+                "port": port,
+                "services": ",".join(names),
+                "tls": bool(creds),
+                "auth": bool(settings.auth_token),
+            }
+        },
     )
     return srv
 
@@ -280,8 +293,14 @@ class _AuthClientInterceptor(
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = [*(details.metadata or ()), self._header]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return continuation(self._details(details), request)
@@ -323,8 +342,9 @@ def connect(address: str, settings: Settings | None = None, *, token: str | None
     return channel
 
 
-def wait_for_health(address: str, timeout: float = 60.0, settings: Settings | None = None,
-                    service: str = "") -> None:
+def wait_for_health(
+    address: str, timeout: float = 60.0, settings: Settings | None = None, service: str = ""
+) -> None:
     """Block until the server at ``address`` reports SERVING (raises TimeoutError)."""
     deadline = time.monotonic() + timeout
     last = "no answer"

@@ -212,7 +212,9 @@ class Store(ABC):
                 if not self._is_transient(exc) or time.monotonic() + delay > deadline:
                     raise self._translate(what, exc) from exc
                 if attempt == 1 or attempt % 5 == 0:
-                    log.warning(f"store {what} failed, retrying: {exc}", extra={"fields": {"attempt": attempt}})
+                    log.warning(
+                        f"store {what} failed, retrying: {exc}", extra={"fields": {"attempt": attempt}}
+                    )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
 
@@ -323,7 +325,9 @@ class LocalStore(Store):
             raise NotFound(f"not found in store: {key}")
         if not path.is_file():
             raise NotFound(f"not found in store: {key}")
-        return ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
+        return ObjectInfo(
+            key=key, size=st.st_size, modified=st.st_mtime, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}"
+        )
 
     def _delete(self, key: str) -> None:
         path = self._path(key)
@@ -502,7 +506,11 @@ def open_store(url: str | None = None, settings: Any = None, *, retry_seconds: f
 
     settings = settings or get_settings()
     url = url or settings.store
-    retry = retry_seconds if retry_seconds is not None else float(os.environ.get("NOVELCRAFTER_STORE_RETRY_SECONDS", "30"))
+    retry = (
+        retry_seconds
+        if retry_seconds is not None
+        else float(os.environ.get("NOVELCRAFTER_STORE_RETRY_SECONDS", "30"))
+    )
     if url.startswith("s3://"):
         rest = url[len("s3://") :]
         bucket, _, prefix = rest.partition("/")

@@ -18,11 +18,11 @@ from novelcrafter.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 
 class DemoIngest(ingest_pb2_grpc.IngestServiceServicer):
-    def ListBooks(self, request, context):  # noqa: N802
+    def ListBooks(self, request, context):
         time.sleep(float(os.environ.get("SLOW_SECONDS", "0")))
         return ingest_pb2.ListBooksResponse(books=[common_pb2.BookManifest(book_id="0123456789abcdef")])
 
-    def GetBook(self, request, context):  # noqa: N802
+    def GetBook(self, request, context):
         if request.book_id == "crash":
             raise RuntimeError("secret internal detail")
         if request.book_id == "bad":
@@ -33,7 +33,13 @@ class DemoIngest(ingest_pb2_grpc.IngestServiceServicer):
 def main() -> None:
     configure_logging()
     server = start_server(
-        [Service("novelcrafter.v1.IngestService", DemoIngest(), ingest_pb2_grpc.add_IngestServiceServicer_to_server)],
+        [
+            Service(
+                "novelcrafter.v1.IngestService",
+                DemoIngest(),
+                ingest_pb2_grpc.add_IngestServiceServicer_to_server,
+            )
+        ],
         sys.argv[1],
     )
     server.install_signal_handlers()

@@ -63,12 +63,19 @@ def base_env(**extra: str) -> dict[str, str]:
 class Proc:
     """A real child process with its output captured to a log file."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
+    ) -> None:
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(
-            self.args, env=env, cwd=cwd or ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args,
+            env=env,
+            cwd=cwd or ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -100,10 +107,20 @@ class Proc:
         self.popen.wait(10)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, input: bytes | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    input: bytes | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the installed ``novelcrafter`` command as a subprocess."""
     return subprocess.run(
-        [NOVELCRAFTER, *args], env=env or base_env(), capture_output=True, text=True, timeout=timeout,
-        input=input, cwd=cwd or ROOT,
+        [NOVELCRAFTER, *args],
+        env=env or base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        cwd=cwd or ROOT,
     )

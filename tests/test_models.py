@@ -25,16 +25,19 @@ def test_provisioned_directory_is_a_plain_safetensors_model(base_model_dir: Path
 
 def test_tokenizer_has_chat_template(base_model: tuple[Any, Any]) -> None:
     _model, tok = base_model
-    text = tok.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+    )
     assert "Hello" in text and "<|im_start|>assistant" in text
 
 
 def _generate(model: Any, tok: Any, seed: int) -> str:
     torch.manual_seed(seed)
     ids = tok("It is a truth universally acknowledged", return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=16, do_sample=True, top_p=0.95, temperature=0.8,
-                         pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **ids, max_new_tokens=16, do_sample=True, top_p=0.95, temperature=0.8, pad_token_id=tok.pad_token_id
+    )
+    return tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_generation_is_deterministic_with_a_seed(base_model: tuple[Any, Any]) -> None:

@@ -26,10 +26,29 @@ def _methods(module, service: str) -> set[str]:
 def test_services_are_complete() -> None:
     assert _methods(ingest_pb2, "IngestService") == {"IngestBook", "GetBook", "ListBooks"}
     assert _methods(jobs_pb2, "JobService") == {
-        "CreateJob", "GetJob", "ListJobs", "CancelJob", "WatchJob",
-        "ClaimPart", "RenewLease", "ReportProgress", "CompletePart", "FailPart",
+        "CreateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJob",
+        "ClaimPart",
+        "RenewLease",
+        "ReportProgress",
+        "CompletePart",
+        "FailPart",
     }
     assert {"Generate", "GenerateStream", "ListAdapters"} <= _methods(inference_pb2, "InferenceService")
     fields = set(inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name)
-    assert {"prompt", "book_id", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-            "repetition_penalty", "chat"} <= fields
+    assert {
+        "prompt",
+        "book_id",
+        "adapter",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "repetition_penalty",
+        "chat",
+    } <= fields

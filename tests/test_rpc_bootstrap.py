@@ -38,7 +38,9 @@ def server(tmp_path: Path) -> Iterator[str]:
 def test_reflection_lists_services_and_health(server: str) -> None:
     with grpc.insecure_channel(server) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = {svc.name for resp in responses for svc in resp.list_services_response.service}
     assert "novelcrafter.v1.IngestService" in names
     assert "grpc.health.v1.Health" in names
@@ -107,7 +109,9 @@ def test_bearer_token_auth(tmp_path: Path) -> None:
                 ingest_pb2_grpc.IngestServiceStub(channel).ListBooks(ingest_pb2.ListBooksRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with connect(addr, token="s3cret-token") as channel:
-            resp = ingest_pb2_grpc.IngestServiceStub(channel).ListBooks(ingest_pb2.ListBooksRequest(), timeout=5)
+            resp = ingest_pb2_grpc.IngestServiceStub(channel).ListBooks(
+                ingest_pb2.ListBooksRequest(), timeout=5
+            )
             assert len(resp.books) == 1
     finally:
         proc.stop()
