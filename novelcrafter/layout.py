@@ -112,6 +112,11 @@ def part_prefix(job_id: str, part: int) -> str:
     return job_prefix(job_id) + f"parts/{check_part(part):02d}/"
 
 
+def part_checkpoints_prefix(job_id: str, part: int) -> str:
+    """The folder holding all checkpoints of a part (step folders and the last.json pointer)."""
+    return part_prefix(job_id, part) + "checkpoints/"
+
+
 def checkpoint_prefix(job_id: str, part: int, step: int) -> str:
     return part_prefix(job_id, part) + f"checkpoints/step-{step:07d}/"
 
