@@ -35,6 +35,7 @@ app.add_typer(model_app, name="model")
 # Modules that contribute commands; each has register(app, serve_app).
 COMMAND_MODULES = (
     "novelcrafter.ingest.cli",
+    "novelcrafter.ingest.coordinator.cli",
     "novelcrafter.trainer.cli",
     "novelcrafter.inference.cli",
     "novelcrafter.run.cli",

@@ -1,39 +1,45 @@
 """The job coordinator (JobService), hosted by the ingest process.
 
-CONTRACT (used by the ingest server and the CLI; the implementation fills it in):
+CONTRACT (used by the ingest server and the CLI)::
 
-    coordinator = Coordinator(store, settings)          # recovers state from the store
-    job = coordinator.create_job(book_id, job_config)   # -> jobs_pb2.Job
+    coordinator = Coordinator(store, settings)          # recovers every job from the store
+    job = coordinator.create_job(book_id, job_config)   # -> jobs_pb2.Job (defaults filled in)
     service = job_service(coordinator)                  # -> novelcrafter.rpc.Service
-    coordinator.close()
+    server = start_server([..., service], listen, settings)
+    server.on_stop.append(coordinator.close)            # ends WatchJob streams before the grace wait
+    ...
+    coordinator.close()                                 # idempotent
+
+``Coordinator(store, settings, lease_seconds=None)``: the lease time comes from the
+argument, else ``NOVELCRAFTER_LEASE_SECONDS``, else 60 s.
+
+ONE coordinator process per store: claims are made race-free by a lock inside the
+process, not by the store. See :mod:`.core` for durability, restart and attempt rules.
+
+Names are imported lazily so that ``novelcrafter.ingest.coordinator.cli`` (loaded by
+every ``novelcrafter`` invocation) stays cheap.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from novelcrafter.config import Settings
-from novelcrafter.errors import FailedPrecondition
-from novelcrafter.rpc import Service
-from novelcrafter.store import Store
+if TYPE_CHECKING:
+    from .core import DEFAULT_LEASE_SECONDS, Coordinator
+    from .service import SERVICE_NAME, JobServicer, job_service
 
-
-class Coordinator:
-    """Job state, part queue with leases, progress events. (Skeleton: being implemented.)"""
-
-    def __init__(self, store: Store, settings: Settings, *, lease_seconds: float = 60.0) -> None:
-        self.store = store
-        self.settings = settings
-        self.lease_seconds = lease_seconds
-
-    def create_job(self, book_id: str, config: Any) -> Any:
-        raise FailedPrecondition("the job coordinator is not implemented yet")
-
-    def close(self) -> None:
-        pass
+__all__ = ["DEFAULT_LEASE_SECONDS", "SERVICE_NAME", "Coordinator", "JobServicer", "job_service"]
+_WHERE = {
+    "DEFAULT_LEASE_SECONDS": ".core",
+    "Coordinator": ".core",
+    "SERVICE_NAME": ".service",
+    "JobServicer": ".service",
+    "job_service": ".service",
+}
 
 
-def job_service(coordinator: Coordinator) -> Service:
-    from novelcrafter.v1 import jobs_pb2_grpc
-
-    return Service("novelcrafter.v1.JobService", jobs_pb2_grpc.JobServiceServicer(), jobs_pb2_grpc.add_JobServiceServicer_to_server)
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,201 @@
+"""``novelcrafter train`` and ``novelcrafter status``: the coordinator's client commands (gRPC)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+CoordinatorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--coordinator",
+        help="Address of the job coordinator (JobService) "
+        "(env NOVELCRAFTER_COORDINATOR, default 127.0.0.1:50051)",
+    ),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON on stdout (progress, if any, goes to stderr)")
+]
+RPC_TIMEOUT = 60.0
+T = TypeVar("T")
+
+
+def register(app: typer.Typer, serve_app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("status")(status)
+
+
+def _call(address: str, fn: Callable[[], T]) -> T:
+    """Run an RPC; turn an unreachable coordinator into one actionable error."""
+    import grpc
+
+    from novelcrafter.errors import Unavailable, from_rpc_error
+
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise Unavailable(
+                f"cannot reach the job coordinator at {address} ({exc.details() or 'unavailable'}): "
+                "start it with `novelcrafter serve ingest` "
+                "or point --coordinator / NOVELCRAFTER_COORDINATOR at it"
+            ) from None
+        raise from_rpc_error(exc) from None
+
+
+def _job_json(message: Any) -> str:
+    from google.protobuf import json_format
+
+    return json.dumps(
+        json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        ),
+        indent=1,
+    )
+
+
+def train(
+    book_id: Annotated[
+        str, typer.Argument(help="The book to train on (its id, as `novelcrafter ingest` printed)")
+    ],
+    coordinator: CoordinatorOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per part (default 3)")] = None,
+    max_steps_per_part: Annotated[
+        int | None, typer.Option(help="Optimizer-step budget per part (default: the full schedule)")
+    ] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per packed sequence (default 1024)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 5e-5)")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 8)")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 32)")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps (default 8)")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Optimizer steps between checkpoints (default 50)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed (default 0)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Require workers of this device: cpu or cuda (default: any)")
+    ] = None,
+    init_adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from an existing adapter: BOOK_ID/VERSION or BOOK_ID/latest (default: base model)"
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="Base model (env NOVELCRAFTER_BASE_MODEL)")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Attempts per part before the job fails (default 3)")
+    ] = None,
+    watch: Annotated[
+        bool | None,
+        typer.Option(
+            "--watch/--no-watch",
+            help="Follow the job until it ends (default: on a terminal, not with --json)",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a training job for an ingested book on the coordinator, and follow it."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.errors import FailedPrecondition
+    from novelcrafter.progress import follow_job, job_state_name
+    from novelcrafter.rpc import connect
+    from novelcrafter.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+
+    settings = get_settings(coordinator=coordinator)
+    config = common_pb2.JobConfig(
+        base_model=base_model or "",
+        device=device or "",
+        init_adapter=init_adapter or "",
+        max_attempts=max_attempts or 0,
+    )
+    # Zero means "default" in the API, so a flag of 0 would be silently ignored: refuse it here.
+    for name, value in (
+        ("--epochs", epochs),
+        ("--max-length", max_length),
+        ("--lr", lr),
+        ("--lora-r", lora_r),
+        ("--lora-alpha", lora_alpha),
+        ("--grad-accum", grad_accum),
+        ("--checkpoint-every", checkpoint_every),
+        ("--max-attempts", max_attempts),
+    ):
+        if value is not None and value <= 0:
+            from novelcrafter.errors import InvalidArgument
+
+            raise InvalidArgument(f"{name} must be > 0 (got {value})")
+    tr = config.training
+    tr.epochs = epochs or 0
+    tr.max_steps_per_part = max_steps_per_part or 0
+    tr.max_length = max_length or 0
+    tr.learning_rate = lr or 0.0
+    tr.grad_accum = grad_accum or 0
+    tr.checkpoint_every = checkpoint_every or 0
+    tr.seed = seed or 0
+    config.lora.r = lora_r or 0
+    config.lora.alpha = lora_alpha or 0
+
+    address = settings.coordinator
+    follow = watch if watch is not None else (sys.stdout.isatty() and not as_json)
+    with connect(address, settings) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        job = _call(
+            address,
+            lambda: stub.CreateJob(
+                jobs_pb2.CreateJobRequest(book_id=book_id, config=config), timeout=RPC_TIMEOUT
+            ),
+        )
+        progress_out = sys.stderr if as_json else sys.stdout
+        print(
+            f"created job {job.job_id} for book {job.book_id}: {len(job.parts)} parts",
+            file=sys.stderr if as_json else sys.stdout,
+            flush=True,
+        )
+        if follow:
+            try:
+                job = follow_job(channel, job.job_id, tty=progress_out.isatty(), out=progress_out)
+            except KeyboardInterrupt:
+                print(
+                    f"stopped following; the job continues (see `novelcrafter status {job.job_id}`)",
+                    file=sys.stderr,
+                )
+                raise
+        if as_json:
+            print(_job_json(job))
+        if follow and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            raise FailedPrecondition(
+                f"job {job.job_id} {job_state_name(job.state)}: {job.error or 'no reason given'}"
+            )
+
+
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="A job id: show its parts and metrics")] = None,
+    coordinator: CoordinatorOpt = None,
+    book: Annotated[str | None, typer.Option("--book", help="Only jobs of this book")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List training jobs, or show one job's parts with state and metrics."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.progress import format_job, format_jobs
+    from novelcrafter.rpc import connect
+    from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
+
+    settings = get_settings(coordinator=coordinator)
+    address = settings.coordinator
+    with connect(address, settings) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        if job_id:
+            job = _call(
+                address, lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT)
+            )
+            print(_job_json(job) if as_json else format_job(job))
+            return
+        listing = _call(
+            address, lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(book_id=book or ""), timeout=RPC_TIMEOUT)
+        )
+        print(_job_json(listing) if as_json else format_jobs(list(listing.jobs)))

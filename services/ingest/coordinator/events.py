@@ -1,0 +1,81 @@
+"""A job's event history: kept in memory for WatchJob replay, persisted (bounded) to the store.
+
+History is bounded: when it grows past ``MAX_EVENTS`` the oldest *progress* events go
+first, so state changes, metrics and messages (a handful per part) survive the longest
+and a client that reconnects, even after a coordinator restart, still sees how the job went.
+"""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import json_format
+
+from novelcrafter.v1 import jobs_pb2
+
+MAX_EVENTS = 2000
+TRIM_TO = 1500
+
+
+class EventLog:
+    def __init__(self, events: list[jobs_pb2.JobEvent] | None = None) -> None:
+        self.events: list[jobs_pb2.JobEvent] = list(events or [])
+        self.dirty = False  # appended since the last successful persist
+
+    def extend(self, events: list[jobs_pb2.JobEvent]) -> None:
+        if not events:
+            return
+        self.events.extend(events)
+        self.dirty = True
+        if len(self.events) > MAX_EVENTS:
+            self._trim()
+
+    def after(self, sequence: int) -> list[jobs_pb2.JobEvent]:
+        """Events with a sequence above ``sequence``, oldest first."""
+        events = self.events
+        if not events or events[-1].sequence <= sequence:
+            return []
+        lo, hi = 0, len(events)
+        while lo < hi:  # sequences increase along the list
+            mid = (lo + hi) // 2
+            if events[mid].sequence <= sequence:
+                lo = mid + 1
+            else:
+                hi = mid
+        return events[lo:]
+
+    @property
+    def last_sequence(self) -> int:
+        return self.events[-1].sequence if self.events else 0
+
+    def _trim(self) -> None:
+        excess = len(self.events) - TRIM_TO
+        kept: list[jobs_pb2.JobEvent] = []
+        for event in self.events:
+            if excess > 0 and event.WhichOneof("event") == "progress":
+                excess -= 1
+                continue
+            kept.append(event)
+        if len(kept) > TRIM_TO:  # still too long: drop the oldest of any kind
+            kept = kept[len(kept) - TRIM_TO :]
+        self.events = kept
+
+    def to_jsonl(self) -> str:
+        return "".join(
+            json.dumps(json_format.MessageToDict(e), separators=(",", ":")) + "\n" for e in self.events
+        )
+
+    @classmethod
+    def from_jsonl(cls, text: str) -> EventLog:
+        events = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                events.append(
+                    json_format.ParseDict(json.loads(line), jobs_pb2.JobEvent(), ignore_unknown_fields=True)
+                )
+            except (ValueError, json_format.ParseError):
+                continue  # a damaged line loses one event, not the history
+        events.sort(key=lambda e: e.sequence)
+        return cls(events)

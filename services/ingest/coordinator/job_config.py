@@ -1,0 +1,149 @@
+"""Job configuration: model-card defaults filled in, every field checked.
+
+The stored config of a job is complete (no zero meaning "default" left), so a
+worker trains exactly what the job says, whichever version of the defaults it has.
+Proto3 cannot tell "unset" from zero, so zero/empty means "use the default"
+(a weight decay or warmup of exactly 0 is therefore not expressible; use a tiny value).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from novelcrafter import adapters, layout
+from novelcrafter.errors import InvalidArgument, NotFound
+from novelcrafter.store import Store
+from novelcrafter.v1 import common_pb2
+
+# From the model card of the original project (ARCHITECTURE.md, "Defaults").
+DEFAULT_LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "bias": "none"}
+DEFAULT_TRAINING = {
+    "epochs": 3,
+    "batch_size": 1,
+    "grad_accum": 8,
+    "learning_rate": 5e-5,
+    "weight_decay": 0.01,
+    "warmup_steps": 100,
+    "max_length": 1024,
+    "checkpoint_every": 50,
+    "seed": 0,
+    "precision": "auto",
+}
+DEFAULT_MAX_ATTEMPTS = 3
+
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LORA_BIASES = ("none", "all", "lora_only")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")
+_HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def with_defaults(config: common_pb2.JobConfig, *, base_model: str) -> common_pb2.JobConfig:
+    """A copy of ``config`` with every zero/empty field replaced by its default."""
+    full = common_pb2.JobConfig()
+    full.CopyFrom(config)
+    full.base_model = full.base_model or base_model
+    lora = full.lora
+    lora.r = lora.r or DEFAULT_LORA["r"]
+    lora.alpha = lora.alpha or DEFAULT_LORA["alpha"]
+    lora.dropout = lora.dropout or DEFAULT_LORA["dropout"]
+    if not lora.target_modules:
+        lora.target_modules.extend(DEFAULT_LORA["target_modules"])
+    lora.bias = lora.bias or DEFAULT_LORA["bias"]
+    training = full.training
+    for name, default in DEFAULT_TRAINING.items():
+        if not getattr(training, name):
+            setattr(training, name, default)
+    full.max_attempts = full.max_attempts or DEFAULT_MAX_ATTEMPTS
+    return full
+
+
+def validate(config: common_pb2.JobConfig) -> None:
+    """Raise one :class:`InvalidArgument` listing every problem of a defaults-filled config."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    lora, tr = config.lora, config.training
+    need(0 < lora.r <= 1024, f"lora.r must be in 1..1024 (got {lora.r})")
+    need(0 < lora.alpha <= 65536, f"lora.alpha must be > 0 (got {lora.alpha})")
+    need(
+        _finite(lora.dropout) and 0 <= lora.dropout < 1,
+        f"lora.dropout must be in [0, 1) (got {lora.dropout})",
+    )
+    bad_modules = [m for m in lora.target_modules if not _MODULE_RE.match(m)]
+    need(not bad_modules, f"lora.target_modules has invalid module names {bad_modules[:5]}")
+    need(lora.bias in LORA_BIASES, f"lora.bias must be one of {', '.join(LORA_BIASES)} (got {lora.bias!r})")
+    need(0 < tr.epochs <= 1000, f"training.epochs must be in 1..1000 (got {tr.epochs})")
+    need(0 < tr.batch_size <= 1024, f"training.batch_size must be in 1..1024 (got {tr.batch_size})")
+    need(0 < tr.grad_accum <= 4096, f"training.grad_accum must be in 1..4096 (got {tr.grad_accum})")
+    need(
+        _finite(tr.learning_rate) and 0 < tr.learning_rate < 1,
+        f"training.learning_rate must be > 0 and < 1 (got {tr.learning_rate})",
+    )
+    need(
+        _finite(tr.weight_decay) and 0 <= tr.weight_decay < 1,
+        f"training.weight_decay must be in [0, 1) (got {tr.weight_decay})",
+    )
+    need(tr.warmup_steps >= 0, f"training.warmup_steps must be >= 0 (got {tr.warmup_steps})")
+    need(16 <= tr.max_length <= 131072, f"training.max_length must be in 16..131072 (got {tr.max_length})")
+    need(
+        tr.max_steps_per_part >= 0, f"training.max_steps_per_part must be >= 0 (got {tr.max_steps_per_part})"
+    )
+    need(tr.checkpoint_every > 0, f"training.checkpoint_every must be > 0 (got {tr.checkpoint_every})")
+    need(tr.seed >= 0, f"training.seed must be >= 0 (got {tr.seed})")
+    need(
+        tr.precision in PRECISIONS,
+        f"training.precision must be one of {', '.join(PRECISIONS)} (got {tr.precision!r})",
+    )
+    need(tr.eval_max_chunks >= 0, f"training.eval_max_chunks must be >= 0 (got {tr.eval_max_chunks})")
+    need(
+        config.device in ("", *DEVICES),
+        f"device must be empty (any), {' or '.join(DEVICES)} (got {config.device!r})",
+    )
+    need(0 < config.max_attempts <= 100, f"max_attempts must be in 1..100 (got {config.max_attempts})")
+    need(
+        0 < len(config.base_model) <= 500 and not _CTRL_RE.search(config.base_model),
+        "base_model must be a model name, hub id or path",
+    )
+    need(
+        not config.hub_repo_id or bool(_HUB_REPO_RE.match(config.hub_repo_id)),
+        f"hub_repo_id must look like 'owner/name' (got {config.hub_repo_id[:100]!r})",
+    )
+    if problems:
+        raise InvalidArgument("invalid job config: " + "; ".join(problems))
+
+
+def resolve_init_adapter(store: Store, spec: str, base_model: str) -> tuple[str, str]:
+    """``"<book_id>/<version>"`` or ``"<book_id>/latest"`` → (resolved spec, adapter store prefix).
+
+    Resolving ``latest`` now makes the job reproducible: it starts from the version that
+    was latest when it was created, not whatever is latest when part 0 is claimed.
+    """
+    book_id, sep, version = spec.partition("/")
+    if not sep:
+        raise InvalidArgument(
+            f"invalid init_adapter {spec[:100]!r}: expected '<book_id>/<version>' or '<book_id>/latest'"
+        )
+    layout.check_book_id(book_id)
+    if version == "latest":
+        latest = adapters.latest_version(store, book_id)
+        if latest is None:
+            raise NotFound(f"init adapter {spec}: book {book_id} has no published adapter")
+        version = latest
+    layout.check_version(version)
+    meta = adapters.read_meta(store, book_id, version)  # NotFound when the version is incomplete/absent
+    if meta.base_model and meta.base_model != base_model:
+        raise InvalidArgument(
+            f"init adapter {book_id}/{version} was trained on base model {meta.base_model!r}, "
+            f"but the job uses {base_model!r}"
+        )
+    return f"{book_id}/{version}", meta.prefix
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
