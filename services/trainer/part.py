@@ -1,0 +1,338 @@
+"""Train, checkpoint, evaluate and publish one part: everything a worker does with an assignment.
+
+Independent of gRPC: the worker passes :class:`PartHooks` (progress reports, the stop
+flag, a lease check before publishing); tests and the benchmark call it directly.
+
+Optimizer state between parts (a deliberate choice, see LESSONS.md): *resuming* a part
+restores the optimizer, scheduler, RNG states and data cursor exactly from its
+checkpoint; *moving on* to the next part starts a fresh AdamW and a fresh warmup/decay
+schedule on top of the previous part's adapter weights. A part is a new schedule over
+new text (as in the original project, which built a new Trainer per part); carrying
+Adam moments across parts would tie a part's result to the worker history instead of
+to the published adapter, which is the only state that moves between parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from novelcrafter.trainer import checkpoint as ckpt
+from novelcrafter.trainer.data import BatchPlan, one_per_sequence, pack, read_chunks, tokenize_chunks
+from novelcrafter.trainer.evaluation import EvalInterrupted, perplexity, without_adapter
+from novelcrafter.trainer.lora import attach, detach
+from novelcrafter.trainer.settings import TrainSettings
+from novelcrafter.trainer.training import PartTraining, StepResult, part_seed, set_seed
+
+from novelcrafter import adapters, layout
+from novelcrafter.errors import FailedPrecondition, NotFound
+from novelcrafter.logs import get_logger, kv
+from novelcrafter.store import Store
+
+log = get_logger("novelcrafter.trainer.part")
+
+
+@dataclass
+class PartJob:
+    """One part to train (what a PartAssignment says, typed)."""
+
+    job_id: str
+    book_id: str
+    part: int
+    train_key: str
+    test_key: str
+    settings: TrainSettings
+    base_model: str
+    num_parts: int = 0
+    earlier_test_keys: list[str] = field(default_factory=list)
+    init_adapter_key: str = ""  # store prefix of the adapter to start from ("" = fresh LoRA)
+    resume_checkpoint_key: str = ""
+    hub_repo_id: str = ""
+
+    @classmethod
+    def from_assignment(cls, assignment: Any) -> PartJob:
+        return cls(
+            job_id=assignment.job_id,
+            book_id=assignment.book_id,
+            part=assignment.part_index,
+            num_parts=assignment.num_parts,
+            train_key=assignment.train_key,
+            test_key=assignment.test_key,
+            earlier_test_keys=list(assignment.earlier_test_keys),
+            init_adapter_key=assignment.init_adapter_key,
+            resume_checkpoint_key=assignment.resume_checkpoint_key,
+            settings=TrainSettings.from_job_config(assignment.config),
+            base_model=assignment.config.base_model,
+            hub_repo_id=assignment.config.hub_repo_id,
+        )
+
+
+@dataclass
+class BaseModel:
+    """The base model cached by a worker between parts (the only state it keeps)."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    device: str
+
+
+@dataclass
+class PartHooks:
+    """How the part talks to its worker. Every callback must return quickly."""
+
+    report: Callable[[dict[str, Any], str], None] = lambda update, checkpoint_key: None
+    should_stop: Callable[[], bool] = lambda: False
+    before_publish: Callable[[], None] = lambda: None  # raises when the lease is lost
+
+
+class Interrupted(Exception):
+    """Stopped on request; ``checkpoint_key`` is the checkpoint to resume from ("" = none)."""
+
+    def __init__(self, checkpoint_key: str) -> None:
+        super().__init__(f"interrupted (resume from {checkpoint_key or 'the start'})")
+        self.checkpoint_key = checkpoint_key
+
+
+@dataclass
+class PartResult:
+    metrics: dict[str, Any]
+    adapter: adapters.AdapterMeta
+    adapter_dir: Path  # local copy of the published files (the caller deletes it)
+    checkpoint_key: str
+
+
+def _download_init_adapter(store: Store, prefix: str, dest: Path) -> Path:
+    """The starting adapter, checksum-verified against its meta.json when it has one."""
+    try:
+        meta = adapters.AdapterMeta(**store.get_json(prefix + adapters.META))
+    except NotFound:
+        meta = None
+    if meta is not None:
+        return adapters.download_adapter(store, meta, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in adapters.ADAPTER_FILES:
+        try:
+            store.download(prefix + name, dest / name)
+        except NotFound:
+            raise FailedPrecondition(f"starting adapter {prefix} lacks {name}")
+    return dest
+
+
+def _tokens_digest(sequences: list[Any]) -> str:
+    digest = hashlib.sha256()
+    for seq in sequences:
+        digest.update(json.dumps(seq.input_ids).encode())
+        digest.update(json.dumps(seq.position_ids).encode())
+    return digest.hexdigest()
+
+
+def build_plan(job: PartJob, tokenizer: Any, store: Store) -> BatchPlan:
+    settings = job.settings
+    chunks = tokenize_chunks(tokenizer, read_chunks(store, job.train_key), settings.max_length)
+    sequences = pack(chunks, settings.max_length) if settings.packing else one_per_sequence(chunks)
+    return BatchPlan(
+        sequences, settings.batch_size, settings.epochs, seed=part_seed(settings.seed, job.part) + 1
+    )
+
+
+def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | None = None) -> PartResult:
+    """Train ``job`` on ``base`` (LoRA attached for the duration, then removed)."""
+    hooks = hooks or PartHooks()
+    settings = job.settings
+    workdir = Path(tempfile.mkdtemp(prefix="nc-part-"))
+    plan = build_plan(job, base.tokenizer, store)
+    print_ = ckpt.fingerprint(
+        settings=settings.to_dict(),
+        data=_tokens_digest(plan.sequences),
+        init_adapter=job.init_adapter_key,
+        base_model=job.base_model,
+        part=job.part,
+    )
+    init_dir = (
+        _download_init_adapter(store, job.init_adapter_key, workdir / "init")
+        if job.init_adapter_key
+        else None
+    )
+    set_seed(part_seed(settings.seed, job.part))
+    model = attach(base.model, settings.lora, init_dir)
+    try:
+        training = PartTraining(model, plan, settings, base.device, base.tokenizer.pad_token_id)
+        checkpoint_key = _resume(store, job, training, print_)
+        checkpoint_key = _train(store, job, training, print_, checkpoint_key, hooks)
+        metrics = _evaluate(store, base, job, training, hooks, checkpoint_key)
+        out = workdir / "adapter"
+        model.save_pretrained(str(out))
+        hooks.report(_update(training, "publish", "publishing the adapter"), "")
+        hooks.before_publish()
+        meta = adapters.publish_adapter(
+            store,
+            out,
+            book_id=job.book_id,
+            job_id=job.job_id,
+            part=job.part,
+            base_model=job.base_model,
+            metrics=metrics,
+        )
+        store.put_json(layout.part_metrics_key(job.job_id, job.part), {**metrics, "adapter": meta.version})
+        log.info("part published", extra=kv(job=job.job_id, part=job.part, version=meta.version))
+        # The caller owns the published copy from here (e.g. for a Hub push).
+        kept = Path(tempfile.mkdtemp(prefix="nc-adapter-"))
+        for name in adapters.ADAPTER_FILES:
+            shutil.copy2(out / name, kept / name)
+        return PartResult(metrics, meta, kept, checkpoint_key)
+    finally:
+        base.model = detach(model)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _resume(store: Store, job: PartJob, training: PartTraining, print_: str) -> str:
+    found = ckpt.find_resume_point(store, job.job_id, job.part, job.resume_checkpoint_key, print_)
+    if found is None:
+        if job.resume_checkpoint_key:
+            log.warning(
+                "no usable checkpoint: the part starts over",
+                extra=kv(job=job.job_id, part=job.part, hint=job.resume_checkpoint_key),
+            )
+        return ""
+    try:
+        ckpt.restore(training, found)
+    finally:
+        found.cleanup()
+    log.info(
+        "resumed from checkpoint", extra=kv(job=job.job_id, part=job.part, step=found.step, key=found.key)
+    )
+    return found.key
+
+
+def _update(training: PartTraining, phase: str, message: str = "", step: StepResult | None = None) -> dict:
+    progress = training.progress
+    rate = progress.tokens / progress.train_seconds if progress.train_seconds > 0 else 0.0
+    update = {
+        "step": progress.step,
+        "total_steps": training.total_steps,
+        "phase": phase,
+        "message": message,
+        "tokens_per_second": rate,
+        "epoch": progress.micro_batch / training.plan.per_epoch,
+    }
+    if step is not None:
+        update.update(loss=step.loss, learning_rate=step.learning_rate)
+    return update
+
+
+def _train(
+    store: Store, job: PartJob, training: PartTraining, print_: str, checkpoint_key: str, hooks: PartHooks
+) -> str:
+    every = job.settings.checkpoint_every
+    saved_step = training.progress.step if checkpoint_key else -1
+    log.info(
+        "training part",
+        extra=kv(
+            job=job.job_id,
+            part=job.part,
+            steps=training.total_steps,
+            warmup=training.warmup_steps,
+            sequences=len(training.plan.sequences),
+            precision=training.precision,
+            device=training.device,
+            start_step=training.progress.step,
+        ),
+    )
+    while not training.done:
+        if hooks.should_stop():
+            if saved_step != training.progress.step:
+                checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
+                hooks.report(_update(training, "checkpoint", "checkpoint before stopping"), checkpoint_key)
+            raise Interrupted(checkpoint_key)
+        result = training.step()
+        hooks.report(_update(training, "train", step=result), "")
+        if result.step % every == 0 or training.done:
+            checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
+            saved_step = result.step
+            hooks.report(_update(training, "checkpoint", f"checkpoint at step {result.step}"), checkpoint_key)
+    if saved_step != training.progress.step:  # e.g. a resumed, already complete part with no pointer
+        checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
+    return checkpoint_key
+
+
+def _evaluate(
+    store: Store, base: BaseModel, job: PartJob, training: PartTraining, hooks: PartHooks, checkpoint_key: str
+) -> dict[str, Any]:
+    settings = job.settings
+    hooks.report(_update(training, "eval", "evaluating held-out perplexity"), "")
+    started = time.perf_counter()
+
+    def evaluate(key: str) -> Any:
+        texts = read_chunks(store, key, settings.eval_max_chunks)
+        return perplexity(
+            training.model,
+            base.tokenizer,
+            texts,
+            max_length=settings.max_length,
+            device=base.device,
+            dtype=training.dtype,
+            should_stop=hooks.should_stop,
+        )
+
+    try:
+        adapter_ppl = evaluate(job.test_key)
+        with without_adapter(training.model):
+            base_ppl = evaluate(job.test_key)
+        eval_tokens = adapter_ppl.targets + base_ppl.targets
+        earlier: dict[int, float] = {}
+        if settings.eval_earlier_parts:
+            for position, key in enumerate(job.earlier_test_keys):
+                result = evaluate(key)
+                earlier[_part_of(key, position)] = result.perplexity
+                eval_tokens += result.targets
+    except EvalInterrupted:
+        raise Interrupted(checkpoint_key)
+    eval_seconds = time.perf_counter() - started
+    progress = training.progress
+    metrics = {
+        "train_loss": training.last_epoch_loss(),
+        "base_perplexity": base_ppl.perplexity,
+        "adapter_perplexity": adapter_ppl.perplexity,
+        "earlier_perplexity": earlier,
+        "train_tokens": progress.tokens,
+        "eval_tokens": eval_tokens,
+        "train_seconds": progress.train_seconds,
+        "eval_seconds": eval_seconds,
+        "steps": progress.step,
+        "loss_curve": list(progress.loss_curve),
+        "tokens_per_second": progress.tokens / progress.train_seconds if progress.train_seconds else 0.0,
+        "device": base.device,
+        # Beyond PartMetrics: what was trained, for metrics.json.
+        "total_steps": training.total_steps,
+        "warmup_steps": training.warmup_steps,
+        "precision": training.precision,
+        "sequences": len(training.plan.sequences),
+        "test_chunks": adapter_ppl.chunks,
+        "base_model": job.base_model,
+    }
+    log.info(
+        "part evaluated",
+        extra=kv(
+            job=job.job_id,
+            part=job.part,
+            base_ppl=round(base_ppl.perplexity, 3),
+            adapter_ppl=round(adapter_ppl.perplexity, 3),
+            earlier={k: round(v, 3) for k, v in earlier.items()},
+        ),
+    )
+    return metrics
+
+
+def _part_of(key: str, position: int) -> int:
+    """The part index in a ``…/parts/NN/test.jsonl`` key (else its position in the list)."""
+    match = re.search(r"/parts/([0-9]+)/", key)
+    return int(match.group(1)) if match else position
