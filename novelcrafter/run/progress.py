@@ -1,0 +1,253 @@
+"""Following a job's ``WatchJob`` stream and showing it: bars on a terminal, lines otherwise.
+
+:func:`follow` consumes the server stream (resuming after the last sequence number
+if the connection drops) and hands each event to a view; a watchdog can abort the wait
+(e.g. when a service process died). Views:
+
+* :class:`BarView` (a terminal): an overall bar over parts, one bar per part's training
+  (step, loss, tokens/s, ETA) and one for its evaluation, with finished-part results
+  printed above the bars.
+* :class:`LineView` (not a terminal, or ``--quiet``): one plain line per state change and
+  result, and (unless quiet) a throttled progress line while a part trains.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
+
+import grpc
+
+from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
+
+TERMINAL_JOB_STATES = (
+    jobs_pb2.JOB_STATE_SUCCEEDED,
+    jobs_pb2.JOB_STATE_FAILED,
+    jobs_pb2.JOB_STATE_CANCELLED,
+)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+
+
+class View(Protocol):
+    def on_event(self, event: jobs_pb2.JobEvent) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def job_state_name(state: int) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def part_state_name(state: int) -> str:
+    return jobs_pb2.PartState.Name(state).removeprefix("PART_STATE_").lower()
+
+
+def metrics_line(part: int, m: jobs_pb2.PartMetrics) -> str:
+    """One line with a finished part's results."""
+
+    def f(x: float, d: int = 2) -> str:
+        return f"{x:.{d}f}" if x and math.isfinite(x) else "-"
+
+    change = ""
+    if m.base_perplexity > 0 and m.adapter_perplexity > 0:
+        change = f" ({(m.adapter_perplexity / m.base_perplexity - 1) * 100:+.1f}%)"
+    return (
+        f"part {part:02d} done: train loss {f(m.train_loss, 3)}, held-out perplexity "
+        f"base {f(m.base_perplexity)} → adapter {f(m.adapter_perplexity)}{change}, "
+        f"{m.steps} steps, {m.train_tokens} tokens, {m.train_seconds + m.eval_seconds:.0f} s"
+    )
+
+
+def follow(
+    channel: grpc.Channel,
+    job_id: str,
+    view: View,
+    *,
+    watchdog: Callable[[], None] | None = None,
+    reconnect_seconds: float = 60.0,
+) -> jobs_pb2.Job:
+    """Stream the job's events into ``view`` until the job ends; return the final job.
+
+    ``watchdog`` is called about once a second from another thread; if it raises, the
+    stream is cancelled and that exception is raised here.
+    """
+    stub = jobs_pb2_grpc.JobServiceStub(channel)
+    last_sequence = 0
+    failures: list[BaseException] = []
+    retry_until: float | None = None
+    while True:
+        call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, after_sequence=last_sequence))
+        done = threading.Event()
+        if watchdog is not None:
+            threading.Thread(
+                target=_watch, args=(watchdog, call, done, failures), name="job-watchdog", daemon=True
+            ).start()
+        try:
+            for event in call:
+                retry_until = None
+                last_sequence = max(last_sequence, event.sequence)
+                view.on_event(event)
+                if event.WhichOneof("event") == "job_state" and event.job_state in TERMINAL_JOB_STATES:
+                    return stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
+        except grpc.RpcError as exc:
+            if failures:
+                raise failures[0] from None
+            if exc.code() not in RETRYABLE:
+                raise
+            retry_until = retry_until or time.monotonic() + reconnect_seconds
+            if time.monotonic() > retry_until:
+                raise
+            time.sleep(1.0)
+        finally:
+            done.set()
+        if failures:
+            raise failures[0]
+        # The stream ended (or broke): finished, or reconnect after the last event seen.
+        try:
+            job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise
+            continue
+        if job.state in TERMINAL_JOB_STATES:
+            return job
+
+
+def _watch(
+    check: Callable[[], None], call: Any, done: threading.Event, failures: list[BaseException]
+) -> None:
+    while not done.wait(1.0):
+        try:
+            check()
+        except BaseException as exc:
+            failures.append(exc)
+            call.cancel()
+            return
+
+
+class LineView:
+    """Plain lines: state changes and results; training progress every ``every`` seconds."""
+
+    def __init__(self, out: TextIO | None = None, *, quiet: bool = False, every: float = 15.0) -> None:
+        self.out = out or sys.stdout
+        self.quiet = quiet
+        self.every = every
+        self._last_progress: dict[int, float] = {}
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def on_event(self, event: jobs_pb2.JobEvent) -> None:
+        kind = event.WhichOneof("event")
+        part = event.part_index
+        if kind == "job_state":
+            self._print(f"job {event.job_id}: {job_state_name(event.job_state)}")
+        elif kind == "part_state":
+            self._print(f"part {part:02d}: {part_state_name(event.part_state)}")
+        elif kind == "metrics":
+            self._print(metrics_line(part, event.metrics))
+        elif kind == "message" and event.message:
+            where = f"part {part:02d}: " if part >= 0 else ""
+            self._print(f"{where}{event.message}")
+        elif kind == "progress" and not self.quiet:
+            p = event.progress
+            now = time.monotonic()
+            last_step = p.total_steps and p.step >= p.total_steps
+            if p.phase == "train" and (now - self._last_progress.get(part, -1e9) >= self.every or last_step):
+                self._last_progress[part] = now
+                self._print(
+                    f"part {part:02d}: step {p.step}/{p.total_steps} loss {p.loss:.3f} "
+                    f"{p.tokens_per_second:.0f} tok/s"
+                )
+            elif p.phase and p.phase != "train" and p.message:
+                self._print(f"part {part:02d}: {p.phase}: {p.message}")
+
+    def close(self) -> None:
+        pass
+
+
+class BarView:
+    """Rich progress bars for a terminal."""
+
+    def __init__(self, console: Any, parts: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<16}"),
+            BarColumn(bar_width=32),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.overall = self.progress.add_task("job", total=parts, info="")
+        self.train: dict[int, Any] = {}
+        self.eval: dict[int, Any] = {}
+        self.progress.start()
+
+    def _train_task(self, part: int, total: int) -> Any:
+        if part not in self.train:
+            self.train[part] = self.progress.add_task(f"part {part:02d} train", total=total or None, info="")
+        return self.train[part]
+
+    def on_event(self, event: jobs_pb2.JobEvent) -> None:
+        kind = event.WhichOneof("event")
+        part = event.part_index
+        if kind == "job_state":
+            self.progress.update(self.overall, info=job_state_name(event.job_state))
+        elif kind == "part_state":
+            state = event.part_state
+            if state == jobs_pb2.PART_STATE_RUNNING:
+                self._train_task(part, 0)
+            elif state == jobs_pb2.PART_STATE_SUCCEEDED:
+                # Its results line is printed above the bars; keep the live area small.
+                self.progress.advance(self.overall)
+                for tasks in (self.train, self.eval):
+                    if part in tasks:
+                        self.progress.remove_task(tasks.pop(part))
+            elif state in (jobs_pb2.PART_STATE_FAILED, jobs_pb2.PART_STATE_CANCELLED):
+                self.console.print(f"part {part:02d}: {part_state_name(state)}")
+        elif kind == "metrics":
+            self.console.print(metrics_line(part, event.metrics))
+        elif kind == "message" and event.message:
+            self.console.print(("" if part < 0 else f"part {part:02d}: ") + event.message)
+        elif kind == "progress":
+            p = event.progress
+            if p.phase == "train":
+                task = self._train_task(part, p.total_steps)
+                self.progress.update(
+                    task,
+                    completed=p.step,
+                    total=p.total_steps or None,
+                    info=f"loss {p.loss:.3f} · {p.tokens_per_second:.0f} tok/s",
+                )
+            elif p.phase == "eval":
+                if part not in self.eval:
+                    self.eval[part] = self.progress.add_task(f"part {part:02d} eval", total=None, info="")
+                self.progress.update(
+                    self.eval[part],
+                    completed=p.step,
+                    total=p.total_steps or None,
+                    info=p.message,
+                )
+            elif p.message:
+                task = self._train_task(part, 0)
+                self.progress.update(task, info=f"{p.phase}: {p.message}")
+
+    def close(self) -> None:
+        self.progress.stop()
