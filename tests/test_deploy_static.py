@@ -1,0 +1,622 @@
+"""Static validation of the deployment (issue 7, requirement 4): no Docker, no cluster.
+
+* Kubernetes: every overlay renders with ``kubectl kustomize`` and every object validates
+  against the Kubernetes JSON schemas that ship in kubernetes-validate (offline).
+* Compose: docker-compose.yml validates against the vendored compose-spec schema.
+* Cross-checks against the code: commands and flags are accepted by the real CLI parser,
+  environment variables are real settings, ports agree between commands, probes, health
+  checks, Services and compose, images agree with the Makefile, Dockerfile COPY sources
+  exist (and are not excluded by .dockerignore), entrypoints resolve.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from support import ROOT
+from test_deploy_support import (
+    APP_SERVICES,
+    COMPOSE_FILE,
+    DOCKERFILES,
+    ENV_EXAMPLE,
+    K8S,
+    OVERLAYS,
+    SCHEMAS,
+    cli_rejections,
+    commented_env_keys,
+    copy_sources,
+    dockerfile_stages,
+    flag_value,
+    host_port,
+    kustomize,
+    load_compose,
+    pod_spec,
+    read_env_file,
+    service_env,
+    settings_env_names,
+)
+
+KUBERNETES_VERSION = "1.32"  # the oldest minor we support; the schemas are the API of that release
+# Variables that are not NovelCrafter settings but that our containers legitimately set.
+STANDARD_ENV = {
+    "PATH",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "HF_HOME",
+    "MPLCONFIGDIR",
+    "OMP_NUM_THREADS",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+}
+# Read by compose only (image overrides), never by a service.
+COMPOSE_ONLY_ENV = {"MINIO_IMAGE", "MC_IMAGE"}
+APP_IMAGE = re.compile(r"^novelcrafter/")
+
+
+# --- rendering, cached per test session -------------------------------------------------------
+
+
+@cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    return tuple(kustomize(K8S / "overlays" / overlay))
+
+
+def objects(overlay: str, kind: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in rendered(overlay) if kind is None or o["kind"] == kind]
+
+
+def by_name(overlay: str, kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects(overlay, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def app_containers(overlay: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) for every NovelCrafter container of an overlay."""
+    found = []
+    for obj in rendered(overlay):
+        spec = pod_spec(obj)
+        for container in containers(spec) if spec else []:
+            if APP_IMAGE.match(container["image"]):
+                found.append((obj, container))
+    return found
+
+
+def app_container(overlay: str, deployment: str) -> dict[str, Any]:
+    return by_name(overlay, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+
+
+def container_port(container: dict[str, Any], name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    assert name in ports, f"container {container['name']} has no port named {name}"
+    return ports[name]
+
+
+def env_value(overlay: str, container: dict[str, Any], name: str) -> str | None:
+    """The value a container sees for ``name``: env wins over envFrom (ConfigMaps in the render)."""
+    for item in container.get("env", []):
+        if item["name"] == name:
+            return item.get("value")
+    value = None
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            data = by_name(overlay, "ConfigMap", source["configMapRef"]["name"])["data"]
+            value = data.get(name, value)
+    return value
+
+
+@cache
+def makefile_images() -> dict[str, str]:
+    """``docker build -f DOCKERFILE -t IMAGE .`` lines of the Makefile's images target: {image: file}."""
+    text = (ROOT / "Makefile").read_text()
+    return {tag: path for path, tag in re.findall(r"docker build -f (\S+) -t (\S+) \.", text)}
+
+
+def image_name(image: str) -> str:
+    return image.split("@")[0].rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay: str) -> None:
+    import kubernetes_validate
+
+    docs = rendered(overlay)
+    kinds = {o["kind"] for o in docs}
+    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "StatefulSet", "Job"} <= kinds
+    for obj in docs:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(
+                f"{overlay}: {obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}"
+            )
+
+
+def test_schema_validation_rejects_a_broken_object() -> None:
+    """The validation above is not vacuous: a typo and a named gRPC probe port are errors."""
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(by_name("cpu", "Deployment", "ingest")))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinessProbe"]["grpc"]["port"] = "grpc"  # grpc probes take a number only
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    container["readinessProbe"]["grpc"]["port"] = 50051
+    container["securityContext"]["readOnlyRootFS"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_external_s3_component_replaces_minio(tmp_path: Path) -> None:
+    """base + components/external-s3: no MinIO objects; every app container reads the S3 Secret last."""
+    import kubernetes_validate
+
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(K8S / "base", tmp_path)],
+                "components": [os.path.relpath(K8S / "components" / "external-s3", tmp_path)],
+            }
+        )
+    )
+    docs = kustomize(tmp_path)
+    names = {(o["kind"], o["metadata"]["name"]) for o in docs}
+    assert not {n for n in names if "minio" in n[1]}, f"MinIO objects left: {names}"
+    deployments = [o for o in docs if o["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"ingest", "trainer", "inference"}
+    for obj in deployments:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        env_from = obj["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        assert env_from[-1] == {"secretRef": {"name": "novelcrafter-s3"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_everything_is_namespaced_and_references_resolve(overlay: str) -> None:
+    configmaps = {o["metadata"]["name"] for o in objects(overlay, "ConfigMap")}
+    secrets = {o["metadata"]["name"] for o in objects(overlay, "Secret")}
+    for obj in rendered(overlay):
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "novelcrafter", obj["metadata"]["name"]
+        spec = pod_spec(obj)
+        for container in containers(spec) if spec else []:
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in configmaps
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] in secrets
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    secret = by_name(overlay, "Secret", ref["name"])
+                    assert ref["key"] in secret["data"], f"{ref} missing"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_non_root_read_only_and_bounded(overlay: str) -> None:
+    for obj in rendered(overlay):
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        pod_security = spec.get("securityContext", {})
+        assert pod_security.get("runAsNonRoot") is True, where
+        assert pod_security.get("runAsUser", 0) > 0, where
+        assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        for container in containers(spec):
+            security = container.get("securityContext", {})
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+            resources = container.get("resources", {})
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{where}: {bound}"
+            # With a read-only root, every process still needs a writable /tmp.
+            assert "/tmp" in {m["mountPath"] for m in container.get("volumeMounts", [])}, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_minio_keeps_its_data_on_a_pvc_and_the_bucket_job_matches_the_store(overlay: str) -> None:
+    minio = by_name(overlay, "StatefulSet", "minio")
+    claims = {c["metadata"]["name"] for c in minio["spec"]["volumeClaimTemplates"]}
+    mounts = {
+        m["name"]: m["mountPath"] for m in minio["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert "data" in claims and mounts["data"] == "/data"
+    (config,) = objects(overlay, "ConfigMap")
+    bucket = config["data"]["NOVELCRAFTER_STORE"].removeprefix("s3://").split("/")[0]
+    job = by_name(overlay, "Job", "minio-create-bucket")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert f"mc mb --ignore-existing local/{bucket}" in script
+    # The endpoint the services use is the MinIO Service, on the port MinIO listens on.
+    endpoint_host, endpoint_port = host_port(config["data"]["NOVELCRAFTER_S3_ENDPOINT"])
+    assert f"http://{endpoint_host}:{endpoint_port}" in script
+    service = by_name(overlay, "Service", endpoint_host)
+    port = next(p for p in service["spec"]["ports"] if p["port"] == endpoint_port)
+    assert (
+        container_port(minio["spec"]["template"]["spec"]["containers"][0], port["targetPort"])
+        == endpoint_port
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize(("deployment", "metrics"), [("ingest", 9101), ("inference", 9103)])
+def test_grpc_servers_listen_where_probes_and_services_look(
+    overlay: str, deployment: str, metrics: int
+) -> None:
+    workload = by_name(overlay, "Deployment", deployment)
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    _, listen_port = host_port(flag_value(container["args"], "--listen"))
+    assert container_port(container, "grpc") == listen_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == listen_port, probe  # native gRPC health probes
+    _, metrics_port = host_port(env_value(overlay, container, "NOVELCRAFTER_METRICS_LISTEN"))
+    assert container_port(container, "metrics") == metrics_port == metrics
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics_port)
+    service = by_name(overlay, "Service", deployment)
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == listen_port and ports["grpc"]["targetPort"] == "grpc"
+    assert service["spec"]["selector"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainers_reach_the_coordinator_service(overlay: str) -> None:
+    trainer = app_container(overlay, "trainer")
+    coordinator = flag_value(trainer["args"], "--coordinator")
+    assert coordinator == env_value(overlay, trainer, "NOVELCRAFTER_COORDINATOR")
+    host, port = host_port(coordinator)
+    service = by_name(overlay, "Service", host)
+    target = next(p for p in service["spec"]["ports"] if p["port"] == port)["targetPort"]
+    assert container_port(app_container(overlay, host), target) == port
+    _, metrics_port = host_port(env_value(overlay, trainer, "NOVELCRAFTER_METRICS_LISTEN"))
+    assert container_port(trainer, "metrics") == metrics_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert trainer[probe]["httpGet"]["port"] == metrics_port, probe
+
+
+def test_ingest_is_a_single_coordinator_and_trainers_scale() -> None:
+    ingest = by_name("cpu", "Deployment", "ingest")
+    assert ingest["spec"]["replicas"] == 1 and ingest["spec"]["strategy"]["type"] == "Recreate"
+    assert by_name("cpu", "Deployment", "trainer")["spec"]["replicas"] >= 2
+
+
+def test_gpu_overlay_puts_trainers_on_gpus_and_cpu_overlay_does_not() -> None:
+    gpu = by_name("gpu", "Deployment", "trainer")["spec"]["template"]["spec"]
+    trainer = gpu["containers"][0]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert flag_value(trainer["args"], "--device") == "cuda"
+    assert image_name(trainer["image"]) == "novelcrafter/trainer-gpu"
+    assert gpu["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in gpu["tolerations"])
+    cpu = by_name("cpu", "Deployment", "trainer")["spec"]["template"]["spec"]
+    assert flag_value(cpu["containers"][0]["args"], "--device") == "cpu"
+    assert image_name(cpu["containers"][0]["image"]) == "novelcrafter/trainer"
+    assert "nvidia" not in json.dumps(cpu)
+    # Only the trainer changes between the overlays.
+    for name in ("ingest", "inference"):
+        assert by_name("gpu", "Deployment", name) == by_name("cpu", "Deployment", name)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_images_are_the_ones_make_images_builds(overlay: str) -> None:
+    built = set(makefile_images())
+    for _, container in app_containers(overlay):
+        assert container["image"] in built, f"{container['image']} is not built by `make images`"
+
+
+# --- compose -----------------------------------------------------------------------------------
+
+
+def test_compose_validates_against_the_compose_specification() -> None:
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    for doc in (raw, load_compose()):  # as written, and after interpolation with .env.example
+        errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, errors
+    broken = load_compose()
+    broken["services"]["trainer"]["depends_on"]["ingest"]["condition"] = "service_ready"
+    assert list(validator.iter_errors(broken)), "the schema should reject an unknown depends_on condition"
+
+
+def test_compose_wiring() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    assert set(APP_SERVICES) | {"minio", "minio-init"} == set(services)
+    # MinIO keeps its data in a named volume; the bucket job runs to completion first.
+    assert any(v.startswith("minio-data:") for v in services["minio"]["volumes"])
+    assert set(compose["volumes"]) >= {"minio-data"}
+    for name in APP_SERVICES:
+        service = services[name]
+        assert service["env_file"] == [".env"], name
+        assert "healthcheck" in service, name
+        assert service["depends_on"], name
+        for dependency, condition in service["depends_on"].items():
+            assert condition["condition"] in ("service_healthy", "service_completed_successfully"), name
+            assert dependency in services
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source in compose["volumes"], f"{name}: {source} is not a named volume"
+    # Trainers scale with --scale: no fixed name and no host port to collide.
+    for name in ("trainer", "trainer-gpu"):
+        assert "container_name" not in services[name] and "ports" not in services[name]
+    assert services["trainer"]["depends_on"]["ingest"]["condition"] == "service_healthy"
+    assert "profiles" not in services["trainer"]
+    gpu = services["trainer-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # The bucket MinIO gets is the one in the store URL.
+    bucket = service_env(services["ingest"])["NOVELCRAFTER_STORE"].removeprefix("s3://").split("/")[0]
+    assert f"mc mb --ignore-existing local/{bucket}" in " ".join(services["minio-init"]["command"])
+    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_compose_credentials_come_from_an_uncommitted_env_file() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", ".env", ".env.example"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert tracked.stdout.split() == [".env.example"], "commit .env.example, never .env"
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
+    assert ignored.returncode == 0, ".env must be in .gitignore"
+    services = load_compose()["services"]
+    example = read_env_file(ENV_EXAMPLE)
+    for name in APP_SERVICES:
+        env = service_env(services[name])
+        # The auth token reaches every service, and compose refuses to start without one.
+        assert env["NOVELCRAFTER_AUTH_TOKEN"] == example["NOVELCRAFTER_AUTH_TOKEN"], name
+        assert env["AWS_SECRET_ACCESS_KEY"] == example["AWS_SECRET_ACCESS_KEY"], name
+    minio = services["minio"]["environment"]
+    assert minio["MINIO_ROOT_PASSWORD"] == example["AWS_SECRET_ACCESS_KEY"]
+    raw = COMPOSE_FILE.read_text()
+    for secret in ("AWS_SECRET_ACCESS_KEY", "NOVELCRAFTER_AUTH_TOKEN"):
+        assert example[secret] not in raw, f"{secret}'s value is written into docker-compose.yml"
+        assert f"${{{secret}:?" in raw, f"compose should refuse to start without {secret}"
+
+
+def test_compose_ports_agree_with_commands_and_health_checks() -> None:
+    services = load_compose()["services"]
+    for name, grpc_port, metrics_port in (("ingest", 50051, 9101), ("inference", 50052, 9103)):
+        service = services[name]
+        _, listen = host_port(flag_value(service["command"], "--listen"))
+        assert listen == grpc_port
+        assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{grpc_port}"
+        assert [p.rsplit(":", 1)[-1] for p in service["ports"]] == [str(grpc_port)]
+        assert service_env(service)["NOVELCRAFTER_METRICS_LISTEN"].endswith(f":{metrics_port}")
+    for name in ("trainer", "trainer-gpu"):
+        service = services[name]
+        coordinator = flag_value(service["command"], "--coordinator")
+        host, port = host_port(coordinator)
+        assert host == "ingest" and port == 50051
+        assert service_env(service)["NOVELCRAFTER_COORDINATOR"] == coordinator
+        _, metrics = host_port(service_env(service)["NOVELCRAFTER_METRICS_LISTEN"])
+        assert service["healthcheck"]["test"][-1] == f"http://127.0.0.1:{metrics}/metrics"
+    endpoint_host, endpoint_port = host_port(service_env(services["ingest"])["NOVELCRAFTER_S3_ENDPOINT"])
+    assert endpoint_host == "minio" and endpoint_port == 9000
+    assert f"http://minio:{endpoint_port}" in " ".join(services["minio-init"]["command"])
+
+
+def test_compose_and_kubernetes_run_the_same_commands() -> None:
+    services = load_compose()["services"]
+    for name in ("ingest", "trainer", "inference"):
+        assert services[name]["command"] == app_container("cpu", name)["args"], name
+    assert services["trainer-gpu"]["command"] == app_container("gpu", "trainer")["args"]
+
+
+def test_compose_images_are_built_from_the_makefiles_dockerfiles() -> None:
+    services = load_compose()["services"]
+    images = makefile_images()
+    for name in APP_SERVICES:
+        service = services[name]
+        assert images[service["image"]] == service["build"]["dockerfile"], name
+        assert service["build"]["dockerfile"] == str(DOCKERFILES[name].relative_to(ROOT))
+        assert service["build"]["context"] == "."
+    for path in images.values():
+        assert (ROOT / path).is_file(), f"the Makefile builds {path}, which does not exist"
+
+
+# --- cross-checks with the code -----------------------------------------------------------------
+
+
+def test_every_command_and_flag_is_accepted_by_the_cli() -> None:
+    """compose commands, Kubernetes args and Dockerfile CMDs and RUNs, parsed by the real CLI."""
+    argvs: dict[str, list[str]] = {}
+    for name, service in load_compose()["services"].items():
+        if name in APP_SERVICES:
+            argvs[f"compose {name}"] = service["command"]
+    for overlay in OVERLAYS:
+        for workload, container in app_containers(overlay):
+            argvs[f"{overlay} {workload['metadata']['name']}"] = container["args"]
+    for name, path in DOCKERFILES.items():
+        stages = dockerfile_stages(path)
+        assert stages[-1].exec_form("ENTRYPOINT") == ["novelcrafter"], name
+        argvs[f"{name} CMD"] = stages[-1].exec_form("CMD")
+        for stage in stages:
+            for run in stage.all("RUN"):
+                for match in re.finditer(r"(?:^|&&|;)\s*(?:\w+=\S+\s+)*novelcrafter\s+([^&;]+)", run):
+                    argvs[f"{name} RUN"] = match.group(1).split()
+    assert len(argvs) >= 12
+    rejected = cli_rejections(list(argvs.values()))
+    problems = [
+        f"{where}: novelcrafter {' '.join(a)} -> {rejected[' '.join(a)]}"
+        for where, a in argvs.items()
+        if " ".join(a) in rejected
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_cli_check_rejects_what_the_cli_rejects() -> None:
+    rejected = cli_rejections(
+        [["serve", "ingest", "--no-such-flag"], ["serve", "no-such-service"], ["version"]]
+    )
+    assert set(rejected) == {"serve ingest --no-such-flag", "serve no-such-service"}
+
+
+def test_every_environment_variable_is_a_real_setting() -> None:
+    """Names the services read: a NOVELCRAFTER_* typo would be silently ignored by pydantic."""
+    known = settings_env_names() | STANDARD_ENV
+    used: dict[str, set[str]] = {}
+    services = load_compose()["services"]
+    for name in APP_SERVICES:
+        for key in service_env(services[name]):
+            used.setdefault(key, set()).add(f"compose {name}")
+    for key in commented_env_keys(ENV_EXAMPLE) - COMPOSE_ONLY_ENV:
+        used.setdefault(key, set()).add(".env.example (commented)")
+    for overlay in OVERLAYS:
+        for workload, container in app_containers(overlay):
+            where = f"{overlay} {workload['metadata']['name']}"
+            for item in container.get("env", []):
+                used.setdefault(item["name"], set()).add(where)
+            for source in container.get("envFrom", []):
+                kind, ref = (
+                    ("ConfigMap", source["configMapRef"])
+                    if "configMapRef" in source
+                    else ("Secret", source["secretRef"])
+                )
+                data = by_name(overlay, kind, ref["name"]).get("data", {})
+                for key in data:
+                    used.setdefault(key, set()).add(f"{where} ({kind} {ref['name']})")
+    for name, path in DOCKERFILES.items():
+        for key in dockerfile_stages(path)[-1].env():
+            used.setdefault(key, set()).add(f"{name} image")
+    unknown = {key: sorted(where) for key, where in used.items() if key not in known}
+    assert not unknown, f"not a setting nor a standard variable: {unknown}"
+    assert {"NOVELCRAFTER_AUTH_TOKEN", "NOVELCRAFTER_STORE", "AWS_SECRET_ACCESS_KEY"} <= set(used)
+
+
+def test_the_auth_token_reaches_every_kubernetes_service() -> None:
+    for overlay in OVERLAYS:
+        for workload, container in app_containers(overlay):
+            secrets = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+            assert any("NOVELCRAFTER_AUTH_TOKEN" in by_name(overlay, "Secret", s)["data"] for s in secrets), (
+                workload["metadata"]["name"]
+            )
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def pinned(image: str) -> bool:
+    """An exact release: a digest, or a tag carrying a full x.y.z version or a MinIO release stamp."""
+    if "@sha256:" in image:
+        return True
+    tag = image.rsplit(":", 1)[-1] if ":" in image.split("/")[-1] else ""
+    return bool(re.search(r"\d+\.\d+\.\d+|RELEASE\.\d{4}-", tag))
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_is_multi_stage_pinned_and_non_root(name: str) -> None:
+    stages = dockerfile_stages(DOCKERFILES[name])
+    aliases = {s.name for s in stages if s.name}
+    assert len(stages) >= 2, "multi-stage: build, then a clean runtime stage"
+    for stage in stages:
+        assert stage.base in aliases or pinned(stage.base), f"base image {stage.base} is not pinned"
+    final = stages[-1]
+    runtime_base = stages[-1].base
+    if name == "trainer-gpu":
+        assert re.match(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-", runtime_base), runtime_base
+    else:
+        assert runtime_base.startswith("python:3.11.") and "slim" in runtime_base, runtime_base
+    user = final.all("USER")[-1].split(":")[0]
+    assert user.isdigit() and int(user) > 0, "numeric non-root USER (Kubernetes can verify runAsNonRoot)"
+    env = final.env()
+    assert env.get("PYTHONUNBUFFERED") == "1"
+    healthcheck = final.all("HEALTHCHECK")[-1]
+    assert '"novelcrafter.healthcheck"' in healthcheck
+    # No build tools in the runtime stage: it copies the finished venv and installs nothing.
+    runs = " ".join(final.all("RUN"))
+    assert not re.search(r"\b(pip|uv|apt-get|apt|gcc|g\+\+|make|build-essential)\b", runs), runs
+    for copy in final.all("COPY"):
+        assert "--from=" in copy, f"the runtime stage copies only from the build stage: {copy}"
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_installs_the_pinned_torch_first_then_the_constraints(name: str) -> None:
+    runs = [run for stage in dockerfile_stages(DOCKERFILES[name]) for run in stage.all("RUN")]
+    index = "cu130" if name == "trainer-gpu" else "cpu"
+    torch = next(i for i, r in enumerate(runs) if "pip install torch==" in r)
+    assert f"pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/{index}" in runs[torch]
+    project = next(i for i, r in enumerate(runs) if re.search(r"pip install -c constraints\.txt \.(\s|$)", r))
+    assert torch < project
+    constraints = (ROOT / "constraints.txt").read_text().split()
+    assert "torch==2.13.0" in constraints
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_healthcheck_and_cmd_agree_with_exposed_ports(name: str) -> None:
+    final = dockerfile_stages(DOCKERFILES[name])[-1]
+    exposed = {int(p) for line in final.all("EXPOSE") for p in line.split()}
+    target = json.loads(final.all("HEALTHCHECK")[-1].split("CMD", 1)[1])[-1]
+    port = int(re.search(r":(\d+)", target.removeprefix("http://")).group(1))
+    assert port in exposed
+    cmd = final.exec_form("CMD")
+    listen = flag_value(cmd, "--listen")
+    if listen:
+        assert host_port(listen)[1] == port
+    compose = load_compose()["services"][name]
+    assert compose["command"] == cmd, "compose runs the image's default command"
+    assert compose["healthcheck"]["test"][1:] == json.loads(final.all("HEALTHCHECK")[-1].split("CMD", 1)[1])
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored_by_docker(path: str, patterns: list[str]) -> bool:
+    parts = Path(path).parts
+    for pattern in patterns:
+        bare = pattern.removeprefix("**/")
+        for i in range(len(parts)):
+            prefix = "/".join(parts[: i + 1])
+            if fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(parts[i], bare):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_copy_sources_exist_and_are_in_the_build_context(name: str) -> None:
+    patterns = dockerignore_patterns()
+    sources = []
+    for stage in dockerfile_stages(DOCKERFILES[name]):
+        for copy in stage.all("COPY") + stage.all("ADD"):
+            if "--from=" not in copy:
+                sources.extend(copy_sources(copy))
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
+        assert not ignored_by_docker(source, patterns), f"COPY {source}: excluded by .dockerignore"
+    # What pip needs to build the project is all there (pyproject names its readme).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["readme"] in sources
+    for secret in (".env", ".venv", ".git", "data"):
+        assert ignored_by_docker(secret, patterns), f"{secret} would be sent to the Docker daemon"
+
+
+def test_entrypoints_resolve() -> None:
+    """`novelcrafter` is the project's console script; `python -m` modules import."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["novelcrafter"].partition(":")
+    spec = importlib.util.find_spec(module)
+    assert spec is not None
+    assert f"def {function}(" in Path(spec.origin).read_text()
+    for name in ("novelcrafter.healthcheck",):
+        assert importlib.util.find_spec(name) is not None, name

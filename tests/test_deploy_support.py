@@ -1,0 +1,362 @@
+"""Readers for the deployment files (compose, Dockerfiles, kustomize), shared by the
+deployment tests, and the tests of those readers themselves.
+
+They read the files the way Docker and Kubernetes do, as far as the checks need:
+compose variable interpolation (``${VAR:-default}``, ``${VAR:?error}``, ``$$``),
+``env_file`` + ``environment``, Dockerfile instructions with line continuations,
+``ARG`` defaults in ``FROM``, and ``kubectl kustomize`` output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import ROOT
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+SCHEMAS = ROOT / "tests" / "schemas"
+# The NovelCrafter services in docker-compose.yml (the others are MinIO and its bucket job).
+APP_SERVICES = ("ingest", "trainer", "trainer-gpu", "inference")
+DOCKERFILES = {
+    "ingest": ROOT / "services" / "ingest" / "Dockerfile",
+    "trainer": ROOT / "services" / "trainer" / "Dockerfile.cpu",
+    "trainer-gpu": ROOT / "services" / "trainer" / "Dockerfile.gpu",
+    "inference": ROOT / "services" / "inference" / "Dockerfile",
+}
+
+# --- compose interpolation ------------------------------------------------------------------
+
+_VAR = re.compile(r"\$(?:(\$)|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_BRACED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?$", re.S)
+
+
+class InterpolationError(ValueError):
+    pass
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution of one string (the rules of the compose specification)."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "$"  # $$ is a literal $
+        if match.group(3):
+            return env.get(match.group(3), "")
+        inner = _BRACED.match(match.group(2))
+        if not inner:
+            raise InterpolationError(f"invalid interpolation format ${{{match.group(2)}}}")
+        name, op, arg = inner.group(1), inner.group(2), inner.group(3) or ""
+        value = env.get(name)
+        unset_or_empty = value is None or (op is not None and op.startswith(":") and value == "")
+        if op is None:
+            return value or ""
+        if op.endswith("-"):
+            return interpolate(arg, env) if unset_or_empty else value
+        if op.endswith("?"):
+            if unset_or_empty:
+                raise InterpolationError(f"required variable {name} is missing a value: {arg}")
+            return value
+        return "" if unset_or_empty else interpolate(arg, env)  # ":+" / "+"
+
+    return _VAR.sub(replace, text)
+
+
+def interpolate_tree(node: Any, env: dict[str, str]) -> Any:
+    """Interpolate every string value (not keys) of a loaded YAML document."""
+    if isinstance(node, dict):
+        return {key: interpolate_tree(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [interpolate_tree(value, env) for value in node]
+    if isinstance(node, str):
+        return interpolate(node, env)
+    return node
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose env file (comments and blank lines skipped)."""
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"{path.name}: not KEY=VALUE: {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def commented_env_keys(path: Path) -> set[str]:
+    """Keys of commented-out ``# KEY=value`` examples in an env file."""
+    return set(re.findall(r"^#\s+([A-Z][A-Z0-9_]*)=", path.read_text(), flags=re.M))
+
+
+def load_compose(dotenv: dict[str, str] | None = None) -> dict[str, Any]:
+    """docker-compose.yml with YAML merge keys resolved and ``.env`` values interpolated
+    (``.env.example`` stands in for the uncommitted ``.env``)."""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    return interpolate_tree(raw, read_env_file(ENV_EXAMPLE) if dotenv is None else dotenv)
+
+
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    """The environment compose gives a service's container (before the image's own ENV):
+    its env_file(s) (``.env`` read as ``.env.example``), then ``environment`` on top."""
+    env: dict[str, str] = {}
+    files = service.get("env_file", [])
+    for entry in [files] if isinstance(files, (str, dict)) else files:
+        name = entry if isinstance(entry, str) else entry["path"]
+        path = ENV_EXAMPLE if name in (".env", "./.env") else ROOT / name
+        env.update(read_env_file(path))
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        environment = dict(item.partition("=")[::2] for item in environment)
+    env.update({key: "" if value is None else str(value) for key, value in environment.items()})
+    return env
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    base: str  # the FROM image, ARG defaults substituted
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
+
+    def all(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+    def env(self) -> dict[str, str]:
+        """The stage's ENV values (``KEY=VALUE`` pairs; ``$VAR`` references left as they are)."""
+        values: dict[str, str] = {}
+        for args in self.all("ENV"):
+            for token in shlex.split(args):
+                key, sep, value = token.partition("=")
+                if sep:
+                    values[key] = value
+        return values
+
+    def exec_form(self, instruction: str) -> list[str]:
+        """The last ENTRYPOINT/CMD, which must be in exec (JSON) form."""
+        args = self.all(instruction)[-1]
+        return json.loads(args)
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: comments dropped, continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1].rstrip() + " "
+            continue
+        line = (pending + stripped).strip()
+        pending = ""
+        if line:
+            name, _, args = line.partition(" ")
+            instructions.append((name.upper(), args.strip()))
+    return instructions
+
+
+def dockerfile_stages(path: Path) -> list[Stage]:
+    """The build stages of a Dockerfile, with global ARG defaults substituted into FROM."""
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for name, rest in dockerfile_instructions(path):
+        if name == "ARG" and not stages:
+            key, _, default = rest.partition("=")
+            args[key] = default
+        elif name == "FROM":
+            words = rest.split()
+            image = interpolate(words[0], args)
+            alias = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(image, alias))
+        elif stages:
+            stages[-1].instructions.append((name, rest))
+    return stages
+
+
+def copy_sources(args: str) -> list[str]:
+    """Source paths of a COPY/ADD without --from (exec or shell form), flags skipped."""
+    words = json.loads(args) if args.startswith("[") else shlex.split(args)
+    words = [w for w in words if not w.startswith("--")]
+    return words[:-1]
+
+
+# --- kustomize -------------------------------------------------------------------------------
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.skip("kubectl is not installed: `kubectl kustomize` renders the overlays (CI has it)")
+    return path
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """Render a kustomization with ``kubectl kustomize`` (offline); its objects."""
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr[-3000:]}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod template spec of a workload object, or None."""
+    if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return obj["spec"]["template"]["spec"]
+    return None
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+_PARSE_ARGV = r"""
+import json, sys
+import typer
+from novelcrafter import cli
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer import _click as click
+except ImportError:
+    import click
+
+cli._load_commands()
+root = typer.main.get_command(cli.app)
+results = []
+for argv in json.loads(sys.argv[1]):
+    args, cmd, path = list(argv), root, ["novelcrafter"]
+    try:
+        ctx = click.Context(root, info_name="novelcrafter")
+        while hasattr(cmd, "get_command"):  # a group: descend into the named subcommand
+            if not args:
+                raise ValueError("a subcommand is missing")
+            name = args.pop(0)
+            sub = cmd.get_command(ctx, name)
+            if sub is None:
+                raise ValueError(f"no such command {name!r}")
+            path.append(name)
+            if (sub.help or "").startswith("(not available yet"):
+                raise ValueError("the command is only a placeholder: its service is not built yet")
+            cmd = sub
+            if hasattr(cmd, "get_command"):
+                ctx = click.Context(cmd, info_name=name, parent=ctx)
+        cmd.make_context(" ".join(path), args, parent=ctx)  # parses and checks; runs nothing
+        results.append(None)
+    except (click.ClickException, ValueError) as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        results.append(f"`{' '.join(path)}`: {message}")
+print(json.dumps(results))
+"""
+
+
+def cli_rejections(argvs: list[list[str]]) -> dict[str, str]:
+    """Parse each argv (without the leading ``novelcrafter``) with the real CLI's parser, in a
+    fresh process; returns ``{argv: why it is rejected}`` for the ones it does not accept."""
+    unique = [list(a) for a in dict.fromkeys(tuple(a) for a in argvs)]
+    result = subprocess.run(
+        [sys.executable, "-c", _PARSE_ARGV, json.dumps(unique)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    verdicts = json.loads(result.stdout.strip().splitlines()[-1])
+    return {" ".join(argv): why for argv, why in zip(unique, verdicts, strict=True) if why}
+
+
+def settings_env_names() -> set[str]:
+    """Every environment variable the Settings read (``NOVELCRAFTER_<FIELD>`` or its alias)."""
+    from pydantic import AliasChoices
+
+    from novelcrafter.config import Settings
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    names = set()
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias)
+        else:
+            names.add(f"{prefix}{name}".upper())
+    return names
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in an argv."""
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+# --- tests of the readers themselves ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("${A}", "a"),
+        ("$A-$B", "a-"),
+        ("${B:-dflt}", "dflt"),
+        ("${E:-dflt}", "dflt"),
+        ("${E-dflt}", ""),
+        ("${B-dflt}", "dflt"),
+        ("${A:+alt}", "alt"),
+        ("${E:+alt}", ""),
+        ("${E+alt}", "alt"),
+        ("$$A and $${A}", "$A and ${A}"),
+        ("${B:-x$A}", "xa"),
+        ("x${A:?must be set}y", "xay"),
+    ],
+)
+def test_interpolation_follows_the_compose_rules(text: str, expected: str) -> None:
+    assert interpolate(text, {"A": "a", "E": ""}) == expected
+
+
+@pytest.mark.parametrize("text", ["${B:?set B in .env}", "${E:?empty is not enough}", "${B?unset}"])
+def test_interpolation_of_a_missing_required_variable_fails(text: str) -> None:
+    with pytest.raises(InterpolationError):
+        interpolate(text, {"E": ""})
+
+
+def test_dockerfile_reader_joins_continuations_and_substitutes_args(tmp_path: Path) -> None:
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(
+        "# comment\nARG IMG=python:3.11.14-slim\nFROM ${IMG} AS build\nRUN a \\\n && b\n"
+        'FROM ${IMG}\nENV A=1 \\\n    B="two words"\nCOPY --from=build /x /y\nCMD ["serve", "x"]\n'
+    )
+    build, final = dockerfile_stages(dockerfile)
+    assert (build.base, build.name, build.all("RUN")) == ("python:3.11.14-slim", "build", ["a && b"])
+    assert final.env() == {"A": "1", "B": "two words"}
+    assert final.exec_form("CMD") == ["serve", "x"]
+    assert copy_sources('--chown=1:1 a.txt "b c" /dst/') == ["a.txt", "b c"]
