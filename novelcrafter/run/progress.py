@@ -1,8 +1,7 @@
 """Following a job's ``WatchJob`` stream and showing it: bars on a terminal, lines otherwise.
 
-:func:`follow` consumes the server stream (resuming after the last sequence number
-if the connection drops) and hands each event to a view; a watchdog can abort the wait
-(e.g. when a service process died). Views:
+:func:`follow` drives the shared WatchJob follower (:mod:`novelcrafter.progress`) and
+hands each event to a view; a watchdog can abort the wait (a service process died). Views:
 
 * :class:`BarView` (a terminal): an overall bar over parts, one bar per part's training
   (step, loss, tokens/s, ETA) and one for its evaluation, with finished-part results
@@ -13,6 +12,7 @@ if the connection drops) and hands each event to a view; a watchdog can abort th
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import threading
@@ -22,14 +22,7 @@ from typing import Any, Protocol, TextIO
 
 import grpc
 
-from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
-
-TERMINAL_JOB_STATES = (
-    jobs_pb2.JOB_STATE_SUCCEEDED,
-    jobs_pb2.JOB_STATE_FAILED,
-    jobs_pb2.JOB_STATE_CANCELLED,
-)
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+from novelcrafter.v1 import jobs_pb2
 
 
 class View(Protocol):
@@ -68,65 +61,39 @@ def follow(
     view: View,
     *,
     watchdog: Callable[[], None] | None = None,
-    reconnect_seconds: float = 60.0,
 ) -> jobs_pb2.Job:
     """Stream the job's events into ``view`` until the job ends; return the final job.
 
-    ``watchdog`` is called about once a second from another thread; if it raises, the
-    stream is cancelled and that exception is raised here.
+    The stream itself (replay after the last sequence, reconnects) is the shared
+    :func:`novelcrafter.progress.follow_job`; this adds the run's views and a watchdog:
+    ``watchdog`` is called about once a second from another thread, and if it raises
+    (a service process died), the channel is closed and that exception is raised here.
     """
-    stub = jobs_pb2_grpc.JobServiceStub(channel)
-    last_sequence = 0
+    from novelcrafter.progress import follow_job
+
     failures: list[BaseException] = []
-    retry_until: float | None = None
-    while True:
-        call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, after_sequence=last_sequence))
-        done = threading.Event()
-        if watchdog is not None:
-            threading.Thread(
-                target=_watch, args=(watchdog, call, done, failures), name="job-watchdog", daemon=True
-            ).start()
-        try:
-            for event in call:
-                retry_until = None
-                last_sequence = max(last_sequence, event.sequence)
-                view.on_event(event)
-                if event.WhichOneof("event") == "job_state" and event.job_state in TERMINAL_JOB_STATES:
-                    return stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
-        except grpc.RpcError as exc:
-            if failures:
-                raise failures[0] from None
-            if exc.code() not in RETRYABLE:
-                raise
-            retry_until = retry_until or time.monotonic() + reconnect_seconds
-            if time.monotonic() > retry_until:
-                raise
-            time.sleep(1.0)
-        finally:
-            done.set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            try:
+                watchdog()  # type: ignore[misc]
+            except BaseException as exc:
+                failures.append(exc)
+                channel.close()
+                return
+
+    if watchdog is not None:
+        threading.Thread(target=watch, name="job-watchdog", daemon=True).start()
+    try:
+        # The shared renderer's own output is not used: the run's view draws everything.
+        return follow_job(channel, job_id, tty=False, on_event=view.on_event, out=io.StringIO())
+    except BaseException:
         if failures:
-            raise failures[0]
-        # The stream ended (or broke): finished, or reconnect after the last event seen.
-        try:
-            job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
-        except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE:
-                raise
-            continue
-        if job.state in TERMINAL_JOB_STATES:
-            return job
-
-
-def _watch(
-    check: Callable[[], None], call: Any, done: threading.Event, failures: list[BaseException]
-) -> None:
-    while not done.wait(1.0):
-        try:
-            check()
-        except BaseException as exc:
-            failures.append(exc)
-            call.cancel()
-            return
+            raise failures[0] from None
+        raise
+    finally:
+        done.set()
 
 
 class LineView:
