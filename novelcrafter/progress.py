@@ -114,6 +114,8 @@ class _LineRenderer(_Renderer):
 
     def event(self, event: jobs_pb2.JobEvent) -> None:
         kind = event.WhichOneof("event")
+        if kind == "job_state" and event.job_state in TERMINAL:
+            return  # finish() prints the outcome with a summary
         if kind == "progress":
             p = event.progress
             now = time.monotonic()
@@ -184,7 +186,7 @@ class _RichRenderer(_Renderer):
                     self.progress.update(task, completed=total or 1, total=total or 1, info="done")
                 else:
                     self.progress.update(task, info=name)
-        elif kind in ("metrics", "message", "job_state"):
+        elif kind in ("metrics", "message") or (kind == "job_state" and event.job_state not in TERMINAL):
             text = describe_event(event)
             if text:
                 self.progress.console.print(text, markup=False, highlight=False)

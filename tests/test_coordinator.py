@@ -79,6 +79,7 @@ def test_create_job_fills_model_card_defaults_and_persists(server: CoordinatorSe
         4,
     )
     assert job2.config.lora.alpha == 32
+    assert metric("novelcrafter_coordinator_jobs", state="pending") == 2
     listed = server.stub.ListJobs(J.ListJobsRequest(book_id=book)).jobs
     assert [j.job_id for j in listed] == [job.job_id, job2.job_id]
     assert not server.stub.ListJobs(J.ListJobsRequest(book_id="0" * 16)).jobs
@@ -171,6 +172,26 @@ def test_claims_are_sequential_within_a_job_and_parallel_across_jobs(
     assert rpc_code(lambda: c.claim(first.job_id)) == grpc.StatusCode.FAILED_PRECONDITION  # finished job
     # Completing twice (a retried RPC) is refused: the lease is gone.
     assert rpc_code(lambda: c.complete(cc)) == grpc.StatusCode.ABORTED
+
+
+def test_concurrent_claims_never_hand_out_a_part_twice(server: CoordinatorServer, store: Store) -> None:
+    book = make_book(store, parts=2)
+    jobs = {server.create(book).job_id for _ in range(3)}
+    barrier = threading.Barrier(8)
+    results: list[jobs_pb2.ClaimPartResponse] = []
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        results.append(Worker(server, f"racer-{n}").claim())
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    won = [(r.assignment.job_id, r.assignment.part_index) for r in results if r.assigned]
+    assert sorted(won) == sorted((job_id, 0) for job_id in jobs)  # each job's part 0 exactly once
+    assert len(results) == 8
 
 
 def test_complete_requires_the_right_published_adapter(server: CoordinatorServer, store: Store) -> None:
@@ -344,6 +365,7 @@ def test_restart_recovers_jobs_leases_and_history(server: CoordinatorServer, sto
     live.progress(live_claim.lease, step=3, checkpoint=checkpoint)
     lost.claim()  # this worker dies with the coordinator
     before = server.job(live_job.job_id)
+    store.put("jobs/j-00000000dead/job.json", b"{not json")  # a damaged record must not stop recovery
 
     restarted = server.restart()
     try:
@@ -351,6 +373,7 @@ def test_restart_recovers_jobs_leases_and_history(server: CoordinatorServer, sto
         after = restarted.job(live_job.job_id)
         assert after.parts[0].state == J.PART_STATE_RUNNING and after.parts[0].checkpoint_key == checkpoint
         assert after.config == before.config and after.created_at == before.created_at
+        assert len(restarted.stub.ListJobs(J.ListJobsRequest()).jobs) == 2
         # The live worker's lease survived the restart: it renews and completes.
         renewed = live.renew(live_claim.lease)
         assert renewed.lease_id == live_claim.lease.lease_id

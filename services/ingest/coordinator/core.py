@@ -135,6 +135,9 @@ class Coordinator:
                 history = EventLog.from_jsonl(self.store.get_text(layout.job_events_key(rec.job_id)))
             except NotFound:
                 history = EventLog()
+            except (StoreError, UnicodeDecodeError) as exc:  # history is best effort; state is not
+                log.error("cannot read job event history", extra=kv(job=rec.job_id, error=str(exc)))
+                history = EventLog()
             rec.seq = rec.seq_reserved = max(rec.seq_reserved, history.last_sequence)
             # Live workers keep their leases: give them one full period from now.
             for index, lease in rec.leases.items():
