@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import tomllib
 from functools import cache
@@ -166,27 +167,66 @@ def test_schema_validation_rejects_a_broken_object() -> None:
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-def test_external_s3_component_replaces_minio(tmp_path: Path) -> None:
-    """base + components/external-s3: no MinIO objects; every app container reads the S3 Secret last."""
+def render_with_components(tmp_path: Path, overlay: str, components: list[str], **extra: Any) -> list[dict]:
+    """An overlay of our own on top of ``overlay`` with ``components``, rendered and schema-checked."""
     import kubernetes_validate
 
-    (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "resources": [os.path.relpath(K8S / "base", tmp_path)],
-                "components": [os.path.relpath(K8S / "components" / "external-s3", tmp_path)],
-            }
-        )
-    )
+    kustomization = {
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / c, tmp_path) for c in components],
+        **extra,
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     docs = kustomize(tmp_path)
+    for obj in docs:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    return docs
+
+
+def test_external_s3_component_replaces_minio(tmp_path: Path) -> None:
+    """components/external-s3: no MinIO objects; every app container reads the S3 Secret last."""
+    docs = render_with_components(tmp_path, "cpu", ["external-s3"])
     names = {(o["kind"], o["metadata"]["name"]) for o in docs}
     assert not {n for n in names if "minio" in n[1]}, f"MinIO objects left: {names}"
     deployments = [o for o in docs if o["kind"] == "Deployment"]
     assert {d["metadata"]["name"] for d in deployments} == {"ingest", "trainer", "inference"}
     for obj in deployments:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         env_from = obj["spec"]["template"]["spec"]["containers"][0]["envFrom"]
         assert env_from[-1] == {"secretRef": {"name": "novelcrafter-s3"}}
+
+
+def test_hub_model_component_gives_a_writable_model_cache(tmp_path: Path) -> None:
+    """A production-like overlay: GPU trainers, Llama from the Hub, external S3; the lines the
+    component's comment tells users to write."""
+    docs = render_with_components(
+        tmp_path,
+        "gpu",
+        ["hub-model", "external-s3"],
+        configMapGenerator=[
+            {
+                "name": "novelcrafter-config",
+                "behavior": "merge",
+                "literals": ["NOVELCRAFTER_BASE_MODEL=meta-llama/Llama-3.2-3B-Instruct"],
+            }
+        ],
+        secretGenerator=[
+            {"name": "novelcrafter-credentials", "behavior": "merge", "literals": ["HF_TOKEN=hf_x"]}
+        ],
+    )
+    (config,) = [o for o in docs if o["kind"] == "ConfigMap"]
+    assert config["data"]["NOVELCRAFTER_BASE_MODEL"] == "meta-llama/Llama-3.2-3B-Instruct"
+    (secret,) = [o for o in docs if o["kind"] == "Secret"]
+    assert "HF_TOKEN" in secret["data"]
+    for obj in (o for o in docs if o["kind"] == "Deployment"):
+        container = obj["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        if obj["metadata"]["name"] == "ingest":
+            assert "NOVELCRAFTER_HOME" not in env
+            continue
+        home = env["NOVELCRAFTER_HOME"]
+        volumes = {v["name"]: v for v in obj["spec"]["template"]["spec"]["volumes"]}
+        assert "emptyDir" in volumes[mounts[home]], f"{obj['metadata']['name']}: {home} is not writable"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -453,6 +493,8 @@ def test_every_command_and_flag_is_accepted_by_the_cli() -> None:
             for run in stage.all("RUN"):
                 for match in re.finditer(r"(?:^|&&|;)\s*(?:\w+=\S+\s+)*novelcrafter\s+([^&;]+)", run):
                     argvs[f"{name} RUN"] = match.group(1).split()
+    for i, line in enumerate(readme_commands()):
+        argvs[f"deploy/README.md command {i + 1}"] = line
     assert len(argvs) >= 12
     rejected = cli_rejections(list(argvs.values()))
     problems = [
@@ -461,6 +503,19 @@ def test_every_command_and_flag_is_accepted_by_the_cli() -> None:
         if " ".join(a) in rejected
     ]
     assert not problems, "\n".join(problems)
+
+
+def readme_commands() -> list[list[str]]:
+    """``novelcrafter …`` lines of deploy/README.md's shell blocks, placeholders filled in."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("novelcrafter "):
+                line = line.replace("<book_id>", "0123456789abcdef")
+                commands.append(shlex.split(line)[1:])
+    return commands
 
 
 def test_the_cli_check_rejects_what_the_cli_rejects() -> None:

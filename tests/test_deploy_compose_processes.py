@@ -1,0 +1,325 @@
+"""The compose wiring, proved as processes (issue 7, requirement 5).
+
+docker-compose.yml is read, not rewritten: for ingest, two trainer replicas and inference
+the test runs the image's ENTRYPOINT + the service's ``command`` with the environment
+compose would give the container (the image's ENV, ``env_file: .env`` — read as
+``.env.example`` — and ``environment``, interpolated), as local processes on loopback.
+Only what Docker would provide changes: the MinIO endpoint becomes moto's S3 server,
+service hostnames become 127.0.0.1, container ports become free local ports, and the
+image's paths (/opt/novelcrafter, /tmp) become local folders. The bucket is created the
+way the ``minio-init`` container does. Then a short book goes through ingest, both
+trainers and inference, with the compose auth token on every call, and a generation
+comes back from the trained adapter. The compose health checks are run too.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from support import NOVELCRAFTER, Proc, base_env, free_port
+from test_deploy_support import DOCKERFILES, dockerfile_stages, load_compose, service_env
+
+from novelcrafter.config import Settings
+from novelcrafter.rpc import connect, wait_for_health
+from novelcrafter.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+REPLICAS = {"ingest": 1, "trainer": 2, "inference": 1}
+LOCAL_ADDRESS = re.compile(r"(?:0\.0\.0\.0|127\.0\.0\.1|localhost):(?P<port>\d+)")
+
+
+@dataclass
+class Container:
+    """One compose container, as a local process."""
+
+    service: str
+    replica: int
+    argv: list[str]
+    env: dict[str, str]
+    healthcheck: list[str]
+    ports: dict[int, int]  # container port -> local port
+    proc: Proc | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}-{self.replica}"
+
+    def address(self, container_port: int) -> str:
+        return f"127.0.0.1:{self.ports[container_port]}"
+
+
+class Localizer:
+    """Maps what Docker provides (service DNS names, container ports, image paths) to loopback."""
+
+    def __init__(self, s3_endpoint: str, home: Path, scratch: Path) -> None:
+        self.hosts: dict[str, str] = {"minio:9000": s3_endpoint}
+        self.paths = {"/opt/novelcrafter": str(home), "/tmp/": f"{scratch}/"}
+
+    def publish(self, service: str, container_port: int, local_port: int) -> None:
+        self.hosts[f"{service}:{container_port}"] = f"127.0.0.1:{local_port}"
+
+    def value(self, text: str, ports: dict[int, int]) -> str:
+        """One pass, so that an address already mapped is not mapped again."""
+        names = "|".join(re.escape(host) for host in self.hosts)
+        pattern = re.compile(rf"\b(?:(?P<name>{names})|{LOCAL_ADDRESS.pattern})\b")
+
+        def local(match: re.Match[str]) -> str:
+            if match["name"]:
+                return self.hosts[match["name"]]
+            return f"127.0.0.1:{ports.setdefault(int(match['port']), free_port())}"
+
+        text = pattern.sub(local, text)
+        for path, local_path in self.paths.items():
+            if text.startswith(path):
+                text = local_path + text[len(path) :]
+        return text
+
+
+def image_env(service: str) -> dict[str, str]:
+    """The runtime image's ENV (PATH aside: the local venv stands in for /opt/venv)."""
+    env = dockerfile_stages(DOCKERFILES[service])[-1].env()
+    env.pop("PATH", None)
+    return env
+
+
+def plan(compose: dict[str, Any], localizer: Localizer) -> list[Container]:
+    """Every container of the deployment, in start order, with its argv, env and health check."""
+    containers = []
+    published: dict[str, dict[int, int]] = {}  # host ports: known to every container up front
+    for service in REPLICAS:
+        for mapping in compose["services"][service].get("ports", []):
+            container_port = int(str(mapping).rsplit(":", 1)[-1])
+            local_port = free_port()
+            published.setdefault(service, {})[container_port] = local_port
+            localizer.publish(service, container_port, local_port)
+    for service, replicas in REPLICAS.items():
+        spec = compose["services"][service]
+        entrypoint = dockerfile_stages(DOCKERFILES[service])[-1].exec_form("ENTRYPOINT")
+        assert entrypoint == ["novelcrafter"]
+        for replica in range(1, replicas + 1):
+            ports = dict(published.get(service, {}))
+            env = {**image_env(service), **service_env(spec)}
+            env = {key: localizer.value(value, ports) for key, value in env.items()}
+            argv = [NOVELCRAFTER, *(localizer.value(arg, ports) for arg in spec["command"])]
+            test = spec["healthcheck"]["test"]
+            assert test[0] == "CMD" and test[1] == "python"
+            health = [sys.executable, *(localizer.value(arg, ports) for arg in test[2:])]
+            containers.append(Container(service, replica, argv, env, health, ports))
+    return containers
+
+
+def book_pdf(path: Path, sentences: int) -> bytes:
+    """A short book: unique, plain sentences over a few pages (fpdf2)."""
+    from fpdf import FPDF
+
+    rng = random.Random(7)
+    names = ["Mara", "Tobin", "Elsie", "the ferryman", "the old miller", "Captain Reed", "the widow"]
+    verbs = ["watched", "carried", "mended", "followed", "counted", "painted", "buried", "found"]
+    things = ["the lantern", "a broken oar", "the grey nets", "a letter", "the salt barrels", "a wooden box"]
+    places = ["by the harbour", "under the bridge", "near the chapel", "on the cliff path", "in the cellar"]
+    times = ["at dawn", "before the storm", "after supper", "in the rain", "while the bells rang"]
+    pdf = FPDF()
+    pdf.set_auto_page_break(True, margin=20)
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=11)
+    text = " ".join(
+        f"{rng.choice(names).capitalize()} {rng.choice(verbs)} {rng.choice(things)} "
+        f"{rng.choice(places)} {rng.choice(times)}, and line {i + 1} of the tale was told."
+        for i in range(sentences)
+    )
+    pdf.multi_cell(0, 6, text)
+    data = bytes(pdf.output())
+    path.write_bytes(data)
+    return data
+
+
+def create_bucket(env: dict[str, str], command: str) -> None:
+    """What the minio-init container does (`mc mb --ignore-existing local/<bucket>`), via S3."""
+    from minio import Minio
+
+    bucket = re.search(r"mc mb --ignore-existing local/([a-z0-9.-]+)", command)[1]
+    client = Minio(
+        env["NOVELCRAFTER_S3_ENDPOINT"],
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        secure=False,
+    )
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    assert env["NOVELCRAFTER_STORE"].startswith(f"s3://{bucket}/")
+
+
+def start(container: Container, logs: Path) -> None:
+    container.proc = Proc(container.argv, base_env(**container.env), logs / f"{container.name}.log")
+
+
+def healthy(container: Container) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        container.healthcheck, env=base_env(**container.env), capture_output=True, text=True, timeout=60
+    )
+
+
+def wait_healthy(container: Container, timeout: float) -> None:
+    """Poll the compose health check until it passes (what depends_on: service_healthy waits for)."""
+    deadline = time.monotonic() + timeout
+    result = None
+    while time.monotonic() < deadline:
+        proc = container.proc
+        assert proc and proc.popen.poll() is None, (
+            f"{container.name} exited with {proc.popen.returncode}:\n{proc.output()[-4000:]}"
+        )
+        result = healthy(container)
+        if result.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{container.name} not healthy after {timeout}s: {result and result.stderr}")
+
+
+@pytest.fixture
+def deployment(
+    moto_server: dict[str, str], base_model_dir: Path, tmp_path: Path
+) -> Iterator[list[Container]]:
+    compose = load_compose()
+    home = base_model_dir.parent.parent  # $NOVELCRAFTER_HOME/models/<name>: where the images bake it
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    localizer = Localizer(moto_server["NOVELCRAFTER_S3_ENDPOINT"], home, scratch)
+    containers = plan(compose, localizer)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    create_bucket(containers[0].env, " ".join(compose["services"]["minio-init"]["command"]))
+    try:
+        ingest = containers[0]
+        start(ingest, logs)
+        wait_healthy(ingest, 120)
+        for container in containers[1:]:
+            start(container, logs)
+        for container in containers[1:]:
+            wait_healthy(container, 240)
+        yield containers
+    finally:
+        for container in reversed(containers):
+            if container.proc:
+                container.proc.stop(60)
+        for container in containers:
+            if container.proc:
+                proc = container.proc
+                print(f"--- {container.name} (exit {proc.popen.returncode})\n{proc.output()[-3000:]}")
+
+
+def one(containers: list[Container], service: str) -> Container:
+    return next(c for c in containers if c.service == service)
+
+
+@pytest.mark.timeout(600)
+def test_compose_wiring_trains_a_book_and_serves_its_adapter(
+    deployment: list[Container], tmp_path: Path
+) -> None:
+    ingest, inference = one(deployment, "ingest"), one(deployment, "inference")
+    trainers = [c for c in deployment if c.service == "trainer"]
+    assert len(trainers) == 2 and trainers[0].env == {
+        **trainers[1].env,
+        "NOVELCRAFTER_METRICS_LISTEN": trainers[0].env["NOVELCRAFTER_METRICS_LISTEN"],
+    }
+    token = ingest.env["NOVELCRAFTER_AUTH_TOKEN"]
+    assert token and all(c.env["NOVELCRAFTER_AUTH_TOKEN"] == token for c in deployment)
+    client = Settings(auth_token=token)
+    ingest_address, inference_address = ingest.address(50051), inference.address(50052)
+    wait_for_health(inference_address, 60, client)
+
+    # The token is required: what compose wires in is what the servers enforce.
+    with grpc.insecure_channel(ingest_address) as channel, pytest.raises(grpc.RpcError) as denied:
+        ingest_pb2_grpc.IngestServiceStub(channel).ListBooks(ingest_pb2.ListBooksRequest(), timeout=30)
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    pdf = book_pdf(tmp_path / "book.pdf", sentences=240)
+    job_config = common_pb2.JobConfig(
+        training=common_pb2.TrainingConfig(
+            epochs=1, max_length=64, max_steps_per_part=2, grad_accum=1, checkpoint_every=1, eval_max_chunks=2
+        )
+    )
+    metadata = ingest_pb2.IngestMetadata(
+        filename="book.pdf",
+        title="A Harbour Tale",
+        params=common_pb2.IngestParams(chunk_sentences=10, parts=2),
+        create_job=True,
+        job_config=job_config,
+        size_bytes=len(pdf),
+    )
+    requests = [ingest_pb2.IngestBookRequest(metadata=metadata), ingest_pb2.IngestBookRequest(chunk=pdf)]
+    with connect(ingest_address, client) as channel:
+        response = ingest_pb2_grpc.IngestServiceStub(channel).IngestBook(iter(requests), timeout=120)
+    book_id = response.manifest.book_id
+    assert len(response.manifest.parts) == 2
+    job_id = response.job.job_id
+    assert job_id
+
+    # Both parts train on the trainer replicas, one after the other.
+    deadline = time.monotonic() + 420
+    with connect(ingest_address, client) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        while True:
+            job = jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
+            if job.state in (
+                jobs_pb2.JOB_STATE_SUCCEEDED,
+                jobs_pb2.JOB_STATE_FAILED,
+                jobs_pb2.JOB_STATE_CANCELLED,
+            ):
+                break
+            for trainer in trainers:
+                assert trainer.proc.popen.poll() is None, (
+                    f"{trainer.name} died:\n{trainer.proc.output()[-4000:]}"
+                )
+            assert time.monotonic() < deadline, f"job still {jobs_pb2.JobState.Name(job.state)}: {job}"
+            time.sleep(1)
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{job.error}\n{job}"
+    assert [p.state for p in job.parts] == [jobs_pb2.PART_STATE_SUCCEEDED] * 2
+    assert all(p.adapter_version and p.metrics.steps > 0 for p in job.parts)
+    latest = job.parts[-1].adapter_version
+
+    # Inference hot-loads the published adapter (no restart) and generates with it.
+    request = inference_pb2.GenerateRequest(
+        prompt="Mara carried the lantern",
+        book_id=book_id,
+        adapter="latest",
+        max_new_tokens=8,
+        temperature=0.0,
+    )
+    deadline = time.monotonic() + 120
+    with connect(inference_address, client) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        while True:
+            try:
+                reply = stub.Generate(request, timeout=120)
+                if reply.adapter.version == latest:
+                    break
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+            assert time.monotonic() < deadline, f"inference never served {latest}"
+            time.sleep(1)
+    assert reply.adapter.book_id == book_id
+    assert reply.completion_tokens > 0 and reply.text.strip()
+
+    # Every process shuts down cleanly on SIGTERM, as `docker compose down` asks.
+    for container in reversed(deployment):
+        assert container.proc.stop(60) == 0, f"{container.name}:\n{container.proc.output()[-3000:]}"
