@@ -161,7 +161,7 @@ class Coordinator:
         with self._changed:
             self._changed.notify_all()
         self._thread.join(timeout=10)
-        self._flush(force=True)
+        self._flush()
 
     @property
     def closed(self) -> bool:
@@ -216,17 +216,15 @@ class Coordinator:
             apply(new, change)
             return self._commit(new, change)
 
-    def _flush(self, force: bool = False) -> None:
+    def _flush(self) -> None:
         """Write in-memory progress and event history; failures are retried on the next flush."""
         with self._lock:
-            dirty_jobs = [rec for rec in self._jobs.values() if rec.dirty or force]
             dirty_logs = [(jid, ev) for jid, ev in self._events.items() if ev.dirty]
-            for rec in dirty_jobs:
-                if rec.dirty:
-                    try:
-                        self._write(rec)
-                    except StoreError as exc:
-                        log.warning("progress not saved", extra=kv(job=rec.job_id, error=exc.message))
+            for rec in [rec for rec in self._jobs.values() if rec.dirty]:
+                try:
+                    self._write(rec)
+                except StoreError as exc:
+                    log.warning("progress not saved", extra=kv(job=rec.job_id, error=exc.message))
             snapshots = [(jid, ev.to_jsonl()) for jid, ev in dirty_logs]
             for _jid, ev in dirty_logs:
                 ev.dirty = False

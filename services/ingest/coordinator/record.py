@@ -95,5 +95,7 @@ class JobRecord:
         if len(parts) != len(job.parts):
             raise ValueError("part data does not match the job's parts")
         leases = {int(i): LeaseInfo(**lease) for i, lease in data.get("leases", {}).items()}
+        if any(not 0 <= i < len(parts) for i in leases):
+            raise ValueError("a lease names a part the job does not have")
         reserved = int(data.get("seq_reserved", 0))
         return cls(job, parts, str(data.get("init_adapter_key", "")), leases, reserved, reserved)
