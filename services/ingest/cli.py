@@ -1,0 +1,235 @@
+"""``novelcrafter ingest`` and ``novelcrafter serve ingest``.
+
+Module-level imports stay light: the heavy modules are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from novelcrafter.errors import InvalidArgument
+
+UPLOAD_CHUNK = 1 << 20
+
+
+def register(app: typer.Typer, serve_app: typer.Typer) -> None:
+    app.command("ingest")(ingest)
+    serve_app.command("ingest")(serve_ingest_command)
+
+
+def ingest(
+    book: Annotated[Path, typer.Argument(help="The book PDF.", show_default=False)],
+    store: Annotated[
+        str | None,
+        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
+    ] = None,
+    password: Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")] = None,
+    title: Annotated[str | None, typer.Option(help="Title (default: the PDF's title or file name).")] = None,
+    parts: Annotated[int, typer.Option(help="Consecutive training parts.")] = 10,
+    chunk_sentences: Annotated[int, typer.Option(help="Sentences per chunk.")] = 10,
+    test_fraction: Annotated[float, typer.Option(help="Held-out share of each part.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the per-part train/test split.")] = 0,
+    auto_reduce_parts: Annotated[
+        bool, typer.Option("--auto-reduce-parts", help="Too little text: use fewer parts instead of failing.")
+    ] = False,
+    create_job: Annotated[
+        bool, typer.Option("--create-job", help="Also create the training job (needs the coordinator).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the book manifest as JSON on stdout.")
+    ] = False,
+    server: Annotated[
+        str | None,
+        typer.Option(help="Ingest over gRPC on this server (HOST:PORT) instead of locally."),
+    ] = None,
+) -> None:
+    """Extract, clean and chunk a book PDF into training parts in the store."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.logs import configure_logging
+
+    from .params import IngestParams
+
+    # The command's own output is the result; library chatter only when asked for.
+    configure_logging(os.environ.get("NOVELCRAFTER_LOG_LEVEL") or "WARNING")
+    settings = get_settings(store=store)
+    params = IngestParams(
+        chunk_sentences=chunk_sentences,
+        parts=parts,
+        test_fraction=test_fraction,
+        seed=seed,
+        auto_reduce_parts=auto_reduce_parts,
+    )
+    data = _read_pdf(book)
+    job = None
+    if server:
+        manifest, existed, job = _ingest_remote(
+            server, settings, data, book.name, title, password, params, create_job
+        )
+    else:
+        manifest, existed = _ingest_local(settings, data, book.name, title, password, params)
+        if create_job:
+            job = _create_job_remote(settings, manifest["book_id"])
+    if as_json:
+        sys.stdout.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    else:
+        _print_summary(manifest, existed, job)
+
+
+def _read_pdf(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidArgument(f"no such file: {path}")
+    except IsADirectoryError:
+        raise InvalidArgument(f"{path} is a directory, not a PDF file")
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror or exc}")
+
+
+class _Progress:
+    """A progress bar on a terminal (stderr), nothing otherwise."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            unit = "page" if stage == "extract" else "step"
+            self.bar = tqdm(total=total, desc=stage, unit=unit, leave=False)
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _ingest_local(
+    settings: Any, data: bytes, filename: str, title: str | None, password: str | None, params: Any
+) -> tuple[dict, bool]:
+    from novelcrafter.store import open_store
+
+    from . import pipeline
+
+    progress = _Progress()
+    try:
+        result = pipeline.ingest(
+            open_store(settings=settings),
+            data,
+            title=title,
+            password=password,
+            params=params,
+            filename=filename,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    return result.manifest, result.already_existed
+
+
+def _ingest_remote(
+    address: str,
+    settings: Any,
+    data: bytes,
+    filename: str,
+    title: str | None,
+    password: str | None,
+    params: Any,
+    create_job: bool,
+) -> tuple[dict, bool, Any]:
+    from novelcrafter.rpc import connect
+    from novelcrafter.v1 import ingest_pb2, ingest_pb2_grpc
+
+    from . import manifest as manifest_codec
+
+    def requests() -> Any:
+        yield ingest_pb2.IngestBookRequest(
+            metadata=ingest_pb2.IngestMetadata(
+                filename=filename,
+                title=title or "",
+                password=password or "",
+                params=params.to_proto(),
+                create_job=create_job,
+                size_bytes=len(data),
+            )
+        )
+        for start in range(0, len(data), UPLOAD_CHUNK):
+            yield ingest_pb2.IngestBookRequest(chunk=data[start : start + UPLOAD_CHUNK])
+
+    with connect(address, settings) as channel:
+        response = ingest_pb2_grpc.IngestServiceStub(channel).IngestBook(requests(), wait_for_ready=False)
+    job = response.job if response.HasField("job") else None
+    return manifest_codec.from_proto(response.manifest), response.already_existed, job
+
+
+def _create_job_remote(settings: Any, book_id: str) -> Any:
+    """A local ingest registers its job with the running coordinator (one per store)."""
+    import grpc
+
+    from novelcrafter.errors import Unavailable
+    from novelcrafter.rpc import connect
+    from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
+
+    with connect(settings.coordinator, settings) as channel:
+        try:
+            return jobs_pb2_grpc.JobServiceStub(channel).CreateJob(
+                jobs_pb2.CreateJobRequest(book_id=book_id), timeout=30
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(
+                    f"the book was ingested ({book_id}) but no job coordinator answers at "
+                    f"{settings.coordinator}: start `novelcrafter serve ingest` (or set "
+                    "NOVELCRAFTER_COORDINATOR) and create the job with `novelcrafter train`"
+                )
+            raise
+
+
+def _print_summary(manifest: dict, existed: bool, job: Any) -> None:
+    cleaning = ", ".join(f"{k}={v}" for k, v in sorted(manifest.get("cleaning", {}).items()) if v)
+    again = "  (already ingested)" if existed else ""
+    print(f"book {manifest['book_id']}  {manifest.get('title', '')!r}{again}")
+    print(
+        f"  {manifest.get('pages', 0)} pages, {manifest.get('words', 0)} words, "
+        f"{manifest.get('sentences', 0)} sentences, {manifest.get('chunks', 0)} chunks, "
+        f"{len(manifest.get('parts', []))} parts"
+    )
+    if cleaning:
+        print(f"  cleaning: {cleaning}")
+    for warning in manifest.get("warnings", []):
+        print(f"  warning: {warning}")
+    if job is not None:
+        print(f"  job {job.job_id} created")
+
+
+def serve_ingest_command(
+    listen: Annotated[
+        str | None, typer.Option(help="gRPC address to bind [env NOVELCRAFTER_LISTEN, default 0.0.0.0:50051]")
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
+    ] = None,
+) -> None:
+    """Serve IngestService and the job coordinator (JobService) on one port."""
+    from novelcrafter.config import get_settings
+
+    from .server import serve_ingest
+
+    serve_ingest(get_settings(listen=listen, store=store))

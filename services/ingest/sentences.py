@@ -1,0 +1,85 @@
+"""Sentence splitting with NLTK Punkt trained on the book itself (no data download, no pickles).
+
+NLTK >= 3.9 needs downloaded ``punkt_tab`` data for ``sent_tokenize``; instead we train a
+``PunktTrainer`` on the book's own text (it learns the book's abbreviations and sentence
+starters) and add the common English titles it may see too rarely to learn. Two repairs
+keep quoted dialogue whole: a piece that starts in lower case continues the sentence before
+it, and so does a speech tag after a closing quote (“Poor devil!” he said. / “Yes.” I answered.).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nltk.tokenize.punkt import PunktSentenceTokenizer, PunktTrainer
+
+# Lower case, without the final period, as Punkt stores them.
+ABBREVIATIONS = {
+    "mr", "mrs", "ms", "messrs", "mme", "mlle", "dr", "st", "jr", "sr", "prof", "rev", "revd",
+    "capt", "col", "gen", "lt", "sgt", "maj", "hon", "esq", "gov", "sen", "rep", "fr", "bros",
+    "co", "inc", "ltd", "vol", "vols", "ch", "chap", "fig", "viz", "cf", "vs", "e.g", "i.e",
+    "a.m", "p.m", "m.d", "ph.d", "b.a", "m.a", "u.s", "u.k", "mt", "ft",
+}  # fmt: skip
+# Not "etc." or "no.": they end sentences too often; Punkt learns them from the book when it should.
+
+_OPENERS = "“‘\"'([—–-"
+_SPEECH_VERBS = (
+    "said|says|asked|asks|answered|cried|replied|returned|remarked|exclaimed|observed|continued|added|"
+    "whispered|shouted|muttered|murmured|quoth|retorted|rejoined|inquired|enquired|began|repeated|"
+    "declared|called|groaned|laughed|sighed|pleaded|urged|insisted|suggested|interrupted|thought"
+)
+_SPEECH_TAG = re.compile(
+    rf"^(?:(?:I|he|she|they|we|you|it|[A-Z][a-z]+(?: [A-Z][a-z]+)?)(?: [a-z]+ly)? (?:{_SPEECH_VERBS})\b"
+    rf"|(?:{_SPEECH_VERBS}) (?:I|he|she|they|we|you|[A-Z][a-z]+)\b)"
+)
+_CLOSES_QUOTE = re.compile(r"[!?,.…—–-][”’\"']\)?$")
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+    paragraph: int
+
+
+def train_tokenizer(text: str) -> PunktSentenceTokenizer:
+    trainer = PunktTrainer()
+    trainer.train(text, finalize=True)
+    params = trainer.get_params()
+    params.abbrev_types.update(ABBREVIATIONS)
+    return PunktSentenceTokenizer(params)
+
+
+def _continues(previous: str, piece: str) -> bool:
+    """True when ``piece`` is not a new sentence but the rest of ``previous``."""
+    stripped = piece.lstrip(_OPENERS + " ")
+    if not stripped:
+        return True
+    if stripped[0].islower():
+        return True
+    return bool(_CLOSES_QUOTE.search(previous)) and bool(_SPEECH_TAG.match(piece))
+
+
+def split_paragraph(tokenizer: PunktSentenceTokenizer, paragraph: str) -> list[str]:
+    sentences: list[str] = []
+    for piece in tokenizer.tokenize(paragraph):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if sentences and _continues(sentences[-1], piece):
+            sentences[-1] = f"{sentences[-1]} {piece}"
+        else:
+            sentences.append(piece)
+    return sentences
+
+
+def split_sentences(paragraphs: list[str]) -> list[Sentence]:
+    """Sentences in book order; a sentence never spans two paragraphs."""
+    if not paragraphs:
+        return []
+    tokenizer = train_tokenizer("\n\n".join(paragraphs))
+    return [
+        Sentence(sentence, index)
+        for index, paragraph in enumerate(paragraphs)
+        for sentence in split_paragraph(tokenizer, paragraph)
+    ]

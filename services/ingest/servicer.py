@@ -1,0 +1,126 @@
+"""IngestService over gRPC: a client-streamed upload (metadata, then bytes), GetBook, ListBooks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from novelcrafter.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from novelcrafter.layout import check_book_id
+from novelcrafter.logs import get_logger, kv
+from novelcrafter.rpc import Service
+from novelcrafter.store import Store
+from novelcrafter.v1 import ingest_pb2, ingest_pb2_grpc
+
+from . import manifest as manifest_codec
+from . import pipeline
+from .params import IngestParams
+
+log = get_logger("novelcrafter.ingest")
+
+SERVICE_NAME = "novelcrafter.v1.IngestService"
+DEFAULT_MAX_UPLOAD_MB = 200
+
+
+def max_upload_bytes() -> int:
+    """``NOVELCRAFTER_MAX_UPLOAD_MB`` (default 200): the largest PDF IngestBook accepts."""
+    raw = os.environ.get("NOVELCRAFTER_MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_MB))
+    try:
+        return int(float(raw) * 1024 * 1024)
+    except ValueError:
+        return DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
+
+
+def _too_large(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"upload exceeds the {limit / (1024 * 1024):g} MB limit (NOVELCRAFTER_MAX_UPLOAD_MB on the server)"
+    )
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    """Extraction runs in worker processes (see ``extract``); this process only coordinates."""
+
+    def __init__(self, store: Store, coordinator: Any = None, *, max_concurrent: int | None = None) -> None:
+        self.store = store
+        self.coordinator = coordinator
+        # Each ingest already uses every core; more at once would only thrash.
+        limit = max_concurrent or int(os.environ.get("NOVELCRAFTER_MAX_CONCURRENT_INGESTS", "2"))
+        self._slots = threading.BoundedSemaphore(max(1, limit))
+
+    # -- RPCs -------------------------------------------------------------------------------------
+    def IngestBook(
+        self, request_iterator: Iterator[ingest_pb2.IngestBookRequest], context: grpc.ServicerContext
+    ) -> ingest_pb2.IngestBookResponse:
+        started = time.monotonic()
+        meta, data = self._receive(request_iterator)
+        params = IngestParams.from_proto(meta.params)
+        if meta.create_job and self.coordinator is None:
+            raise FailedPrecondition("this ingest server has no job coordinator: create_job is unavailable")
+        with self._slots:
+            result = pipeline.ingest(
+                self.store,
+                data,
+                title=meta.title or None,
+                password=meta.password or None,
+                params=params,
+                filename=meta.filename or None,
+            )
+        response = ingest_pb2.IngestBookResponse(
+            manifest=manifest_codec.to_proto(result.manifest), already_existed=result.already_existed
+        )
+        if meta.create_job:
+            job = self.coordinator.create_job(result.manifest["book_id"], meta.job_config)
+            response.job.CopyFrom(job)
+        log.info(
+            "ingested book",
+            extra=kv(
+                book_id=result.manifest["book_id"],
+                already_existed=result.already_existed,
+                bytes=len(data),
+                seconds=round(time.monotonic() - started, 2),
+            ),
+        )
+        return response
+
+    def GetBook(self, request: ingest_pb2.GetBookRequest, context: grpc.ServicerContext) -> Any:
+        manifest = pipeline.get_book(self.store, check_book_id(request.book_id))
+        return ingest_pb2.GetBookResponse(manifest=manifest_codec.to_proto(manifest))
+
+    def ListBooks(self, request: ingest_pb2.ListBooksRequest, context: grpc.ServicerContext) -> Any:
+        return ingest_pb2.ListBooksResponse(
+            books=[manifest_codec.to_proto(m) for m in pipeline.list_books(self.store)]
+        )
+
+    # -- upload -----------------------------------------------------------------------------------
+    def _receive(
+        self, request_iterator: Iterator[ingest_pb2.IngestBookRequest]
+    ) -> tuple[ingest_pb2.IngestMetadata, bytes]:
+        """Metadata first, then chunks; refuse early once the size limit is passed."""
+        limit = max_upload_bytes()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise InvalidArgument("IngestBook: the first message must carry the metadata, then the PDF bytes")
+        meta = first.metadata
+        if meta.size_bytes > limit:
+            raise _too_large(limit)
+        buffer = bytearray()
+        for request in request_iterator:
+            kind = request.WhichOneof("payload")
+            if kind == "metadata":
+                raise InvalidArgument("IngestBook: metadata may only be sent once, in the first message")
+            if kind == "chunk":
+                buffer += request.chunk
+                if len(buffer) > limit:
+                    raise _too_large(limit)
+        return meta, bytes(buffer)
+
+
+def ingest_service(store: Store, coordinator: Any = None) -> Service:
+    return Service(
+        SERVICE_NAME, IngestServicer(store, coordinator), ingest_pb2_grpc.add_IngestServiceServicer_to_server
+    )
