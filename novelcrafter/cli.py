@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help text is plain: "[env …]" must not be eaten as markup
 )
 serve_app = typer.Typer(
     help="Run a service: ingest (with the job coordinator), trainer, inference, or all.", no_args_is_help=True
