@@ -414,11 +414,31 @@ def _mark_front_and_back(pages: list[list[Row]], counts: Counter[str]) -> None:
 # --- reflow ----------------------------------------------------------------------------------------
 
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
-_COMPOUND = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)+")
-_HYPHEN_END = re.compile(r"([^\W\d_]+)-$")
-_LEAD_WORD = re.compile(r"^([^\W\d_]+)")
+_COMPOUND = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*(?:-[^\W\d_]+(?:['’][^\W\d_]+)*)+")
+_HYPHEN_END = re.compile(r"((?:[^\W\d_]+-)*[^\W\d_]+(?:['’][^\W\d_]+)*)-$")
+_LEAD_WORD = re.compile(r"^([^\W\d_]+)((?:-[^\W\d_]+)*)")
 _TERMINAL = re.compile(r"[.!?:;…\"”’')\]]$")
 _SUFFIXES = ("s", "es", "ed", "d", "ing", "ly", "er", "est", "ness", "ment")
+# Fragments that only ever attach to a word: a break before them is a syllable break.
+_JOIN_SUFFIXES = {
+    "ness", "less", "ful", "fully", "ment", "ments", "ship", "hood", "wise", "ward", "wards", "ing", "ings",
+    "ingly",
+    "able", "ably", "ible", "ibly", "dom", "ly", "ity", "ities", "ous", "ously", "ive", "tion", "tions",
+    "sion", "sions", "ance", "ances", "ence", "ences", "ism", "ist", "ists", "ize", "ise", "ized", "ised",
+}  # fmt: skip
+# Prefixes that are not words of their own (or close up in English): join.
+_JOIN_PREFIXES = {
+    "un", "re", "de", "pre", "dis", "mis", "im", "il", "ir", "ex", "con", "com", "be", "fore", "over",
+    "under", "out", "with", "every", "other", "any", "some", "no", "non", "counter", "inter", "trans",
+    "sub", "super", "en", "em", "per", "pro", "ac", "ad", "ap", "as", "at", "ab", "ob", "op", "sup",
+}  # fmt: skip
+# First halves of compounds that English keeps hyphenated (self-evident, ill-bred, forty-four).
+_KEEP_PREFIXES = {
+    "self", "ill", "well", "half", "all", "twenty", "thirty", "forty", "fifty", "sixty", "seventy",
+    "eighty", "ninety", "quarter", "good", "great", "long", "short", "new", "old", "far", "full", "so",
+    "high", "low", "open", "free", "first", "second", "third", "ever", "never", "fellow", "brother",
+    "sister", "father", "mother", "son", "daughter", "step",
+}  # fmt: skip
 
 
 class Vocabulary:
@@ -437,27 +457,45 @@ class Vocabulary:
             self.words.update(m.group(0).lower() for m in _WORD.finditer(text))
 
     def knows(self, word: str) -> bool:
+        """The word, or an inflection of a word the book uses (stirring: stir, pursued: pursue)."""
         word = word.lower()
         if self.words[word]:
             return True
-        return any(
-            word.endswith(s) and self.words[word[: -len(s)]] for s in _SUFFIXES if len(word) > len(s) + 2
-        )
+        for suffix in _SUFFIXES:
+            if len(word) > len(suffix) + 2 and word.endswith(suffix):
+                stem = word[: -len(suffix)]
+                doubled = len(stem) > 2 and stem[-1] == stem[-2]
+                if self.words[stem] or self.words[stem + "e"] or (doubled and self.words[stem[:-1]]):
+                    return True
+        return False
 
     def join_hyphenated(self, left: str, right: str) -> bool:
-        """True: ``left-`` + ``right`` is one word broken at the line end; False: a real compound."""
+        """True: ``left-`` + ``right`` is one word broken at the line end; False: a real compound.
+
+        ``right`` is the whole next token, hyphens included (``a-Dale`` in ``Allan-a-Dale``).
+        """
         if right[:1].isupper():
-            return False  # Anglo-Saxon, Mrs.-Bennet-style names
+            return False  # Anglo-Saxon, Allan-a-Dale
         joined = (left + right).lower()
         compound = f"{left}-{right}".lower()
-        as_word, as_compound = self.words[joined], self.compounds[compound]
-        if as_word or as_compound:
+        as_word = self.compounds[joined] if "-" in right else self.words[joined]
+        as_compound = self.compounds[compound]
+        if as_word or as_compound:  # the book has an opinion: follow it
             return as_word >= as_compound
-        if self.knows(joined):
+        if "-" in right or "-" in left:
+            return False  # a chain: to-morrow-night, five-and-twenty, tete-a-tete
+        lo, ro = left.lower(), right.lower()
+        if ro in _JOIN_SUFFIXES or self.knows(joined):
             return True
-        # Two real words: a compound the book happens to use only here; else a syllable break.
-        both_words = self.words[left.lower()] and self.words[right.lower()]
-        return not (both_words and len(right) >= 3 and len(left) >= 2)
+        if lo in _KEEP_PREFIXES:
+            return False
+        if lo in _JOIN_PREFIXES or len(lo) <= 2:
+            return True
+        if ro.endswith("ed") and len(lo) >= 3 and self.words[lo] and self.knows(ro):
+            return False  # compound adjectives: pale-faced, blood-stained, narrow-minded
+        # Two real words the book uses on their own: a compound it happens to use only here
+        # (drawing-room, meeting-place). Anything else is a syllable break.
+        return not (len(lo) >= 3 and len(ro) >= 3 and self.words[lo] >= 2 and self.words[ro] >= 2)
 
 
 @dataclass
@@ -474,17 +512,22 @@ class Cleaned:
 
 
 def _starts_paragraph(prev: Row, row: Row, g: Geometry) -> bool:
-    if prev.text.endswith("-") and _LEAD_WORD.match(row.text) and row.text[:1].islower():
-        return False  # a word broken across the line end never ends a paragraph
+    if row.text[:1].islower():
+        return False  # paragraphs start with a capital; this continues a broken word or sentence
+    if prev.page == row.page and prev.y0 - row.y0 > 1.6 * g.leading:
+        return True  # vertical space: paragraph spacing, a section break, a letter's salutation
     left, _ = g.margin(row)
-    indented = row.x0 - left >= 0.4 * g.size
     _, prev_right = g.margin(prev)
+    step = 0.4 * g.size
+    indented = row.x0 - left >= step
     prev_short = prev.x1 < prev_right - 1.5 * g.size
     prev_terminal = bool(_TERMINAL.search(prev.text))
-    if prev.page == row.page and prev.y0 - row.y0 > 1.6 * g.leading:
-        return True
-    if indented and (prev_short or prev_terminal):
-        return True
+    if indented and row.x0 - prev.x0 >= step:
+        return prev_short or prev_terminal  # the usual first-line indent
+    if indented and abs(row.x0 - prev.x0) < step:
+        # Same indent as the line before: one-line paragraphs of dialogue (each ends a
+        # sentence), or the lines of a letter, a quotation or a verse (they mostly do not).
+        return prev_terminal
     return prev_short and prev_terminal and prev.x1 < prev_right - 3 * g.size
 
 
@@ -517,7 +560,7 @@ def _join(current: str, text: str, vocabulary: Vocabulary, counts: Counter[str],
     hyphen = _HYPHEN_END.search(current)
     lead = _LEAD_WORD.match(text)
     if hyphen and lead and not current.endswith("--"):
-        left, right = hyphen.group(1), lead.group(1)
+        left, right = hyphen.group(1), lead.group(0)
         if vocabulary.join_hyphenated(left, right):
             counts["hyphen_joins"] += 1
             return current[:-1] + text

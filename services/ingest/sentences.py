@@ -53,8 +53,8 @@ def train_tokenizer(text: str) -> PunktSentenceTokenizer:
 def _continues(previous: str, piece: str) -> bool:
     """True when ``piece`` is not a new sentence but the rest of ``previous``."""
     stripped = piece.lstrip(_OPENERS + " ")
-    if not stripped:
-        return True
+    if not any(ch.isalnum() for ch in stripped):
+        return True  # a stray closing quote or dash split off by a space
     if stripped[0].islower():
         return True
     return bool(_CLOSES_QUOTE.search(previous)) and bool(_SPEECH_TAG.match(piece))
