@@ -44,7 +44,8 @@ def plan_parts(sentence_count: int, params: IngestParams) -> int:
 
 def _too_little(found: int, needed: int, shape: str, hint: str = "use a smaller --chunk-sentences") -> int:
     raise FailedPrecondition(
-        f"too little text: found {found} sentences, need at least {needed} for {shape}; {hint}"
+        f"too little text: found {found} sentence{'' if found == 1 else 's'}, need at least {needed} "
+        f"for {shape}; {hint}"
     )
 
 

@@ -47,6 +47,7 @@ class Page:
     lines: list[Line]
     images: list[tuple[float, float, float, float]]
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -251,6 +252,7 @@ def _gather(workers: list[_Worker], limits: Limits, progress: Progress | None, s
                         [tuple(line) for line in message["l"]],
                         [tuple(box) for box in message["img"]],
                         message["e"],
+                        list(message.get("n") or []),
                     )
                     if progress is not None and meta is not None:
                         progress("extract", len(pages), meta["pages"])
@@ -276,6 +278,13 @@ def _gather(workers: list[_Worker], limits: Limits, progress: Progress | None, s
         warnings.append(
             "the PDF is damaged or truncated (no valid cross-reference table): recovered what was readable"
         )
+    notes: dict[str, list[int]] = {}
+    for page in ordered:
+        for note in page.notes:
+            notes.setdefault(note, []).append(page.index + 1)
+    for note, numbers in notes.items():
+        shown = ", ".join(map(str, numbers[:5])) + (" …" if len(numbers) > 5 else "")
+        warnings.append(f"page{'s' if len(numbers) > 1 else ''} {shown}: {note}")
     failed = [p for p in ordered if p.error]
     if failed:
         first = failed[0]

@@ -95,12 +95,15 @@ def ingest(
     if raw_words == 0:
         raise FailedPrecondition(
             f"no extractable text (scanned?): none of the {extraction.page_count} pages has a text layer; "
-            "run OCR on the PDF first"
+            "run OCR on the PDF first" + _problems(extraction.warnings)
         )
     cleaned = clean_pages(extraction.pages)
     _step(progress, "clean", 1)
     sentences = split_sentences(cleaned.paragraphs)
-    parts_count = plan_parts(len(sentences), params)
+    try:
+        parts_count = plan_parts(len(sentences), params)
+    except FailedPrecondition as exc:
+        raise FailedPrecondition(exc.message + _problems(extraction.warnings)) from None
     warnings = list(extraction.warnings)
     if parts_count < params.parts:
         warnings.append(
@@ -154,6 +157,11 @@ def ingest(
         ),
     )
     return IngestResult(manifest, False)
+
+
+def _problems(warnings: list[str]) -> str:
+    """Damage met while reading, appended to an error it may explain."""
+    return f" (the PDF is damaged: {'; '.join(warnings)})" if warnings else ""
 
 
 def _step(progress: Progress | None, stage: str, done: int, total: int = 1) -> None:

@@ -228,10 +228,35 @@ def _collect(container: Any, lines: list, images: list) -> None:
             images.append((obj.x0, obj.y0, obj.x1, obj.y1))
 
 
+# pdfminer logs (and otherwise survives) damage it met; the ones a user should hear about.
+_NOTABLE = (
+    ("Data-loss while decompressing", "a damaged compressed stream (some text was lost)"),
+    ("circular reference", "content streams that call each other in a loop (hostile file?)"),
+)
+
+
+class _Notes(logging.Handler):
+    """Collects pdfminer's warnings about the page being read."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        for needle, note in _NOTABLE:
+            if needle in message and note not in self.notes:
+                self.notes.append(note)
+
+
+NOTES = _Notes()
+
+
 def read_page(interpreter: PDFPageInterpreter, device: PDFPageAggregator, index: int, page: PDFPage) -> tuple:
     x0, y0, x1, y1 = page.mediabox
     lines: list = []
     images: list = []
+    NOTES.notes.clear()
     try:
         interpreter.process_page(page)
         _collect(device.get_result(), lines, images)
@@ -242,7 +267,7 @@ def read_page(interpreter: PDFPageInterpreter, device: PDFPageAggregator, index:
         error = "nested too deeply"
     except Exception as exc:  # one unreadable page must not lose the book
         error = _short(exc)
-    return (index, abs(x1 - x0), abs(y1 - y0), lines, images, error)
+    return (index, abs(x1 - x0), abs(y1 - y0), lines, images, error, list(NOTES.notes))
 
 
 # --- entry point -----------------------------------------------------------------------------------
@@ -266,15 +291,20 @@ def serve(spec: dict) -> None:
     for command in sys.stdin:
         start, stop = json.loads(command)["block"]
         for index in range(max(0, start), min(len(pages), stop)):
-            index, width, height, lines, images, error = read_page(interpreter, device, index, pages[index])
-            _send({"t": "page", "i": index, "w": width, "h": height, "l": lines, "img": images, "e": error})
+            index, width, height, lines, images, error, notes = read_page(
+                interpreter, device, index, pages[index]
+            )
+            page = {"t": "page", "i": index, "w": width, "h": height, "l": lines, "img": images, "e": error}
+            _send({**page, "n": notes})
         _send({"t": "ready"})
 
 
 def main() -> None:
     """Worker main. The parent reads JSON lines from stdout (never pickles: this process
     handles hostile input, the parent must not trust it with more than data)."""
-    logging.disable(logging.WARNING)  # pdfminer's per-object warnings: the parent reports per page
+    pdfminer_log = logging.getLogger("pdfminer")
+    pdfminer_log.handlers[:] = [NOTES]  # nothing on stderr; notable damage is reported per page
+    pdfminer_log.propagate = False
     try:
         serve(json.loads(sys.stdin.readline()))
     except WorkerError as exc:
