@@ -9,6 +9,7 @@ Everything goes over gRPC between real processes, as in a deployment.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -203,6 +204,7 @@ def run(opts: RunOptions) -> int:
         t = time.monotonic()
         out.say(f"starting services (logs in {run_dir / 'logs'}) ...")
         services.start()
+        (run_dir / "services.json").write_text(json.dumps(services.describe(), indent=2) + "\n")
         services.wait_ready(
             timeout=opts.startup_timeout,
             on_ready=lambda child, s: out.say(f"  {child.name} ready ({s:.0f} s)"),
@@ -236,7 +238,7 @@ def run(opts: RunOptions) -> int:
     except KeyboardInterrupt:
         out.say("\ninterrupted: cancelling the job and stopping the services ...")
         if job_id:
-            _cancel_quietly(services.coordinator, job_id)
+            _cancel_quietly(services.coordinator, job_id, out)
         raise
     finally:
         services.stop(grace=opts.stop_grace, on_stop=lambda name: None)
@@ -513,16 +515,18 @@ def _channel(address: str) -> Any:
     return connect(address)
 
 
-def _cancel_quietly(coordinator: str, job_id: str) -> None:
+def _cancel_quietly(coordinator: str, job_id: str, out: Terminal) -> None:
+    """A run owns its job: cancel it so a later run on the same store does not resume it."""
     from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
 
     try:
         with _channel(coordinator) as channel:
-            jobs_pb2_grpc.JobServiceStub(channel).CancelJob(
+            job = jobs_pb2_grpc.JobServiceStub(channel).CancelJob(
                 jobs_pb2.CancelJobRequest(job_id=job_id), timeout=5
             )
-    except Exception:
-        pass
+        out.say(f"job {job_id} {_job_state(job)}")
+    except Exception as exc:
+        out.say(f"job {job_id} could not be cancelled: {exc}")
 
 
 def _serve_until_interrupted(out: Terminal, services: Any) -> None:

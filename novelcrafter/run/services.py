@@ -148,6 +148,19 @@ class LocalServices:
         for child in self.children:
             child.start()
 
+    def describe(self) -> dict[str, dict[str, object]]:
+        """Addresses, pids, logs: written to the run directory so a user (or a test) can find them."""
+        return {
+            c.name: {
+                "pid": c.popen.pid if c.popen else None,
+                "address": c.health if c.health and not c.health.startswith("http") else "",
+                "metrics": c.metrics,
+                "log": str(c.log_path) if c.log_path else "",
+                "command": c.args,
+            }
+            for c in self.children
+        }
+
     def wait_ready(
         self, timeout: float = 300.0, on_ready: Callable[[Child, float], None] | None = None
     ) -> None:
