@@ -136,10 +136,11 @@ def book_pdf(sentences: int = 80, seed: int = 11) -> bytes:
     pdf.set_auto_page_break(True, margin=20)
     pdf.add_page()
     pdf.set_font("Helvetica", size=11)
+    endings = ["and nobody spoke", "while the bells rang", "before the storm came", "and the tide turned"]
     text = " ".join(
         f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)} {rng.choice(places)}, "
-        f"and so ended the {i + 1}th hour of book {seed}."
-        for i in range(sentences)
+        f"{rng.choice(endings)}."
+        for _ in range(sentences)
     )
     pdf.multi_cell(0, 6, text)
     return bytes(pdf.output())

@@ -1,0 +1,138 @@
+"""Bearer-token auth against each real service process, and the clients that send the token.
+
+With ``NOVELCRAFTER_AUTH_TOKEN`` set on a service, every RPC but health needs
+``authorization: Bearer <token>``: without it (or with a wrong one) the call is
+UNAUTHENTICATED; with it, it succeeds. Health stays open (probes carry no token). The
+CLI and the trainer worker send the token from the same variable. The token never
+appears in any log or output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from fault_support import TOKEN, Service, book_pdf, client_settings, ingest_requests, start_ingest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import base_env, run_cli
+
+from novelcrafter import layout
+from novelcrafter.rpc import connect
+from novelcrafter.v1 import ingest_pb2, ingest_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+pytestmark = pytest.mark.integration
+WRONG = "wrong-token-that-must-not-leak-4d2c"
+
+
+def _assert_no_token(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text, "the auth token leaked into a log or output"
+        assert WRONG not in text, "a supplied (wrong) token leaked into a log or output"
+
+
+def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _health(address: str) -> int:
+    with connect(address, client_settings()) as channel:  # no token
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+@pytest.fixture(scope="module")
+def ingest_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("auth-ingest")
+    server = start_ingest(str(tmp / "store"), tmp, env={"NOVELCRAFTER_AUTH_TOKEN": TOKEN})
+    yield server
+    server.stop()
+    _assert_no_token(server.output())
+
+
+def _reflection(channel: grpc.Channel) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    return [s.name for answer in answers for s in answer.list_services_response.service]
+
+
+def _ingest_calls(channel: grpc.Channel) -> dict[str, Callable[[], object]]:
+    """One call of every kind (unary, client stream, server stream) on the ingest process."""
+    ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+    book, job = "0123456789abcdef", "j-0123456789ab"
+    return {
+        "ListBooks": lambda: ingest.ListBooks(ingest_pb2.ListBooksRequest(), timeout=10),
+        "GetBook": lambda: ingest.GetBook(ingest_pb2.GetBookRequest(book_id=book), timeout=10),
+        "IngestBook": lambda: ingest.IngestBook(ingest_requests(book_pdf(20)), timeout=30),
+        "ListJobs": lambda: jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10),
+        "CreateJob": lambda: jobs.CreateJob(jobs_pb2.CreateJobRequest(book_id=book), timeout=10),
+        "ClaimPart": lambda: jobs.ClaimPart(jobs_pb2.ClaimPartRequest(worker_id="intruder"), timeout=10),
+        "WatchJob": lambda: list(jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job), timeout=10)),
+        "reflection": lambda: _reflection(channel),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_ingest_and_coordinator_refuse_calls_without_the_token(ingest_with_auth: Service) -> None:
+    address = ingest_with_auth.address
+    for token in (None, WRONG):
+        with connect(address, client_settings(token)) as channel:
+            calls = _ingest_calls(channel)
+            codes = {name: _code(call) for name, call in calls.items()}
+        assert codes == dict.fromkeys(calls, grpc.StatusCode.UNAUTHENTICATED), (token, codes)
+    # Nothing got in: the refused upload wrote no book.
+    store = Path(ingest_with_auth.argv[-1])
+    assert not (store / layout.book_prefix(layout.book_id_for(book_pdf(20)))).exists()
+    assert _health(address) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.timeout(180)
+def test_ingest_and_coordinator_accept_calls_with_the_token(ingest_with_auth: Service) -> None:
+    address = ingest_with_auth.address
+    with connect(address, client_settings(TOKEN)) as channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        manifest = ingest.IngestBook(ingest_requests(book_pdf(40, seed=3)), timeout=120).manifest
+        assert manifest.book_id in [b.book_id for b in ingest.ListBooks(ingest_pb2.ListBooksRequest()).books]
+        job = jobs.CreateJob(jobs_pb2.CreateJobRequest(book_id=manifest.book_id), timeout=30)
+        assert jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), timeout=10).book_id == manifest.book_id
+        services = _reflection(channel)
+        assert {"novelcrafter.v1.IngestService", "novelcrafter.v1.JobService"} <= set(services)
+
+
+@pytest.mark.timeout(180)
+def test_cli_sends_the_token_from_the_environment(ingest_with_auth: Service, tmp_path: Path) -> None:
+    address = ingest_with_auth.address
+    pdf = tmp_path / "book.pdf"
+    pdf.write_bytes(book_pdf(40, seed=5))
+    common = {"NOVELCRAFTER_COORDINATOR": address}
+
+    denied = run_cli("status", env=base_env(**common), timeout=60)
+    assert denied.returncode == 1 and denied.stderr.startswith("error: ")
+    assert "bearer token" in denied.stderr and "Traceback" not in denied.stderr
+    denied = run_cli(
+        "ingest", str(pdf), "--server", address, "--parts", "2", "--chunk-sentences", "4",
+        env=base_env(NOVELCRAFTER_AUTH_TOKEN=WRONG, **common),
+        timeout=60,
+    )  # fmt: skip
+    assert denied.returncode == 1 and "bearer token" in denied.stderr, denied.stderr
+
+    with_token = base_env(NOVELCRAFTER_AUTH_TOKEN=TOKEN, **common)
+    ok = run_cli(
+        "ingest", str(pdf), "--server", address, "--parts", "2", "--chunk-sentences", "4", "--json",
+        env=with_token,
+        timeout=180,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert '"book_id"' in ok.stdout
+    status = run_cli("status", env=with_token, timeout=60)
+    assert status.returncode == 0, status.stderr
+    _assert_no_token(denied.stdout, denied.stderr, ok.stdout, ok.stderr, status.stdout, status.stderr)
