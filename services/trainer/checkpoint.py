@@ -112,7 +112,7 @@ def save(store: Store, job_id: str, part: int, training: PartTraining, print_: s
 
 def prune(store: Store, job_id: str, part: int, *, keep: int = 2) -> None:
     """Delete all but the newest ``keep`` checkpoints of a part (never the one the pointer names)."""
-    root = layout.part_prefix(job_id, part) + "checkpoints/"
+    root = layout.part_checkpoints_prefix(job_id, part)
     try:
         pointer = store.get_json(layout.last_checkpoint_key(job_id, part)).get("key", "")
     except (NotFound, StoreError, ValueError):

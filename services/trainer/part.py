@@ -32,7 +32,7 @@ from novelcrafter.trainer.lora import attach, detach
 from novelcrafter.trainer.settings import TrainSettings
 from novelcrafter.trainer.training import PartTraining, StepResult, part_seed, set_seed
 
-from novelcrafter import adapters, layout
+from novelcrafter import adapters
 from novelcrafter.errors import FailedPrecondition, NotFound
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
@@ -182,7 +182,6 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
             base_model=job.base_model,
             metrics=metrics,
         )
-        store.put_json(layout.part_metrics_key(job.job_id, job.part), {**metrics, "adapter": meta.version})
         log.info("part published", extra=kv(job=job.job_id, part=job.part, version=meta.version))
         # The caller owns the published copy from here (e.g. for a Hub push).
         kept = Path(tempfile.mkdtemp(prefix="nc-adapter-"))

@@ -1,0 +1,131 @@
+"""Optional push of each part's adapter to the Hugging Face Hub, off the training path.
+
+Only the adapter files (``adapter_model.safetensors``, ``adapter_config.json``) go up —
+never the base model, never checkpoints — each part to its own branch (``part-03``) of
+the job's repo. Pushes run one at a time in a background thread with retries; a push
+that keeps failing is logged and dropped: it never blocks, slows or fails training.
+The endpoint is ``HF_ENDPOINT`` (what huggingface_hub reads), so a test can run its own.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from novelcrafter.adapters import ADAPTER_FILES
+from novelcrafter.logs import get_logger, kv
+
+log = get_logger("novelcrafter.trainer.hub")
+
+
+def branch_for(part: int) -> str:
+    return f"part-{part:02d}"
+
+
+@dataclass
+class PushTask:
+    repo_id: str
+    part: int
+    folder: Path  # owned by the pusher: deleted after the push (or after giving up)
+    message: str
+    attempts: int = 0
+
+
+@dataclass
+class PushOutcome:
+    repo_id: str
+    branch: str
+    ok: bool
+    attempts: int
+    error: str = ""
+
+
+@dataclass
+class HubPusher:
+    token: str
+    endpoint: str | None = None
+    retries: int = 4
+    backoff_seconds: float = 2.0
+    outcomes: list[PushOutcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.endpoint = self.endpoint or os.environ.get("HF_ENDPOINT") or None
+        self._queue: queue.Queue[PushTask | None] = queue.Queue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hub-push", daemon=True)
+        self._thread.start()
+
+    def push(self, repo_id: str, part: int, adapter_dir: Path, message: str = "") -> None:
+        """Queue a push of the adapter files (copied now) to branch ``part-NN``; returns at once."""
+        folder = Path(tempfile.mkdtemp(prefix="nc-hub-"))
+        for name in ADAPTER_FILES:
+            shutil.copy2(Path(adapter_dir) / name, folder / name)
+        self._queue.put(PushTask(repo_id, part, folder, message or f"NovelCrafter adapter, part {part:02d}"))
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Let queued pushes finish for up to ``timeout`` seconds, then give up on the rest."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._closing.set()
+        self._queue.put(None)
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        if self._queue.unfinished_tasks:
+            log.warning("hub pushes abandoned at shutdown", extra=kv(pending=self._queue.unfinished_tasks))
+
+    # -- the background thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            try:
+                if task is None:
+                    return
+                self._push_with_retries(task)
+            finally:
+                self._queue.task_done()
+
+    def _push_with_retries(self, task: PushTask) -> None:
+        branch = branch_for(task.part)
+        error = ""
+        try:
+            for attempt in range(1, self.retries + 1):
+                task.attempts = attempt
+                try:
+                    self._push_once(task, branch)
+                    self.outcomes.append(PushOutcome(task.repo_id, branch, True, attempt))
+                    log.info("adapter pushed to the Hub", extra=kv(repo=task.repo_id, branch=branch))
+                    return
+                except Exception as exc:  # any failure of the Hub is logged, never raised
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.warning(
+                        "hub push failed",
+                        extra=kv(repo=task.repo_id, branch=branch, attempt=attempt, error=error),
+                    )
+                if attempt < self.retries and self._closing.wait(self.backoff_seconds * 2 ** (attempt - 1)):
+                    break
+            self.outcomes.append(PushOutcome(task.repo_id, branch, False, task.attempts, error))
+            log.error("hub push given up", extra=kv(repo=task.repo_id, branch=branch, error=error))
+        finally:
+            shutil.rmtree(task.folder, ignore_errors=True)
+
+    def _push_once(self, task: PushTask, branch: str) -> None:
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token)
+        api.create_repo(task.repo_id, private=True, exist_ok=True)
+        api.create_branch(task.repo_id, branch=branch, exist_ok=True)
+        api.create_commit(
+            task.repo_id,
+            operations=[CommitOperationAdd(name, str(task.folder / name)) for name in ADAPTER_FILES],
+            commit_message=task.message,
+            revision=branch,
+        )

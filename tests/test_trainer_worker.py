@@ -1,0 +1,276 @@
+"""The worker against the real coordinator over gRPC (in this process), and the Hub push
+against a local HTTP server that speaks the Hub endpoints huggingface_hub 2.4 calls."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from novelcrafter.trainer.hub import HubPusher
+from novelcrafter.trainer.part import BaseModel
+from novelcrafter.trainer.worker import Worker
+from support import free_port
+from test_trainer_helpers import write_book
+
+from novelcrafter import adapters, layout
+from novelcrafter.config import get_settings
+from novelcrafter.store import open_store
+from novelcrafter.v1 import common_pb2, jobs_pb2
+
+BOOK = "0a1b2c3d4e5f6a7b"
+TOKEN = "hf_test_token"
+
+
+class FakeHub:
+    """The Hub endpoints an adapter push uses: create repo, create branch, preupload, commit.
+
+    Every file is answered ``uploadMode: regular`` so its bytes arrive base64 in the commit
+    (a real Hub may choose LFS for large files; the commit API is the same)."""
+
+    def __init__(self) -> None:
+        self.repos: set[str] = set()
+        self.branches: dict[str, set[str]] = defaultdict(set)
+        self.files: dict[tuple[str, str], dict[str, bytes]] = defaultdict(dict)  # (repo, rev) -> files
+        self.auth: set[str] = set()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.auth.add(self.headers.get("authorization", ""))
+                path = self.path.split("?")[0]
+                parts = path.strip("/").split("/")
+                if path == "/api/repos/create":
+                    payload = json.loads(body)
+                    repo = f"{payload.get('organization') or 'me'}/{payload['name']}"
+                    if repo in hub.repos:
+                        # Like the Hub: 409 with the repo url (huggingface_hub reads it on exist_ok).
+                        body = {"error": "You already created this model repo", "url": f"{hub.url}/{repo}"}
+                        return self._reply(409, body)
+                    hub.repos.add(repo)
+                    hub.branches[repo].add("main")
+                    return self._reply(200, {"url": f"{hub.url}/{repo}"})
+                if len(parts) >= 6 and parts[:2] == ["api", "models"]:
+                    repo, action, rev = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+                    if repo not in hub.repos:
+                        return self._reply(404, {"error": "Repository not found"})
+                    if action == "branch":
+                        if rev in hub.branches[repo]:
+                            return self._reply(409, {"error": "Branch already exists"})
+                        hub.branches[repo].add(rev)
+                        return self._reply(200, {})
+                    if rev not in hub.branches[repo]:
+                        return self._reply(404, {"error": f"Revision {rev} not found"})
+                    if action == "preupload":
+                        files = json.loads(body)["files"]
+                        return self._reply(
+                            200,
+                            {
+                                "files": [
+                                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                    for f in files
+                                ]
+                            },
+                        )
+                    if action == "commit":
+                        for line in body.splitlines():
+                            item = json.loads(line)
+                            if item["key"] == "file":
+                                value = item["value"]
+                                hub.files[(repo, rev)][value["path"]] = base64.b64decode(value["content"])
+                            elif item["key"] != "header":
+                                return self._reply(400, {"error": f"unexpected {item['key']}"})
+                        return self._reply(
+                            200, {"commitUrl": f"{hub.url}/{repo}/commit/x", "commitOid": "a" * 40}
+                        )
+                self._reply(404, {"error": f"no route {path}"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def base(base_model_dir: Path) -> BaseModel:
+    from novelcrafter.models import load_base_model, load_tokenizer
+
+    model, tokenizer = load_base_model(base_model_dir), load_tokenizer(base_model_dir)
+    return BaseModel(model, tokenizer, "smollm2-135m-instruct", "cpu")
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real ingest server (IngestService + JobService) on a free port, in this process."""
+    from novelcrafter.ingest.server import start_ingest_server
+
+    monkeypatch.setenv("NOVELCRAFTER_METRICS_LISTEN", "off")
+    settings = get_settings(store=str(tmp_path / "store"))
+    store = open_store(settings=settings)
+    server = start_ingest_server(settings, listen="127.0.0.1:0", store=store, metrics=False)
+    yield server, settings.with_overrides(coordinator=f"127.0.0.1:{server.port}")
+    server.stop(grace=1)
+
+
+def _config(**training) -> common_pb2.JobConfig:
+    defaults = dict(
+        epochs=1, grad_accum=2, max_length=96, max_steps_per_part=2, checkpoint_every=1, eval_max_chunks=1
+    )
+    return common_pb2.JobConfig(
+        training=common_pb2.TrainingConfig(**{**defaults, **training}, eval_earlier_parts=True)
+    )
+
+
+@pytest.mark.timeout(300)
+def test_hub_push_sends_only_adapter_files_per_part_revision(hub: FakeHub, tmp_path: Path, base):
+    """The upload path on its own: two parts' adapters land on branches part-00 and part-01."""
+    from novelcrafter.trainer.lora import attach, detach
+    from novelcrafter.trainer.settings import LoraSettings
+
+    folders = []
+    for part in range(2):
+        model = attach(base.model, LoraSettings(r=4 + part))
+        folder = tmp_path / f"adapter{part}"
+        model.save_pretrained(str(folder))
+        (folder / "README.md").write_text("not an adapter file: must not be pushed")
+        base.model = detach(model)
+        folders.append(folder)
+    pusher = HubPusher(TOKEN, endpoint=hub.url, retries=2, backoff_seconds=0.1)
+    for part, folder in enumerate(folders):
+        pusher.push("me/austen-lora", part, folder)
+    pusher.close(timeout=60)
+    assert [(o.branch, o.ok, o.error) for o in pusher.outcomes] == [
+        ("part-00", True, ""),
+        ("part-01", True, ""),
+    ]
+    assert set(hub.files) == {("me/austen-lora", "part-00"), ("me/austen-lora", "part-01")}
+    for part, folder in enumerate(folders):
+        got = hub.files[("me/austen-lora", f"part-{part:02d}")]
+        assert set(got) == set(adapters.ADAPTER_FILES)
+        for name in adapters.ADAPTER_FILES:
+            assert got[name] == (folder / name).read_bytes()
+    assert hub.auth == {f"Bearer {TOKEN}"}
+
+
+@pytest.mark.timeout(600)
+def test_worker_trains_a_job_over_grpc_and_pushes_each_part(coordinator, hub, base, monkeypatch):
+    server, settings = coordinator
+    write_book(server.store, BOOK, parts=2, train_chunks=4, test_chunks=1)
+    config = _config()
+    config.hub_repo_id = "me/austen-lora"
+    job = server.coordinator.create_job(BOOK, config)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    worker = Worker(
+        settings.with_overrides(hf_token=TOKEN),
+        server.store,
+        device="cpu",
+        worker_id="w-1",
+        max_parts=2,
+        base=base,
+    )
+    assert worker.run() == 0
+
+    done = server.coordinator.get_job(job.job_id)
+    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    versions = [layout.adapter_version_id(job.job_id, i) for i in range(2)]
+    assert [p.adapter_version for p in done.parts] == versions == worker.completed
+    assert [m.version for m in adapters.list_versions(server.store, BOOK)] == versions
+    for part in done.parts:
+        metrics = part.metrics
+        assert metrics.steps == 2 and len(metrics.loss_curve) == 2
+        assert metrics.base_perplexity > 1 and metrics.adapter_perplexity > 1 and metrics.device == "cpu"
+        assert part.checkpoint_key == layout.checkpoint_prefix(job.job_id, part.index, 2)
+    assert list(done.parts[1].metrics.earlier_perplexity) == [0]
+    stored = server.store.get_json(layout.part_metrics_key(job.job_id, 1))
+    assert stored["metrics"]["loss_curve"] == pytest.approx(list(done.parts[1].metrics.loss_curve))
+    events = list(server.coordinator.watch_job(job.job_id))
+    phases = {e.progress.phase for e in events if e.HasField("progress")}
+    assert {"train", "checkpoint", "eval", "publish"} <= phases
+
+    # The Hub got exactly the published adapter files of each part, on its own branch.
+    assert set(hub.files) == {("me/austen-lora", "part-00"), ("me/austen-lora", "part-01")}
+    for index, version in enumerate(versions):
+        got = hub.files[("me/austen-lora", f"part-{index:02d}")]
+        assert set(got) == set(adapters.ADAPTER_FILES)
+        meta = adapters.read_meta(server.store, BOOK, version)
+        for name in adapters.ADAPTER_FILES:
+            assert got[name] == server.store.get(meta.prefix + name)
+
+
+@pytest.mark.timeout(600)
+def test_stopped_worker_releases_with_checkpoint_and_next_resumes_despite_dead_hub(
+    coordinator, base, monkeypatch
+):
+    server, settings = coordinator
+    write_book(server.store, BOOK, parts=1, train_chunks=8, test_chunks=1)
+    config = _config(max_steps_per_part=3, checkpoint_every=100)  # only the stop writes a mid-part checkpoint
+    config.hub_repo_id = "me/unreachable"
+    job = server.coordinator.create_job(BOOK, config)
+
+    first = Worker(settings, server.store, device="cpu", worker_id="w-stop", base=base)
+
+    def stop_after_first_step() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.coordinator.get_job(job.job_id).parts[0].step < 1:
+            time.sleep(0.05)
+        first.request_stop()  # what SIGTERM does
+
+    watcher = threading.Thread(target=stop_after_first_step, daemon=True)
+    watcher.start()
+    assert first.run() == 0
+    watcher.join()
+    part = server.coordinator.get_job(job.job_id).parts[0]
+    assert part.state == jobs_pb2.PART_STATE_READY and part.attempts == 0  # released, not failed
+    stopped_at = int(part.checkpoint_key.rstrip("/").rsplit("-", 1)[1])
+    assert 1 <= stopped_at < 3
+    assert adapters.latest_version(server.store, BOOK) is None
+
+    # The Hub is unreachable for the next worker: the push fails in the background, training does not.
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    second = Worker(
+        settings.with_overrides(hf_token=TOKEN),
+        server.store,
+        device="cpu",
+        worker_id="w-next",
+        max_parts=1,
+        base=base,
+    )
+    second.hub = HubPusher(TOKEN, retries=2, backoff_seconds=0.1)
+    assert second.run() == 0
+    done = server.coordinator.get_job(job.job_id)
+    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert done.parts[0].metrics.steps == 3 and len(done.parts[0].metrics.loss_curve) == 3
+    assert any(
+        e.message.endswith(f"resuming from {part.checkpoint_key}")
+        for e in server.coordinator.watch_job(job.job_id)
+    )
+    assert [(o.branch, o.ok) for o in second.hub.outcomes] == [("part-00", False)]
+    assert "Connect" in second.hub.outcomes[0].error
