@@ -292,6 +292,16 @@ def _mark_repeated(pages: list[list[Row]], counts: Counter[str]) -> None:
                 counts["running_headers" if where == "top" else "running_footers"] += 1
 
 
+def _mark_lone_head(rows: list[Row], g: Geometry, counts: Counter[str]) -> None:
+    """Too few pages for a frame: a first row set smaller than the body and apart from it."""
+    body = [r for r in rows if r.kind == "body"]
+    if len(body) >= 3 and body[0] is rows[0]:
+        first, second = body[0], body[1]
+        if first.size < 0.9 * g.size and first.y0 - second.y0 > 1.5 * g.leading and len(first.text) < 80:
+            first.kind = "header"
+            counts["running_headers"] += 1
+
+
 def _mark_captions(page: Page, rows: list[Row], g: Geometry, counts: Counter[str]) -> None:
     """Short blocks next to an illustration, set apart (smaller, capitals or centred)."""
     area = max(1.0, page.width * page.height)
@@ -362,7 +372,9 @@ def _is_toc_page(rows: list[Row]) -> bool:
 def _mark_front_and_back(pages: list[list[Row]], counts: Counter[str]) -> None:
     """Title page, contents, editions' notes before the first chapter; licences after the end."""
     n = len(pages)
-    limit = max(1, int(0.15 * n)) if n >= 8 else 0
+    # Front matter lives in the first pages; never more than a small share of the words.
+    limit = min(n - 1, max(3, int(0.15 * n)))
+    total_words = sum(len(r.text.split()) for rows in pages for r in rows if r.kind == "body") or 1
     first_chapter = None
     for index in range(min(limit + 1, n)):
         for row in pages[index]:
@@ -372,6 +384,12 @@ def _mark_front_and_back(pages: list[list[Row]], counts: Counter[str]) -> None:
         if first_chapter:
             break
     front_pages: set[int] = set()
+    if first_chapter is not None:
+        before = sum(
+            len(r.text.split()) for rows in pages[: first_chapter[0]] for r in rows if r.kind == "body"
+        )
+        if before > 0.2 * total_words:
+            first_chapter = None  # too much text before it: not front matter, keep it
     if first_chapter is not None:
         page_index, heading = first_chapter
         front_pages.update(range(page_index))
@@ -585,6 +603,8 @@ def clean_pages(pages: list[Page]) -> Cleaned:
             _mark_captions(page, rows, geometry, counts)
     if geometry.top is None and geometry.bottom is None:
         _mark_repeated(page_rows, counts)
+        for rows in page_rows:
+            _mark_lone_head(rows, geometry, counts)
     for rows in page_rows:
         _mark_headings(rows, geometry, counts)
     _mark_front_and_back(page_rows, counts)

@@ -161,7 +161,7 @@ def ingest(
 
 def _problems(warnings: list[str]) -> str:
     """Damage met while reading, appended to an error it may explain."""
-    return f" (the PDF is damaged: {'; '.join(warnings)})" if warnings else ""
+    return f" (problems reading the PDF: {'; '.join(warnings)})" if warnings else ""
 
 
 def _step(progress: Progress | None, stage: str, done: int, total: int = 1) -> None:

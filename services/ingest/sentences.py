@@ -46,7 +46,11 @@ def train_tokenizer(text: str) -> PunktSentenceTokenizer:
     trainer = PunktTrainer()
     trainer.train(text, finalize=True)
     params = trainer.get_params()
-    params.abbrev_types.update(ABBREVIATIONS)
+    # Punkt takes any word it mostly sees before a period for an abbreviation ("epithet." in
+    # A Study in Scarlet, "hours." in a short text). Real abbreviations are short or dotted.
+    learned = {a for a in params.abbrev_types if len(a) <= 3 or "." in a}
+    params.abbrev_types.clear()
+    params.abbrev_types.update(learned | ABBREVIATIONS)
     return PunktSentenceTokenizer(params)
 
 
