@@ -42,7 +42,7 @@ def parse_version(version: str) -> tuple[str, int]:
 
 
 def _check(value: str, pattern: re.Pattern[str], what: str, example: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):  # fullmatch: "$" passes a final "\n"
         shown = repr(value)[:80]
         raise InvalidArgument(f"invalid {what} {shown}: expected something like {example!r}")
     return value

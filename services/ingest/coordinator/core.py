@@ -42,7 +42,7 @@ from novelcrafter.errors import (
     StoreError,
 )
 from novelcrafter.logs import get_logger, kv
-from novelcrafter.store import Store
+from novelcrafter.store import Store, validate_key
 from novelcrafter.v1 import common_pb2, jobs_pb2
 
 from . import job_config
@@ -368,7 +368,7 @@ class Coordinator:
 
     def claim_part(self, worker_id: str, device: str, job_id: str = "") -> jobs_pb2.ClaimPartResponse:
         """The next READY part of the oldest job this worker's device may run, under a new lease."""
-        if not _WORKER_RE.match(worker_id or ""):
+        if not _WORKER_RE.fullmatch(worker_id or ""):
             raise InvalidArgument("worker_id must be 1-200 printable characters without spaces")
         kind = (device or "").strip().lower().split(":", 1)[0]
         if kind and kind not in job_config.DEVICES:
@@ -531,6 +531,7 @@ class Coordinator:
         self._changed.notify_all()
 
     def _check_checkpoint_key(self, rec: JobRecord, index: int, key: str) -> None:
+        validate_key(key, prefix=key.endswith("/"))  # no "..", empty segment or control character
         if not key.startswith(layout.part_prefix(rec.job_id, index)):
             raise InvalidArgument(
                 f"checkpoint key {key[:120]!r} is not under part {index}'s prefix "
