@@ -52,15 +52,16 @@ def _too_little(found: int, needed: int, shape: str, hint: str = "use a smaller 
 def make_chunks(sentences: list[Sentence], chunk_sentences: int) -> list[str]:
     """Consecutive groups of ``chunk_sentences`` sentences (the last may be shorter).
 
-    Inside a chunk, sentences of one paragraph are joined by a space and paragraphs by a
-    newline, so dialogue keeps its shape.
+    Inside a chunk, sentences of one paragraph keep their original spacing (the chunk is a
+    verbatim slice of the paragraph) and paragraphs are joined by a newline, so dialogue
+    keeps its shape.
     """
     chunks = []
     for start in range(0, len(sentences), chunk_sentences):
         group = sentences[start : start + chunk_sentences]
         text = group[0].text
         for prev, sentence in itertools.pairwise(group):
-            text += (" " if sentence.paragraph == prev.paragraph else "\n") + sentence.text
+            text += (sentence.before if sentence.paragraph == prev.paragraph else "\n") + sentence.text
         chunks.append(text)
     return chunks
 

@@ -128,6 +128,7 @@ def ingest(
         "sentences": len(sentences),
         "chunks": len(chunks),
         "words": len(_WORDS.findall(cleaned.text)),
+        "extracted_words": raw_words,  # before cleaning: words / extracted_words = what was kept
         "params": {**params.to_dict(), "parts": parts_count, "requested_parts": params.parts},
         "cleaning": cleaned.counts,
         "parts": [

@@ -40,6 +40,7 @@ _CLOSES_QUOTE = re.compile(r"[!?,.…—–-][”’\"']\)?$")
 class Sentence:
     text: str
     paragraph: int
+    before: str = " "  # what separates it from the previous sentence of the same paragraph
 
 
 def train_tokenizer(text: str) -> PunktSentenceTokenizer:
@@ -64,17 +65,18 @@ def _continues(previous: str, piece: str) -> bool:
     return bool(_CLOSES_QUOTE.search(previous)) and bool(_SPEECH_TAG.match(piece))
 
 
-def split_paragraph(tokenizer: PunktSentenceTokenizer, paragraph: str) -> list[str]:
-    sentences: list[str] = []
-    for piece in tokenizer.tokenize(paragraph):
-        piece = piece.strip()
-        if not piece:
+def split_paragraph(tokenizer: PunktSentenceTokenizer, paragraph: str) -> list[tuple[int, int]]:
+    """Sentence spans of ``paragraph``: exact slices, so chunks reproduce the text verbatim."""
+    spans: list[tuple[int, int]] = []
+    for start, end in tokenizer.span_tokenize(paragraph):
+        piece = paragraph[start:end]
+        if not piece.strip():
             continue
-        if sentences and _continues(sentences[-1], piece):
-            sentences[-1] = f"{sentences[-1]} {piece}"
+        if spans and _continues(paragraph[spans[-1][0] : spans[-1][1]], piece):
+            spans[-1] = (spans[-1][0], end)
         else:
-            sentences.append(piece)
-    return sentences
+            spans.append((start, end))
+    return spans
 
 
 def split_sentences(paragraphs: list[str]) -> list[Sentence]:
@@ -82,8 +84,11 @@ def split_sentences(paragraphs: list[str]) -> list[Sentence]:
     if not paragraphs:
         return []
     tokenizer = train_tokenizer("\n\n".join(paragraphs))
-    return [
-        Sentence(sentence, index)
-        for index, paragraph in enumerate(paragraphs)
-        for sentence in split_paragraph(tokenizer, paragraph)
-    ]
+    sentences = []
+    for index, paragraph in enumerate(paragraphs):
+        previous_end = None
+        for start, end in split_paragraph(tokenizer, paragraph):
+            before = paragraph[previous_end:start] if previous_end is not None else " "
+            sentences.append(Sentence(paragraph[start:end], index, before or ""))
+            previous_end = end
+    return sentences
