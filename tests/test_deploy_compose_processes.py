@@ -30,7 +30,7 @@ from support import NOVELCRAFTER, Proc, base_env, free_port
 from test_deploy_support import DOCKERFILES, dockerfile_stages, load_compose, service_env
 
 from novelcrafter.config import Settings
-from novelcrafter.rpc import connect, wait_for_health
+from novelcrafter.rpc import connect
 from novelcrafter.v1 import (
     common_pb2,
     inference_pb2,
@@ -127,11 +127,11 @@ def plan(compose: dict[str, Any], localizer: Localizer) -> list[Container]:
     return containers
 
 
-def book_pdf(path: Path, sentences: int) -> bytes:
+def book_pdf(path: Path, sentences: int, seed: int) -> bytes:
     """A short book: unique, plain sentences over a few pages (fpdf2)."""
     from fpdf import FPDF
 
-    rng = random.Random(7)
+    rng = random.Random(seed)
     names = ["Mara", "Tobin", "Elsie", "the ferryman", "the old miller", "Captain Reed", "the widow"]
     verbs = ["watched", "carried", "mended", "followed", "counted", "painted", "buried", "found"]
     things = ["the lantern", "a broken oar", "the grey nets", "a letter", "the salt barrels", "a wooden box"]
@@ -230,73 +230,47 @@ def one(containers: list[Container], service: str) -> Container:
     return next(c for c in containers if c.service == service)
 
 
-@pytest.mark.timeout(600)
-def test_compose_wiring_trains_a_book_and_serves_its_adapter(
-    deployment: list[Container], tmp_path: Path
-) -> None:
-    ingest, inference = one(deployment, "ingest"), one(deployment, "inference")
-    trainers = [c for c in deployment if c.service == "trainer"]
-    assert len(trainers) == 2 and trainers[0].env == {
-        **trainers[1].env,
-        "NOVELCRAFTER_METRICS_LISTEN": trainers[0].env["NOVELCRAFTER_METRICS_LISTEN"],
-    }
-    token = ingest.env["NOVELCRAFTER_AUTH_TOKEN"]
-    assert token and all(c.env["NOVELCRAFTER_AUTH_TOKEN"] == token for c in deployment)
-    client = Settings(auth_token=token)
-    ingest_address, inference_address = ingest.address(50051), inference.address(50052)
-    wait_for_health(inference_address, 60, client)
-
-    # The token is required: what compose wires in is what the servers enforce.
-    with grpc.insecure_channel(ingest_address) as channel, pytest.raises(grpc.RpcError) as denied:
-        ingest_pb2_grpc.IngestServiceStub(channel).ListBooks(ingest_pb2.ListBooksRequest(), timeout=30)
-    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-    pdf = book_pdf(tmp_path / "book.pdf", sentences=240)
-    job_config = common_pb2.JobConfig(
-        training=common_pb2.TrainingConfig(
-            epochs=1, max_length=64, max_steps_per_part=2, grad_accum=1, checkpoint_every=1, eval_max_chunks=2
-        )
+TRAINING = common_pb2.JobConfig(
+    training=common_pb2.TrainingConfig(
+        epochs=1, max_length=64, max_steps_per_part=2, grad_accum=1, checkpoint_every=1, eval_max_chunks=1
     )
+)
+FINISHED = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+
+
+def ingest_book(address: str, client: Settings, pdf: bytes, parts: int) -> ingest_pb2.IngestBookResponse:
+    """IngestBook over gRPC (metadata, then the bytes), creating the job with a tiny training config."""
     metadata = ingest_pb2.IngestMetadata(
         filename="book.pdf",
-        title="A Harbour Tale",
-        params=common_pb2.IngestParams(chunk_sentences=10, parts=2),
+        params=common_pb2.IngestParams(chunk_sentences=10, parts=parts),
         create_job=True,
-        job_config=job_config,
+        job_config=TRAINING,
         size_bytes=len(pdf),
     )
     requests = [ingest_pb2.IngestBookRequest(metadata=metadata), ingest_pb2.IngestBookRequest(chunk=pdf)]
-    with connect(ingest_address, client) as channel:
-        response = ingest_pb2_grpc.IngestServiceStub(channel).IngestBook(iter(requests), timeout=120)
-    book_id = response.manifest.book_id
-    assert len(response.manifest.parts) == 2
-    job_id = response.job.job_id
-    assert job_id
+    with connect(address, client) as channel:
+        return ingest_pb2_grpc.IngestServiceStub(channel).IngestBook(iter(requests), timeout=120)
 
-    # Both parts train on the trainer replicas, one after the other.
-    deadline = time.monotonic() + 420
-    with connect(ingest_address, client) as channel:
-        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+
+def wait_for_jobs(address: str, client: Settings, job_ids: list[str], trainers: list[Container]) -> list:
+    deadline = time.monotonic() + 480
+    with connect(address, client) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
         while True:
-            job = jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
-            if job.state in (
-                jobs_pb2.JOB_STATE_SUCCEEDED,
-                jobs_pb2.JOB_STATE_FAILED,
-                jobs_pb2.JOB_STATE_CANCELLED,
-            ):
-                break
+            jobs = [stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30) for job_id in job_ids]
+            if all(job.state in FINISHED for job in jobs):
+                return jobs
             for trainer in trainers:
-                assert trainer.proc.popen.poll() is None, (
-                    f"{trainer.name} died:\n{trainer.proc.output()[-4000:]}"
-                )
-            assert time.monotonic() < deadline, f"job still {jobs_pb2.JobState.Name(job.state)}: {job}"
+                proc = trainer.proc
+                assert proc.popen.poll() is None, f"{trainer.name} died:\n{proc.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"jobs not finished: {jobs}"
             time.sleep(1)
-    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{job.error}\n{job}"
-    assert [p.state for p in job.parts] == [jobs_pb2.PART_STATE_SUCCEEDED] * 2
-    assert all(p.adapter_version and p.metrics.steps > 0 for p in job.parts)
-    latest = job.parts[-1].adapter_version
 
-    # Inference hot-loads the published adapter (no restart) and generates with it.
+
+def generate_with(
+    address: str, client: Settings, book_id: str, version: str
+) -> inference_pb2.GenerateResponse:
+    """Generate from the book's `latest` adapter once inference has hot-loaded ``version``."""
     request = inference_pb2.GenerateRequest(
         prompt="Mara carried the lantern",
         book_id=book_id,
@@ -305,19 +279,69 @@ def test_compose_wiring_trains_a_book_and_serves_its_adapter(
         temperature=0.0,
     )
     deadline = time.monotonic() + 120
-    with connect(inference_address, client) as channel:
+    with connect(address, client) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         while True:
             try:
                 reply = stub.Generate(request, timeout=120)
-                if reply.adapter.version == latest:
-                    break
+                if reply.adapter.version == version:
+                    return reply
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                     raise
-            assert time.monotonic() < deadline, f"inference never served {latest}"
+            assert time.monotonic() < deadline, f"inference never served {version}"
             time.sleep(1)
-    assert reply.adapter.book_id == book_id
+
+
+@pytest.mark.timeout(900)
+def test_compose_wiring_trains_books_on_both_trainers_and_serves_the_adapter(
+    deployment: list[Container], tmp_path: Path
+) -> None:
+    ingest, inference = one(deployment, "ingest"), one(deployment, "inference")
+    trainers = [c for c in deployment if c.service == "trainer"]
+    assert len(trainers) == 2
+    # Replicas differ only in the port each one's metrics got on this host.
+    assert {**trainers[0].env, "NOVELCRAFTER_METRICS_LISTEN": ""} == {
+        **trainers[1].env,
+        "NOVELCRAFTER_METRICS_LISTEN": "",
+    }
+    token = ingest.env["NOVELCRAFTER_AUTH_TOKEN"]
+    assert token and all(c.env["NOVELCRAFTER_AUTH_TOKEN"] == token for c in deployment)
+    client = Settings(auth_token=token)
+    ingest_address, inference_address = ingest.address(50051), inference.address(50052)
+
+    # The token is required: what compose wires in is what the servers enforce.
+    for address, call in (
+        (
+            ingest_address,
+            lambda ch: ingest_pb2_grpc.IngestServiceStub(ch).ListBooks(ingest_pb2.ListBooksRequest()),
+        ),
+        (
+            inference_address,
+            lambda ch: inference_pb2_grpc.InferenceServiceStub(ch).ListAdapters(
+                inference_pb2.ListAdaptersRequest()
+            ),
+        ),
+    ):
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as denied:
+            call(channel)
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED, address
+
+    # Two books, so that both replicas train at once (parts of one job are sequential).
+    novel = ingest_book(ingest_address, client, book_pdf(tmp_path / "a.pdf", 240, seed=7), parts=2)
+    story = ingest_book(ingest_address, client, book_pdf(tmp_path / "b.pdf", 120, seed=8), parts=1)
+    assert len(novel.manifest.parts) == 2 and len(story.manifest.parts) == 1
+    jobs = wait_for_jobs(ingest_address, client, [novel.job.job_id, story.job.job_id], trainers)
+    for job in jobs:
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{job.error}\n{job}"
+        assert all(p.state == jobs_pb2.PART_STATE_SUCCEEDED and p.metrics.steps > 0 for p in job.parts)
+    workers = {part.worker_id for job in jobs for part in job.parts}
+    assert len(workers) == 2, f"both trainer replicas should have trained a part: {workers}"
+
+    # Inference hot-loads the published adapter (no restart) and generates with it.
+    latest = jobs[0].parts[-1].adapter_version
+    reply = generate_with(inference_address, client, novel.manifest.book_id, latest)
+    assert reply.adapter.book_id == novel.manifest.book_id
     assert reply.completion_tokens > 0 and reply.text.strip()
 
     # Every process shuts down cleanly on SIGTERM, as `docker compose down` asks.
