@@ -30,13 +30,20 @@ from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Any
 
-from novelcrafter.errors import FailedPrecondition, InvalidArgument, NovelCrafterError, ResourceExhausted
+from novelcrafter.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NovelCrafterError,
+    ResourceExhausted,
+)
 from novelcrafter.logs import get_logger, kv
 
 log = get_logger("novelcrafter.ingest.extract")
 
 Line = tuple[float, float, float, float, float, str, int]  # x0, y0, x1, y1, size, text, flags
 Progress = Callable[[str, int, int], None]
+Cancelled = Callable[[], bool]  # True once the caller has gone away (a gRPC client gave up)
 
 
 @dataclass
@@ -186,8 +193,10 @@ def extract_pdf(
     password: str | None = None,
     limits: Limits | None = None,
     progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
 ) -> Extraction:
-    """Text lines of every page. Raises a domain error (with a readable message) on bad input."""
+    """Text lines of every page. Raises a domain error (with a readable message) on bad input;
+    :class:`Aborted` (workers stopped) as soon as ``cancelled()`` turns true."""
     limits = limits or Limits.from_env()
     sniff(data)
     started = time.monotonic()
@@ -205,7 +214,7 @@ def extract_pdf(
         try:
             for index in range(limits.workers):
                 workers.append(_Worker({**spec, "meta": index == 0}))
-            result = _gather(workers, limits, progress, started)
+            result = _gather(workers, limits, progress, started, cancelled or (lambda: False))
         finally:
             for worker in workers:
                 worker.kill()
@@ -218,7 +227,9 @@ def extract_pdf(
     return result
 
 
-def _gather(workers: list[_Worker], limits: Limits, progress: Progress | None, started: float) -> Extraction:
+def _gather(
+    workers: list[_Worker], limits: Limits, progress: Progress | None, started: float, cancelled: Cancelled
+) -> Extraction:
     """Hand out blocks of pages to whichever worker is ready; collect pages; enforce the limits."""
     pages: dict[int, Page] = {}
     meta: dict[str, Any] | None = None
@@ -226,6 +237,8 @@ def _gather(workers: list[_Worker], limits: Limits, progress: Progress | None, s
     deadline = started + limits.timeout_s
     while not all(w.done for w in workers):
         now = time.monotonic()
+        if cancelled():
+            raise Aborted("ingest cancelled: the client went away")
         if now > deadline:
             raise ResourceExhausted(
                 f"extraction took longer than {limits.timeout_s:g} s (NOVELCRAFTER_EXTRACT_TIMEOUT): "

@@ -21,13 +21,13 @@ from pathlib import PurePath
 from typing import Any
 
 from novelcrafter import layout
-from novelcrafter.errors import FailedPrecondition, NotFound, StoreError
+from novelcrafter.errors import Aborted, FailedPrecondition, NotFound, StoreError
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
 
 from .chunking import make_chunks, plan_parts, split_parts
 from .clean import clean_pages
-from .extract import Limits, extract_pdf
+from .extract import Cancelled, Limits, extract_pdf
 from .manifest import MANIFEST_VERSION
 from .params import IngestParams
 from .sentences import split_sentences
@@ -54,6 +54,7 @@ def ingest_pdf(
     progress: Progress | None = None,
     filename: str | None = None,
     limits: Limits | None = None,
+    cancelled: Cancelled | None = None,
 ) -> dict[str, Any]:
     """Ingest a PDF and return its manifest (see :func:`ingest` for whether it already existed)."""
     return ingest(
@@ -65,6 +66,7 @@ def ingest_pdf(
         progress=progress,
         filename=filename,
         limits=limits,
+        cancelled=cancelled,
     ).manifest
 
 
@@ -78,7 +80,9 @@ def ingest(
     progress: Progress | None = None,
     filename: str | None = None,
     limits: Limits | None = None,
+    cancelled: Cancelled | None = None,
 ) -> IngestResult:
+    """Ingest a PDF. ``cancelled`` is polled: once true, work stops and nothing is written."""
     if not isinstance(params, IngestParams):
         params = IngestParams.from_dict(params)
     book_id = layout.book_id_for(pdf_bytes)
@@ -89,7 +93,9 @@ def ingest(
         return IngestResult(existing, True)
 
     started = time.monotonic()
-    extraction = extract_pdf(pdf_bytes, password=password, limits=limits, progress=progress)
+    extraction = extract_pdf(
+        pdf_bytes, password=password, limits=limits, progress=progress, cancelled=cancelled
+    )
     _step(progress, "clean", 0)
     raw_words = sum(len(line[5].split()) for page in extraction.pages for line in page.lines)
     if raw_words == 0:
@@ -145,7 +151,9 @@ def ingest(
         "extraction": {"workers": extraction.workers, "seconds": round(extraction.seconds, 3)},
         "created_at": time.time(),
     }
-    _write(store, book_id, pdf_bytes, text, parts, manifest, progress)
+    if cancelled is not None and cancelled():
+        raise Aborted("ingest cancelled: the client went away")
+    _write(store, book_id, pdf_bytes, text, parts, manifest, progress, cancelled)
     log.info(
         "book ingested",
         extra=kv(
@@ -194,6 +202,7 @@ def _write(
     parts: list[Any],
     manifest: dict[str, Any],
     progress: Progress | None,
+    cancelled: Cancelled | None = None,
 ) -> None:
     """Everything first, the manifest last; on failure remove what was written (no half book)."""
     objects: list[tuple[str, bytes]] = [
@@ -206,6 +215,8 @@ def _write(
     written: list[str] = []
     try:
         for done, (key, data) in enumerate(objects):
+            if cancelled is not None and cancelled():
+                raise Aborted("ingest cancelled: the client went away")
             store.put(key, data)
             written.append(key)
             _step(progress, "write", done + 1, len(objects) + 1)

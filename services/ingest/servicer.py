@@ -61,6 +61,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         params = IngestParams.from_proto(meta.params)
         if meta.create_job and self.coordinator is None:
             raise FailedPrecondition("this ingest server has no job coordinator: create_job is unavailable")
+        gone = threading.Event()  # the client cancelled or its deadline passed: stop working
+        context.add_callback(gone.set)
         with self._slots:
             result = pipeline.ingest(
                 self.store,
@@ -69,6 +71,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 password=meta.password or None,
                 params=params,
                 filename=meta.filename or None,
+                cancelled=lambda: gone.is_set() or not context.is_active(),
             )
         response = ingest_pb2.IngestBookResponse(
             manifest=manifest_codec.to_proto(result.manifest), already_existed=result.already_existed
