@@ -1,0 +1,178 @@
+"""``novelcrafter serve inference`` and ``novelcrafter generate``.
+
+Module-level imports stay light (no torch): heavy modules load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from novelcrafter.config import DEFAULT_INFERENCE_LISTEN
+
+
+def register(app: typer.Typer, serve_app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    serve_app.command("inference")(serve_inference)
+
+
+def serve_inference(
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help=f"gRPC address to bind [env NOVELCRAFTER_LISTEN, default {DEFAULT_INFERENCE_LISTEN}]"
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model name, hub id or path [env NOVELCRAFTER_BASE_MODEL]")
+    ] = None,
+    watch_interval: Annotated[
+        float,
+        typer.Option(
+            envvar="NOVELCRAFTER_WATCH_INTERVAL", help="Seconds between scans of the store for new adapters."
+        ),
+    ] = 2.0,
+    max_adapters: Annotated[
+        int, typer.Option(envvar="NOVELCRAFTER_MAX_ADAPTERS", help="Adapter versions held in memory (LRU).")
+    ] = 8,
+    max_concurrency: Annotated[
+        int,
+        typer.Option(
+            envvar="NOVELCRAFTER_MAX_CONCURRENCY",
+            help="Generations running at once (batched together); more get RESOURCE_EXHAUSTED.",
+        ),
+    ] = 8,
+    max_new_tokens_cap: Annotated[
+        int, typer.Option(envvar="NOVELCRAFTER_MAX_NEW_TOKENS_CAP", help="Largest max_new_tokens accepted.")
+    ] = 1024,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(envvar="NOVELCRAFTER_MAX_PROMPT_TOKENS", help="Longest prompt accepted, in tokens.")
+    ] = 4096,
+    device: Annotated[str, typer.Option(envvar="NOVELCRAFTER_DEVICE", help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            envvar="NOVELCRAFTER_INFERENCE_DTYPE",
+            help="auto (half on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16",
+        ),
+    ] = "auto",
+) -> None:
+    """Serve generation over gRPC with hot-loaded per-book adapters."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.errors import InvalidArgument
+    from novelcrafter.logs import configure_logging
+
+    from .server import InferenceConfig, serve
+
+    configure_logging()
+    for name, value in (("--max-adapters", max_adapters), ("--max-concurrency", max_concurrency)):
+        if value < 1:
+            raise InvalidArgument(f"{name} must be at least 1")
+    if max_new_tokens_cap < 1 or max_prompt_tokens < 1:
+        raise InvalidArgument("--max-new-tokens-cap and --max-prompt-tokens must be at least 1")
+    if not watch_interval > 0:
+        raise InvalidArgument("--watch-interval must be positive")
+    settings = get_settings(store=store, base_model=base_model, listen=listen)
+    config = InferenceConfig(
+        listen=settings.listen or DEFAULT_INFERENCE_LISTEN,
+        store=settings.store,
+        base_model=settings.base_model,
+        watch_interval=watch_interval,
+        max_adapters=max_adapters,
+        max_concurrency=max_concurrency,
+        max_new_tokens_cap=max_new_tokens_cap,
+        max_prompt_tokens=max_prompt_tokens,
+        device=device,
+        dtype=dtype,
+    )
+    serve(config, settings)
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (continued as prose unless --chat).")],
+    book: Annotated[
+        str | None,
+        typer.Option("--book", help="Book id whose adapter to use (not needed with --adapter base)."),
+    ] = None,
+    adapter: Annotated[
+        str, typer.Option(help="latest | base | part-N | an exact version id (j-…-pNN)")
+    ] = "latest",
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens to generate (server default 128).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default 0.8).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default 0.95).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Top-k sampling, 0 = off (default 50).")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Default 1.1; 1 = off.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop sequence (repeatable); not included in the text.")
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole response as JSON.")] = False,
+    server: Annotated[
+        str | None, typer.Option(help="Inference server HOST:PORT [env NOVELCRAFTER_INFERENCE]")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 600.0,
+) -> None:
+    """Generate text from a book's adapter (or the base model) on a running inference server."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.logs import configure_logging
+
+    from .client import build_request, generate_once, generate_stream
+
+    configure_logging(os.environ.get("NOVELCRAFTER_LOG_LEVEL") or "WARNING")
+    settings = get_settings(inference=server)
+    request = build_request(
+        prompt,
+        book_id=book or "",
+        adapter=adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop or [],
+        chat=chat,
+    )
+    if stream:
+        final = None
+        for message in generate_stream(settings.inference, request, settings, timeout=timeout):
+            if as_json:
+                print(json.dumps(_to_dict(message)), flush=True)
+            else:
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+            final = message
+        if not as_json:
+            sys.stdout.write("\n")
+            if final is not None:
+                print(f"[{final.finish_reason}, {final.completion_tokens} tokens]", file=sys.stderr)
+        return
+    response = generate_once(settings.inference, request, settings, timeout=timeout)
+    if as_json:
+        print(json.dumps(_to_dict(response), indent=1))
+    else:
+        print(response.text)
+        version = response.adapter.version
+        print(
+            f"[{response.adapter.book_id or '-'} {version}, {response.finish_reason}, "
+            f"{response.prompt_tokens}+{response.completion_tokens} tokens]",
+            file=sys.stderr,
+        )
+
+
+def _to_dict(message: object) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

@@ -1,0 +1,435 @@
+"""The forward pass: one base model, many LoRA adapters, batched decoding with exact isolation.
+
+We run the Llama decoder ourselves (reusing the model's own modules for norms, rotary
+embedding and weights) rather than calling ``model.forward`` because serving needs
+three things the stock forward does not give together:
+
+* **per-row adapters** — each row of a batch carries its own LoRA (or none), applied as
+  PEFT does (``base(x) + B(A(x)) * scale``) without touching the shared modules;
+* **per-sequence KV caches** — sequences join and leave the batch at any step
+  (continuous batching) and never need padding: attention runs per sequence on its
+  own cache, so a request's attention sees exactly the shapes it would see alone;
+* **batch invariance** — a seeded request must give the same text alone and in any
+  mix. Every op but the matrix multiply is row-wise, and a matmul's rows are
+  bitwise independent of the row count only above a backend-specific minimum (oneDNN
+  bf16: 2 rows, MKL fp32: 4; a one-row matmul takes another kernel). :meth:`calibrate`
+  measures that minimum at startup and decode pads every matmul up to it with dummy
+  rows, then verifies end to end that a sequence decodes identically alone and mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from novelcrafter.errors import FailedPrecondition
+from novelcrafter.logs import get_logger
+
+from .lora import SUPPORTED_MODULES, LoraModule, LoraWeights
+
+log = get_logger("novelcrafter.inference.engine")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    """The serving precision: half on CUDA; on CPU bf16 where the CPU has native bf16, else fp32.
+
+    ``bench/inference.py`` measures fp32 against bf16 on the CPU (speed and loss on real text)
+    to justify the CPU rule: with AVX512-BF16/AMX, bf16 decodes ~2x faster at the same loss.
+    """
+    if requested and requested != "auto":
+        if requested not in DTYPES:
+            raise FailedPrecondition(f"unknown dtype {requested!r}: use auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from novelcrafter.models import cpu_supports_bf16
+
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+@dataclass
+class KVCache:
+    """One sequence's keys and values for every layer, preallocated to its capacity."""
+
+    k: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+# A LoRA plan for one forward: (rows or None for all rows, adapter).
+LoraPlan = list[tuple[torch.Tensor | None, LoraWeights]]
+
+
+class Engine:
+    """Prefill and batched decode for a Llama-family causal LM with per-row LoRA."""
+
+    def __init__(self, model: Any, *, device: str, dtype: torch.dtype, max_batch: int) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch = max(1, max_batch)
+        config = model.config
+        self._check_supported(model)
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.hidden = config.hidden_size
+        self.vocab = config.vocab_size
+        self.context = int(getattr(config, "max_position_embeddings", 2048))
+        self.act = self.layers[0].mlp.act_fn
+        self.min_rows = 1  # decode matmuls run on at least this many rows (see calibrate)
+        self.batch_invariant = False
+
+    @staticmethod
+    def _check_supported(model: Any) -> None:
+        config = model.config
+        kind = getattr(config, "model_type", "?")
+        problems = []
+        if kind not in ("llama",):
+            problems.append(f"model_type {kind!r}")
+        layer = model.model.layers[0] if hasattr(model, "model") else None
+        if layer is None or any(_missing(layer, name) for name in SUPPORTED_MODULES):
+            problems.append("decoder layers without q/k/v/o and gate/up/down projections")
+        if getattr(config, "sliding_window", None):
+            problems.append("sliding-window attention")
+        if problems:
+            raise FailedPrecondition(
+                "the inference engine serves Llama-architecture models (LlamaForCausalLM); "
+                f"this base model has {', '.join(problems)}"
+            )
+
+    # --- caches ---------------------------------------------------------------------------------
+
+    def new_cache(self, capacity: int) -> KVCache:
+        shape = (len(self.layers), self.n_kv, capacity, self.head_dim)
+        return KVCache(
+            torch.empty(shape, dtype=self.dtype, device=self.device),
+            torch.empty(shape, dtype=self.dtype, device=self.device),
+        )
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def _linear(self, x: torch.Tensor, module: torch.nn.Linear, layer: int, name: str, plan: LoraPlan) -> Any:
+        y = F.linear(x, module.weight, module.bias)
+        for rows, adapter in plan:
+            lora: LoraModule | None = adapter.layers[layer].get(name)
+            if lora is None:
+                continue
+            if rows is None:
+                y = y + F.linear(F.linear(x, lora.a), lora.b) * lora.scale
+                continue
+            sub = x.index_select(0, rows)
+            if sub.shape[0] < self.min_rows:
+                sub = F.pad(sub, (0, 0, 0, self.min_rows - sub.shape[0]))
+            delta = F.linear(F.linear(sub, lora.a), lora.b) * lora.scale
+            y[rows] = y[rows] + delta[: rows.shape[0]]
+        return y
+
+    def _layers(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        plan: LoraPlan,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Run the decoder over N rows; ``attend`` does attention for one layer's q, k, v."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        n = ids.shape[0]
+        h = self.embed(ids)  # [N, hidden]
+        cos, sin = self.rotary(h, positions[None, :])  # [1, N, head_dim]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = self._linear(x, attn.q_proj, index, "self_attn.q_proj", plan)
+            k = self._linear(x, attn.k_proj, index, "self_attn.k_proj", plan)
+            v = self._linear(x, attn.v_proj, index, "self_attn.v_proj", plan)
+            # Rows play the role of the sequence axis of a batch of one: [1, heads, N, head_dim].
+            q = q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            out = attend(index, q, k, v)  # [N, heads * head_dim]
+            h = h + self._linear(out, attn.o_proj, index, "self_attn.o_proj", plan)
+            x = layer.post_attention_layernorm(h)
+            gate = self._linear(x, layer.mlp.gate_proj, index, "mlp.gate_proj", plan)
+            up = self._linear(x, layer.mlp.up_proj, index, "mlp.up_proj", plan)
+            h = h + self._linear(self.act(gate) * up, layer.mlp.down_proj, index, "mlp.down_proj", plan)
+        return h
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        scale = self.layers[0].self_attn.scaling
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], cache: KVCache, adapter: LoraWeights | None) -> torch.Tensor:
+        """Run a whole prompt alone (no padding) into ``cache``; the last position's logits (fp32)."""
+        n = len(ids)
+        if n == 0 or n > cache.capacity:
+            raise ValueError(f"prompt of {n} tokens does not fit a cache of {cache.capacity}")
+        tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)
+        plan: LoraPlan = [(None, adapter)] if adapter is not None else []
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[layer, :, :n] = k[0]
+            cache.v[layer, :, :n] = v[0]
+            out = self._attention(q, k, v, causal=True)  # [1, heads, N, head_dim]
+            return out.transpose(1, 2).reshape(n, -1)
+
+        h = self._layers(tokens, positions, plan, attend)
+        cache.length = n
+        return self.lm_head(self.norm(h[-1:])).float()[0]
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: Sequence[int], caches: Sequence[KVCache], adapters: Sequence[LoraWeights | None]
+    ) -> torch.Tensor:
+        """One step for a batch of sequences, each at its own length; logits [B, vocab] (fp32)."""
+        batch = len(tokens)
+        rows = max(batch, self.min_rows)
+        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        ids[:batch] = torch.tensor(list(tokens), dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        positions[:batch] = torch.tensor([c.length for c in caches], dtype=torch.long)
+        plan = self._plan(adapters, rows)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for i, cache in enumerate(caches):
+                pos = cache.length
+                cache.k[layer, :, pos] = k[0, :, i]
+                cache.v[layer, :, pos] = v[0, :, i]
+                keys = cache.k[layer, :, : pos + 1].unsqueeze(0)
+                values = cache.v[layer, :, : pos + 1].unsqueeze(0)
+                query = q[:, :, i : i + 1].contiguous()
+                outs.append(self._attention(query, keys, values, causal=False))
+            if rows > batch:  # dummy rows: attention output is irrelevant, keep shapes fixed
+                outs.append(q.new_zeros(1, self.n_heads, rows - batch, self.head_dim))
+            return torch.cat(outs, dim=2).transpose(1, 2).reshape(rows, -1)
+
+        h = self._layers(ids, positions, plan, attend)
+        for cache in caches:
+            cache.length += 1
+        return self.lm_head(self.norm(h)).float()[:batch]
+
+    def _plan(self, adapters: Sequence[LoraWeights | None], rows: int) -> LoraPlan:
+        groups: dict[int, tuple[LoraWeights, list[int]]] = {}
+        for i, adapter in enumerate(adapters):
+            if adapter is not None:
+                groups.setdefault(id(adapter), (adapter, []))[1].append(i)
+        plan: LoraPlan = []
+        for adapter, members in groups.values():
+            if len(members) == rows:
+                plan.append((None, adapter))
+            else:
+                plan.append((torch.tensor(members, dtype=torch.long, device=self.device), adapter))
+        return plan
+
+    # --- batch invariance -----------------------------------------------------------------------
+
+    def calibrate(
+        self,
+        probe_ids: Sequence[Sequence[int]],
+        adapters: Sequence[LoraWeights],
+        cache_file: Path | None = None,
+    ) -> None:
+        """Find the row count above which matmuls are row-invariant, then check end to end
+        that a sequence decodes to the same logits alone and mixed with others.
+
+        The outcome depends only on hardware, library versions, thread count, dtype and
+        shapes; with ``cache_file`` it is remembered under that key across restarts.
+        """
+        started = time.monotonic()
+        key = self._calibration_key()
+        known = _read_calibration(cache_file).get(key) if cache_file else None
+        if known:
+            self.min_rows, self.batch_invariant = int(known["min_rows"]), bool(known["invariant"])
+            source = "cache"
+        else:
+            self.min_rows = self._probe_min_rows()
+            self.batch_invariant = self._invariant(probe_ids, adapters)
+            if not self.batch_invariant and self.min_rows < self.max_batch:
+                self.min_rows = self.max_batch
+                self.batch_invariant = self._invariant(probe_ids, adapters)
+            source = "measured"
+            if cache_file:
+                _write_calibration(
+                    cache_file, key, {"min_rows": self.min_rows, "invariant": self.batch_invariant}
+                )
+        if not self.batch_invariant:
+            log.warning(
+                "seeded generations may depend on batch composition on this backend",
+                extra={"fields": {"device": str(self.device), "dtype": str(self.dtype)}},
+            )
+        log.info(
+            "batch invariance calibrated",
+            extra={
+                "fields": {
+                    "invariant": self.batch_invariant,
+                    "min_rows": self.min_rows,
+                    "dtype": str(self.dtype).replace("torch.", ""),
+                    "source": source,
+                    "seconds": round(time.monotonic() - started, 2),
+                }
+            },
+        )
+
+    def _calibration_key(self) -> str:
+        hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_model()
+        shapes = sorted(
+            {tuple(p.shape) for p in self.layers[0].parameters()} | {tuple(self.lm_head.weight.shape)}
+        )
+        parts = [
+            torch.__version__,
+            hardware,
+            str(self.dtype),
+            str(torch.get_num_threads()),
+            str(self.max_batch),
+        ]
+        digest = hashlib.sha256(repr((parts, shapes)).encode()).hexdigest()[:16]
+        return f"{self.device.type}-{str(self.dtype).replace('torch.', '')}-{digest}"
+
+    @torch.inference_mode()
+    def _probe_min_rows(self) -> int:
+        """Smallest m such that a matmul's first row is bitwise the same for every row count >= m.
+
+        Probed on the (out, in) shapes decode multiplies (base layers, lm_head, LoRA A and B at
+        a few ranks) with adversarial weights: a huge term, its negation and ones between them,
+        whose sum depends on the accumulation order by far more than a bf16 rounding step.
+        """
+        if self.max_batch == 1:
+            return 1
+        gen = torch.Generator().manual_seed(0)
+        layer = self.layers[0]
+        linears = [layer.get_submodule(name) for name in SUPPORTED_MODULES] + [self.lm_head]
+        shapes = {tuple(m.weight.shape) for m in linears}
+        for rank in (8, 64):
+            shapes |= {(rank, m.in_features) for m in linears[:-1]}
+            shapes |= {(m.out_features, rank) for m in linears[:-1]}
+        counts = sorted({*range(1, min(self.max_batch, 8) + 1), self.max_batch, max(1, self.max_batch - 1)})
+        needed = 1
+        for out_features, in_features in sorted(shapes):
+            weight = _adversarial(out_features, in_features, gen).to(self.device, self.dtype)
+            x = torch.ones(self.max_batch, in_features, dtype=self.dtype, device=self.device)
+            reference = F.linear(x, weight)[0]
+            for m in counts:
+                if m > needed and not torch.equal(F.linear(x[:m], weight)[0], reference):
+                    needed = m + 1
+        return min(needed, self.max_batch)
+
+    def _run_probe(
+        self, ids_list: Sequence[Sequence[int]], adapters: Sequence[LoraWeights | None], steps: int
+    ) -> list[torch.Tensor]:
+        caches = [self.new_cache(len(ids) + steps + 1) for ids in ids_list]
+        first = [self.prefill(ids, c, a) for ids, c, a in zip(ids_list, caches, adapters, strict=True)]
+        tokens = [int(f.argmax()) for f in first]
+        outputs = [torch.stack(first)]
+        for _ in range(steps):
+            logits = self.decode(tokens, caches, adapters)
+            outputs.append(logits)
+            tokens = [int(row.argmax()) for row in logits]
+        return [torch.cat([o[i : i + 1] for o in outputs]) for i in range(len(ids_list))]
+
+    def _invariant(self, probe_ids: Sequence[Sequence[int]], adapters: Sequence[LoraWeights]) -> bool:
+        target = probe_ids[0]
+        own = adapters[0] if adapters else None
+        alone = self._run_probe([target], [own], steps=3)[0]
+        others = list(probe_ids[1:])
+        mix: list[LoraWeights | None] = [None, *adapters[1:]]
+        for size in sorted({2, min(self.max_batch, len(others) + 1)}):
+            if size < 2 or size > self.max_batch:
+                continue
+            batch = [*others[: size - 1], target]
+            batch_adapters = [mix[i % len(mix)] for i in range(size - 1)] + [own]
+            mixed = self._run_probe(batch, batch_adapters, steps=3)[-1]
+            if not torch.equal(alone, mixed):
+                return False
+        return True
+
+
+def _missing(layer: Any, name: str) -> bool:
+    try:
+        return not isinstance(layer.get_submodule(name), torch.nn.Linear)
+    except AttributeError:
+        return True
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and feature flags (what decides which matmul kernels run)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags")]
+    return platform.machine() + "-" + hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:12]
+
+
+def _read_calibration(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_calibration(path: Path, key: str, value: dict[str, Any]) -> None:
+    """Best effort, atomic: a cache that cannot be written only costs a re-measurement."""
+    try:
+        data = _read_calibration(path)
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("calibration not cached", extra={"fields": {"path": str(path), "error": str(exc)}})
+
+
+def _adversarial(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of ones and halves with one +2^e and one -2^e: order-sensitive sums."""
+    weight = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, 1.0, 0.5)
+    big = torch.exp2(torch.randint(10, 26, (rows,), generator=gen).float())
+    index = torch.arange(rows)
+    weight[index, torch.randint(0, cols, (rows,), generator=gen)] = big
+    weight[index, torch.randint(0, cols, (rows,), generator=gen)] = -big
+    return weight
+
+
+def random_lora(engine: Engine, rank: int = 4, seed: int = 0) -> LoraWeights:
+    """A random adapter on q_proj and v_proj, for calibration probes only."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[dict[str, LoraModule]] = []
+    for layer in engine.layers:
+        mods = {}
+        for name in ("self_attn.q_proj", "self_attn.v_proj"):
+            base = layer.get_submodule(name)
+            a = torch.randn(rank, base.in_features, generator=gen) * 0.05
+            b = torch.randn(base.out_features, rank, generator=gen) * 0.05
+            mods[name] = LoraModule(a.to(engine.device, engine.dtype), b.to(engine.device, engine.dtype), 2.0)
+        layers.append(mods)
+    return LoraWeights(rank, 2.0 * rank, ["self_attn.q_proj", "self_attn.v_proj"], layers)

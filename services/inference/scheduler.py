@@ -1,0 +1,285 @@
+"""Continuous batching: one thread owns the model and steps every active generation together.
+
+Requests are admitted between steps (each prompt is prefilled alone, then joins the batch),
+leave the batch as soon as they finish or are cancelled, and never wait in an unbounded
+queue: ``submit`` refuses work beyond ``max_concurrency`` with RESOURCE_EXHAUSTED.
+Each request holds a strong reference to the adapter version it resolved, so a version
+swapped out or evicted meanwhile stays alive exactly until its last request finishes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from novelcrafter.errors import NovelCrafterError, ResourceExhausted, Unavailable
+from novelcrafter.logs import get_logger
+
+from .engine import Engine, KVCache
+from .lora import LoraWeights
+from .sampling import SamplingParams, TextAssembler, make_generator, next_token
+
+log = get_logger("novelcrafter.inference.scheduler")
+
+
+@dataclass
+class Piece:
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # length | stop | eos | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+    seed: int
+    first_token_seconds: float | None
+    total_seconds: float
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request in the scheduler; iterate it for :class:`Piece` events then one :class:`Finished`."""
+
+    prompt_ids: list[int]
+    adapter: Any  # the pinned version object (weights at .weights), or None for the base model
+    params: SamplingParams
+    max_new_tokens: int
+    stop: list[str]
+    submitted: float = field(default_factory=time.monotonic)
+    _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def events(self) -> Iterator[Piece | Finished]:
+        while True:
+            event = self._events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def result(self) -> Finished:
+        for event in self.events():
+            if isinstance(event, Finished):
+                return event
+        raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+
+@dataclass(eq=False)
+class _Active:
+    gen: Generation
+    cache: KVCache
+    weights: LoraWeights | None
+    rng: torch.Generator
+    seed: int
+    text: TextAssembler
+    seen: list[int]
+    last: int = 0
+    generated: int = 0
+    first_token_at: float | None = None
+
+
+class Scheduler:
+    """Owns the engine; all model calls happen on its thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        eos_ids: set[int],
+        *,
+        max_concurrency: int,
+        on_finish: Callable[[Generation, Finished], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_concurrency = max_concurrency
+        self.on_finish = on_finish
+        self.on_step = on_step
+        self._pending: list[Generation] = []
+        self._active: list[_Active] = []
+        self._in_flight = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.max_batch_seen = 0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="inference-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- API ------------------------------------------------------------------------------------
+
+    def submit(self, gen: Generation) -> Generation:
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the inference server is shutting down")
+            if self._in_flight >= self.max_concurrency:
+                raise ResourceExhausted(
+                    f"server busy: {self._in_flight} generations in flight (max {self.max_concurrency}); "
+                    "retry shortly"
+                )
+            self._in_flight += 1
+            self._pending.append(gen)
+            self._cond.notify()
+        return gen
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return self._in_flight
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new work, let running generations finish (up to ``timeout``), then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._pending and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending and not self._active:
+                    return
+                admitted, self._pending = self._pending, []
+            for gen in admitted:
+                self._admit(gen)
+            if self._active:
+                self._step()
+
+    def _finish(self, active: _Active | None, gen: Generation, outcome: Finished | BaseException) -> None:
+        if active is not None:
+            active.cache = None  # type: ignore[assignment]  # free the KV cache now
+            active.weights = None
+        with self._cond:
+            self._in_flight -= 1
+        if isinstance(outcome, Finished) and self.on_finish is not None:
+            try:
+                self.on_finish(gen, outcome)
+            except Exception:
+                log.exception("on_finish hook failed")
+        gen._events.put(outcome)
+
+    def _result(self, active: _Active, reason: str) -> Finished:
+        now = time.monotonic()
+        return Finished(
+            finish_reason=reason,
+            prompt_tokens=len(active.gen.prompt_ids),
+            completion_tokens=active.generated,
+            text=active.text.text,
+            seed=active.seed,
+            first_token_seconds=(active.first_token_at - active.gen.submitted)
+            if active.first_token_at
+            else None,
+            total_seconds=now - active.gen.submitted,
+        )
+
+    def _admit(self, gen: Generation) -> None:
+        if gen.cancelled:
+            self._finish(None, gen, _cancelled_result(gen))
+            return
+        try:
+            weights = gen.adapter.weights if gen.adapter is not None else None
+            rng, seed = make_generator(gen.params.seed)
+            cache = self.engine.new_cache(len(gen.prompt_ids) + gen.max_new_tokens)
+            active = _Active(gen, cache, weights, rng, seed, TextAssembler(self.tokenizer, gen.stop), [])
+            active.seen = list(gen.prompt_ids)
+            logits = self.engine.prefill(gen.prompt_ids, cache, weights)
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._finish(None, gen, _as_error(exc))
+            return
+        self._active.append(active)
+        self._advance(active, logits)
+
+    def _step(self) -> None:
+        batch = [a for a in self._active if not self._drop_if_done(a)]
+        self._active = batch
+        if not batch:
+            return
+        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(batch))
+        try:
+            logits = self.engine.decode(
+                [a.last for a in batch], [a.cache for a in batch], [a.weights for a in batch]
+            )
+        except Exception as exc:
+            log.exception("decode step failed", extra={"fields": {"batch": len(batch)}})
+            for active in batch:
+                self._finish(active, active.gen, _as_error(exc))
+            self._active = []
+            return
+        for row, active in enumerate(batch):
+            self._advance(active, logits[row])
+        self._active = [a for a in self._active if a.cache is not None]
+
+    def _drop_if_done(self, active: _Active) -> bool:
+        if active.cache is None:
+            return True
+        if active.gen.cancelled:
+            self._finish(active, active.gen, self._result(active, "cancelled"))
+            return True
+        return False
+
+    def _advance(self, active: _Active, logits: torch.Tensor) -> None:
+        """Sample one token for ``active`` from its logits row; emit text; finish if done."""
+        gen = active.gen
+        try:
+            seen = (
+                torch.tensor(active.seen, dtype=torch.long) if gen.params.repetition_penalty != 1.0 else None
+            )
+            token = next_token(logits, gen.params, active.rng, seen)
+        except Exception as exc:
+            log.exception("sampling failed")
+            self._finish(active, gen, _as_error(exc))
+            return
+        if active.first_token_at is None:
+            active.first_token_at = time.monotonic()
+        active.generated += 1
+        if token in self.eos_ids:
+            self._emit(active, active.text.finish())
+            self._finish(active, gen, self._result(active, "eos"))
+            return
+        active.seen.append(token)
+        active.last = token
+        self._emit(active, active.text.add(token))
+        if active.text.stopped:
+            self._finish(active, gen, self._result(active, "stop"))
+        elif active.generated >= gen.max_new_tokens:
+            self._emit(active, active.text.finish())
+            self._finish(active, gen, self._result(active, "length"))
+
+    @staticmethod
+    def _emit(active: _Active, piece: str) -> None:
+        if piece:
+            active.gen._events.put(Piece(piece))
+
+
+def _cancelled_result(gen: Generation) -> Finished:
+    return Finished("cancelled", len(gen.prompt_ids), 0, "", 0, None, time.monotonic() - gen.submitted)
+
+
+def _as_error(exc: BaseException) -> BaseException:
+    return exc if isinstance(exc, NovelCrafterError) else RuntimeError(f"generation failed: {exc}")

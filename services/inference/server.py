@@ -1,0 +1,211 @@
+"""Assemble and run the inference server: gRPC first (NOT_SERVING), then the model, then SERVING."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from novelcrafter.adapters import AdapterMeta
+from novelcrafter.config import DEFAULT_INFERENCE_LISTEN, Settings, get_settings
+from novelcrafter.logs import get_logger
+from novelcrafter.rpc import GrpcServer, Service, start_server
+from novelcrafter.store import open_store
+from novelcrafter.v1 import inference_pb2_grpc
+
+from . import metrics
+from .registry import AdapterRegistry, RegistryHooks
+from .scheduler import Finished, Generation, Scheduler
+from .service import InferenceServicer, Limits, LockedTokenizer, Runtime
+
+log = get_logger("novelcrafter.inference.server")
+
+SERVICE_NAME = "novelcrafter.v1.InferenceService"
+_CALIBRATION_TEXTS = (
+    "It was a bright cold day in April, and the clocks were striking",
+    "Call me",
+    "The sea was calm that night; the lighthouse keeper climbed the stairs and",
+    "Once upon a time",
+)
+# Names of end-of-text tokens that end generation besides the tokenizer's eos token.
+_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
+
+
+@dataclass
+class InferenceConfig:
+    listen: str = DEFAULT_INFERENCE_LISTEN
+    store: str | None = None  # None: settings.store
+    base_model: str | None = None  # None: settings.base_model
+    watch_interval: float = 2.0
+    max_adapters: int = 8
+    max_concurrency: int = 8
+    max_new_tokens_cap: int = 1024
+    max_prompt_tokens: int = 4096
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def end_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in eos if isinstance(eos, list) else [eos]:
+        if isinstance(value, int):
+            ids.add(value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[name] for name in _END_TOKENS if name in vocab)
+    return ids
+
+
+class InferenceServer:
+    """The inference service: call :meth:`start` (gRPC up, NOT_SERVING), :meth:`load` (model,
+    adapters, then SERVING), and :meth:`stop`."""
+
+    def __init__(self, config: InferenceConfig, settings: Settings | None = None) -> None:
+        self.config = config
+        self.settings = settings or get_settings()
+        self.limits = Limits(
+            max_new_tokens_cap=config.max_new_tokens_cap, max_prompt_tokens=config.max_prompt_tokens
+        )
+        self.servicer = InferenceServicer(self.limits)
+        self.grpc: GrpcServer | None = None
+        self.runtime: Runtime | None = None
+        self.engine: Any = None
+
+    @property
+    def port(self) -> int:
+        assert self.grpc is not None
+        return self.grpc.port
+
+    def start(self) -> GrpcServer:
+        workers = max(32, 2 * self.config.max_concurrency + 16)
+        self.grpc = start_server(
+            [Service(SERVICE_NAME, self.servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)],
+            self.config.listen,
+            self.settings,
+            serving=False,
+            max_workers=workers,
+        )
+        return self.grpc
+
+    def load(self) -> None:
+        """Load the base model once, calibrate, scan adapters, then report SERVING."""
+        from novelcrafter.models import load_base_model, load_tokenizer, pick_device, provision_base_model
+
+        from .engine import Engine, random_lora, resolve_dtype
+        from .lora import load_lora
+
+        started = time.monotonic()
+        settings, config = self.settings, self.config
+        base_name = config.base_model or settings.base_model
+        model_dir = provision_base_model(base_name, settings)
+        device = pick_device(config.device)
+        dtype = resolve_dtype(device, config.dtype)
+        model = load_base_model(model_dir, device, dtype)
+        tokenizer = load_tokenizer(model_dir)
+        engine = Engine(model, device=device, dtype=dtype, max_batch=config.max_concurrency)
+        probes = [tokenizer(text)["input_ids"] for text in _CALIBRATION_TEXTS]
+        engine.calibrate(
+            probes,
+            [random_lora(engine, seed=1), random_lora(engine, seed=2)],
+            cache_file=Path(settings.home).expanduser() / "inference" / "calibration.json",
+        )
+        self.engine = engine
+
+        locked = LockedTokenizer(tokenizer)
+        scheduler = Scheduler(
+            engine,
+            locked,
+            end_token_ids(tokenizer, model),
+            max_concurrency=config.max_concurrency,
+            on_finish=_observe_finished,
+            on_step=metrics.BATCH_SIZE.observe,
+        )
+
+        def load_adapter(path: Path, meta: AdapterMeta) -> Any:
+            return load_lora(
+                path, model, dtype=dtype, device=device, trained_on=meta.base_model, base_name=base_name
+            )
+
+        store = open_store(config.store, settings)
+        registry = AdapterRegistry(
+            store,
+            load_adapter,
+            max_adapters=config.max_adapters,
+            watch_interval=config.watch_interval,
+            hooks=RegistryHooks(
+                on_load=_observe_load,
+                on_swap=lambda book: metrics.ADAPTER_SWAPS.labels(book).inc(),
+                on_evict=metrics.ADAPTER_EVICTIONS.inc,
+                on_held=metrics.VERSIONS_HELD.set,
+            ),
+        )
+        metrics.ACTIVE_GENERATIONS.set_function(lambda: scheduler.in_flight)
+        registry.start()
+        context = engine.context
+        self.runtime = Runtime(locked, scheduler, registry, context, {"model_dir": str(model_dir)})
+        self.servicer.runtime = self.runtime
+        if self.grpc is not None:
+            self.grpc.set_serving(True)
+        log.info(
+            "inference ready",
+            extra={
+                "fields": {
+                    "model": base_name,
+                    "device": device,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "store": store.url,
+                    "seconds": round(time.monotonic() - started, 1),
+                }
+            },
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting RPCs, let in-flight generations finish, then stop the threads."""
+        if self.grpc is not None:
+            self.grpc.stop(grace)
+        self.close_runtime()
+
+    def close_runtime(self) -> None:
+        if self.runtime is not None:
+            self.runtime.scheduler.close()
+            self.runtime.registry.close()
+
+
+def _observe_finished(gen: Generation, done: Finished) -> None:
+    book = gen.adapter.book_id if gen.adapter is not None else "base"
+    version = gen.adapter.version if gen.adapter is not None else "base"
+    metrics.PROMPT_TOKENS.inc(done.prompt_tokens)
+    metrics.TOKENS_GENERATED.labels(book, version).inc(done.completion_tokens)
+    metrics.REQUEST_SECONDS.observe(done.total_seconds)
+    if done.first_token_seconds is not None:
+        metrics.TIME_TO_FIRST_TOKEN.observe(done.first_token_seconds)
+        if done.completion_tokens > 1:
+            per_token = (done.total_seconds - done.first_token_seconds) / (done.completion_tokens - 1)
+            metrics.TIME_PER_OUTPUT_TOKEN.observe(per_token)
+
+
+def _observe_load(result: str, seconds: float) -> None:
+    metrics.ADAPTER_LOADS.labels(result).inc()
+    if result == "loaded":
+        metrics.ADAPTER_LOAD_SECONDS.observe(seconds)
+
+
+def serve(config: InferenceConfig, settings: Settings | None = None) -> None:
+    """Run until SIGTERM/SIGINT: the ``novelcrafter serve inference`` command."""
+    from novelcrafter.metrics import start_metrics_server
+
+    settings = settings or get_settings()
+    server = InferenceServer(config, settings)
+    grpc_server = server.start()
+    grpc_server.install_signal_handlers()
+    start_metrics_server(settings, "inference")
+    try:
+        server.load()
+    except BaseException:
+        grpc_server.stop(0)
+        raise
+    grpc_server.wait()
+    server.close_runtime()

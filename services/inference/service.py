@@ -1,0 +1,281 @@
+"""``InferenceService`` over gRPC: validation, adapter resolution, generation, listing."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from novelcrafter.errors import InvalidArgument, NovelCrafterError, Unavailable
+from novelcrafter.logs import get_logger
+from novelcrafter.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+from . import metrics
+from .registry import AdapterRegistry, LoadedAdapter
+from .sampling import SamplingParams
+from .scheduler import Finished, Generation, Piece, Scheduler
+
+log = get_logger("novelcrafter.inference.service")
+
+# Request defaults (ARCHITECTURE.md / inference.proto).
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 50
+DEFAULT_REPETITION_PENALTY = 1.1
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens_cap: int = 1024
+    max_prompt_tokens: int = 4096
+    max_prompt_chars: int = 200_000
+    max_stop_sequences: int = 16
+    max_stop_chars: int = 200
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated request."""
+
+    prompt: str
+    book_id: str
+    adapter: str
+    max_new_tokens: int
+    params: SamplingParams
+    stop: list[str]
+    chat: bool
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise InvalidArgument(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def validate_request(request: inference_pb2.GenerateRequest, limits: Limits) -> GenerationSpec:
+    """Check every field against its range and the server caps; readable INVALID_ARGUMENT."""
+    prompt = request.prompt
+    if not prompt.strip():
+        raise InvalidArgument("prompt is empty")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(f"prompt is {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
+    max_new = request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if max_new < 0:
+        raise InvalidArgument(f"max_new_tokens must be positive, got {request.max_new_tokens}")
+    if max_new > limits.max_new_tokens_cap:
+        raise InvalidArgument(
+            f"max_new_tokens {max_new} exceeds this server's cap of {limits.max_new_tokens_cap}"
+        )
+    temperature = request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE
+    top_p = request.top_p if request.HasField("top_p") else DEFAULT_TOP_P
+    top_k = request.top_k if request.HasField("top_k") else DEFAULT_TOP_K
+    penalty = (
+        request.repetition_penalty if request.HasField("repetition_penalty") else DEFAULT_REPETITION_PENALTY
+    )
+    _in_range("temperature", temperature, 0.0, 2.0)
+    _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
+    _in_range("repetition_penalty", penalty, 0.0, 2.0, low_open=True)
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {top_k}")
+    stop = list(request.stop)
+    if len(stop) > limits.max_stop_sequences:
+        raise InvalidArgument(f"at most {limits.max_stop_sequences} stop sequences, got {len(stop)}")
+    for item in stop:
+        if not item or len(item) > limits.max_stop_chars:
+            raise InvalidArgument(f"stop sequences must have 1 to {limits.max_stop_chars} characters")
+    seed = request.seed if request.HasField("seed") else None
+    return GenerationSpec(
+        prompt=prompt,
+        book_id=request.book_id.strip(),
+        adapter=(request.adapter or "latest").strip(),
+        max_new_tokens=max_new,
+        params=SamplingParams(float(temperature), float(top_p), int(top_k), float(penalty), seed),
+        stop=stop,
+        chat=request.chat,
+    )
+
+
+class LockedTokenizer:
+    """Serializes tokenizer calls: HF fast tokenizers may reconfigure their Rust backend per
+    call (truncation/padding), which fails with 'Already borrowed' under concurrent use."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        with self._lock:
+            if chat:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+                return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@dataclass
+class Runtime:
+    """Everything that exists once the base model is loaded."""
+
+    tokenizer: LockedTokenizer
+    scheduler: Scheduler
+    registry: AdapterRegistry
+    context: int  # model context window in tokens
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def adapter_version(loaded: LoadedAdapter | None, book_id: str) -> common_pb2.AdapterVersion:
+    if loaded is None:
+        return common_pb2.AdapterVersion(book_id=book_id, version="base")
+    meta = loaded.meta
+    return common_pb2.AdapterVersion(
+        book_id=meta.book_id,
+        version=meta.version,
+        job_id=meta.job_id,
+        part=meta.part,
+        key=meta.prefix,
+        published_at=meta.published_at,
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.runtime: Runtime | None = None  # set once the model is loaded
+
+    def _rt(self) -> Runtime:
+        if self.runtime is None:
+            raise Unavailable("the inference server is still loading the base model; retry shortly")
+        return self.runtime
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def _start(self, request: inference_pb2.GenerateRequest, labels: dict[str, str]) -> tuple[Any, ...]:
+        spec = validate_request(request, self.limits)
+        rt = self._rt()
+        loaded = rt.registry.resolve(spec.book_id, spec.adapter)
+        labels["book"] = loaded.book_id if loaded else "base"
+        labels["adapter"] = loaded.version if loaded else "base"
+        prompt_ids = rt.tokenizer.encode(spec.prompt, spec.chat)
+        limit = min(self.limits.max_prompt_tokens, rt.context - 1)
+        if len(prompt_ids) > limit:
+            raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; the limit is {limit}")
+        if len(prompt_ids) + spec.max_new_tokens > rt.context:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({spec.max_new_tokens}) exceeds "
+                f"the model's context of {rt.context} tokens"
+            )
+        gen = rt.scheduler.submit(Generation(prompt_ids, loaded, spec.params, spec.max_new_tokens, spec.stop))
+        return spec, loaded, gen
+
+    def Generate(self, request: Any, context: grpc.ServicerContext) -> inference_pb2.GenerateResponse:
+        labels = {"book": "unknown", "adapter": "unresolved"}
+        status = "OK"
+        try:
+            spec, loaded, gen = self._start(request, labels)
+            context.add_callback(gen.cancel)
+            done = gen.result()
+            if done.finish_reason == "cancelled":
+                status = "CANCELLED"
+            return inference_pb2.GenerateResponse(
+                text=done.text,
+                adapter=adapter_version(loaded, spec.book_id),
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                finish_reason=done.finish_reason,
+            )
+        except Exception as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            metrics.REQUESTS.labels("Generate", status, labels["book"], labels["adapter"]).inc()
+
+    def GenerateStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        labels = {"book": "unknown", "adapter": "unresolved"}
+        status = "OK"
+        gen: Generation | None = None
+        try:
+            spec, loaded, gen = self._start(request, labels)
+            context.add_callback(gen.cancel)
+            version = adapter_version(loaded, spec.book_id)
+            first = True
+            for event in gen.events():
+                if isinstance(event, Piece):
+                    message = inference_pb2.GenerateStreamResponse(text=event.text)
+                elif isinstance(event, Finished):
+                    if event.finish_reason == "cancelled":
+                        status = "CANCELLED"
+                        return
+                    message = inference_pb2.GenerateStreamResponse(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        finish_reason=event.finish_reason,
+                    )
+                else:  # pragma: no cover
+                    continue
+                if first:
+                    message.adapter.CopyFrom(version)
+                    first = False
+                yield message
+        except GeneratorExit:  # the client went away mid-stream
+            status = "CANCELLED"
+            raise
+        except Exception as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            if gen is not None:
+                gen.cancel()  # stops generation if the client cancelled; no-op when finished
+            metrics.REQUESTS.labels("GenerateStream", status, labels["book"], labels["adapter"]).inc()
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def _list(self, book_id: str) -> inference_pb2.ListAdaptersResponse:
+        rows = self._rt().registry.statuses(book_id.strip() or None)
+        response = inference_pb2.ListAdaptersResponse()
+        for row in rows:
+            meta = row.meta
+            response.adapters.add(
+                version=common_pb2.AdapterVersion(
+                    book_id=meta.book_id,
+                    version=meta.version,
+                    job_id=meta.job_id,
+                    part=meta.part,
+                    key=meta.prefix,
+                    published_at=meta.published_at,
+                ),
+                loaded=row.state == "loaded",
+                latest=row.latest,
+                loaded_at=row.loaded_at,
+                last_used_at=row.last_used_at,
+                rank=row.rank,
+                state=row.state,
+                error=row.error,
+            )
+        return response
+
+    def ListAdapters(self, request: Any, context: grpc.ServicerContext) -> inference_pb2.ListAdaptersResponse:
+        return self._list(request.book_id)
+
+    def ReloadAdapters(
+        self, request: Any, context: grpc.ServicerContext
+    ) -> inference_pb2.ListAdaptersResponse:
+        self._rt().registry.refresh(request.book_id.strip() or None)
+        return self._list(request.book_id)
+
+
+def _status_of(exc: BaseException) -> str:
+    if isinstance(exc, NovelCrafterError):
+        return exc.code.name
+    return "INTERNAL"
