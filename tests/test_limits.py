@@ -279,11 +279,6 @@ def _idle(proc: psutil.Process, window: float = 2.0) -> bool:
     return sum(proc.cpu_times()[:2]) - before < 0.1 * window
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: IngestServicer.IngestBook ignores the call's deadline/cancellation; the pipeline "
-    "extracts, cleans and writes the book after the client gave up (see RELIABILITY.md, open defects)",
-)
 @pytest.mark.timeout(300)
 def test_ingest_with_a_short_deadline_stops_working_after_it(tmp_path: Path) -> None:
     """A client gives up (deadline): the server stops working on it — its extraction workers end,
