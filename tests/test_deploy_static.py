@@ -35,6 +35,7 @@ from test_deploy_support import (
     K8S,
     OVERLAYS,
     SCHEMAS,
+    cli_envvars,
     cli_rejections,
     commented_env_keys,
     copy_sources,
@@ -527,7 +528,7 @@ def test_the_cli_check_rejects_what_the_cli_rejects() -> None:
 
 def test_every_environment_variable_is_a_real_setting() -> None:
     """Names the services read: a NOVELCRAFTER_* typo would be silently ignored by pydantic."""
-    known = settings_env_names() | STANDARD_ENV
+    known = settings_env_names() | cli_envvars() | STANDARD_ENV
     used: dict[str, set[str]] = {}
     services = load_compose()["services"]
     for name in APP_SERVICES:

@@ -285,6 +285,33 @@ def cli_rejections(argvs: list[list[str]]) -> dict[str, str]:
     return {" ".join(argv): why for argv, why in zip(unique, verdicts, strict=True) if why}
 
 
+_LIST_ENVVARS = r"""
+import json
+import typer
+from novelcrafter import cli
+
+cli._load_commands()
+names = set()
+stack = [typer.main.get_command(cli.app)]
+while stack:
+    command = stack.pop()
+    stack.extend(getattr(command, "commands", {}).values())
+    for param in command.params:
+        envvar = getattr(param, "envvar", None)
+        names.update([envvar] if isinstance(envvar, str) else envvar or [])
+print(json.dumps(sorted(names)))
+"""
+
+
+def cli_envvars() -> set[str]:
+    """Environment variables that CLI options read directly (``typer.Option(envvar=…)``)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LIST_ENVVARS], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
 def settings_env_names() -> set[str]:
     """Every environment variable the Settings read (``NOVELCRAFTER_<FIELD>`` or its alias)."""
     from pydantic import AliasChoices
