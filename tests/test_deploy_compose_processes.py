@@ -7,9 +7,10 @@ compose would give the container (the image's ENV, ``env_file: .env`` — read a
 Only what Docker would provide changes: the MinIO endpoint becomes moto's S3 server,
 service hostnames become 127.0.0.1, container ports become free local ports, and the
 image's paths (/opt/novelcrafter, /tmp) become local folders. The bucket is created the
-way the ``minio-init`` container does. Then a short book goes through ingest, both
-trainers and inference, with the compose auth token on every call, and a generation
-comes back from the trained adapter. The compose health checks are run too.
+way the ``minio-init`` container does; each container counts as started when its compose
+health check passes. Then two short books go through ingest (two jobs, so that both
+trainer replicas train a part) and inference, with the compose auth token on every call,
+and a generation comes back from the trained adapter.
 """
 
 from __future__ import annotations
