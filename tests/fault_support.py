@@ -98,9 +98,16 @@ def start_ingest(store: str, log_dir: Path, **kw: Any) -> Service:
     return _serve("ingest", ["--store", store], log_dir, **kw)
 
 
-def start_trainer(store: str, coordinator: str, log_dir: Path, **kw: Any) -> Service:
-    """``novelcrafter serve trainer``: a worker; it serves health on its own port."""
-    return _serve("trainer", ["--store", store, "--coordinator", coordinator], log_dir, **kw)
+def start_trainer(
+    store: str, coordinator: str, log_dir: Path, *, name: str = "trainer", env: dict[str, str] | None = None
+) -> Service:
+    """``novelcrafter serve trainer``: a worker (no gRPC port of its own; it polls the coordinator)."""
+    child_env = base_env(NOVELCRAFTER_METRICS_LISTEN="off", **(env or {}))
+    argv = [
+        NOVELCRAFTER, "serve", "trainer", "--store", store, "--coordinator", coordinator,
+        "--worker-id", name, "--poll-seconds", "0.5",
+    ]  # fmt: skip
+    return Service(name, Proc(argv, child_env, log_dir / f"{name}.log"), coordinator, argv, child_env)
 
 
 def start_inference(store: str, log_dir: Path, **kw: Any) -> Service:

@@ -14,7 +14,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fault_support import TOKEN, Service, book_pdf, client_settings, ingest_requests, start_ingest
+from fault_support import (
+    TOKEN,
+    Service,
+    book_pdf,
+    client_settings,
+    create_job,
+    get_job,
+    ingest_book,
+    ingest_requests,
+    start_ingest,
+    start_trainer,
+    tiny_job_config,
+    wait_for,
+    wait_job,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import base_env, run_cli
@@ -136,3 +150,32 @@ def test_cli_sends_the_token_from_the_environment(ingest_with_auth: Service, tmp
     status = run_cli("status", env=with_token, timeout=60)
     assert status.returncode == 0, status.stderr
     _assert_no_token(denied.stdout, denied.stderr, ok.stdout, ok.stderr, status.stdout, status.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_trainer_worker_authenticates_to_the_coordinator(ingest_with_auth: Service, tmp_path: Path) -> None:
+    """A worker with a wrong token cannot claim work; one with the right token trains the job."""
+    address, store = ingest_with_auth.address, ingest_with_auth.argv[-1]
+    manifest = ingest_book(address, book_pdf(40, seed=8), token=TOKEN, parts=1).manifest
+    job = create_job(address, manifest.book_id, tiny_job_config(steps=1), token=TOKEN)
+
+    intruder = start_trainer(
+        store, address, tmp_path, name="intruder", env={"NOVELCRAFTER_AUTH_TOKEN": WRONG}
+    )
+    try:
+        wait_for("the intruder's claim to be refused", lambda: "claim refused" in intruder.output(), 180,
+                 logs=intruder.output)  # fmt: skip
+        assert "bearer token" in intruder.output()
+        part = get_job(address, job.job_id, token=TOKEN).parts[0]
+        assert (part.state, part.worker_id, part.attempts) == (jobs_pb2.PART_STATE_READY, "", 0)
+    finally:
+        assert intruder.stop() == 0
+    worker = start_trainer(store, address, tmp_path, name="worker", env={"NOVELCRAFTER_AUTH_TOKEN": TOKEN})
+    try:
+        done = wait_job(address, job.job_id, 360, token=TOKEN, logs=worker.output)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error
+        assert done.parts[0].worker_id in ("", "worker") and done.parts[0].adapter_version
+    finally:
+        worker.stop()
+    _assert_no_token(intruder.output(), worker.output())
