@@ -178,6 +178,7 @@ class Scheduler:
                 self.on_finish(gen, outcome)
             except Exception:
                 log.exception("on_finish hook failed")
+        gen.adapter = None  # unpin: gRPC may keep the call (and its callbacks) around for a while
         gen._events.put(outcome)
 
     def _result(self, active: _Active, reason: str) -> Finished:

@@ -66,7 +66,7 @@ def validate_request(request: inference_pb2.GenerateRequest, limits: Limits) -> 
         raise InvalidArgument("prompt is empty")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidArgument(f"prompt is {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
-    max_new = request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    max_new = request.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_cap)
     if max_new < 0:
         raise InvalidArgument(f"max_new_tokens must be positive, got {request.max_new_tokens}")
     if max_new > limits.max_new_tokens_cap:
