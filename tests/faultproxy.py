@@ -45,6 +45,8 @@ class FaultProxy:
 
     @staticmethod
     def _close(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # wakes a pipe thread blocked in recv(); close() alone does not
+            sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         with contextlib.suppress(OSError):
@@ -67,6 +69,10 @@ class FaultProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if self._cut.is_set():  # cut while connecting upstream: this one must not survive it
+                    for sock in (client, upstream):
+                        self._close(sock)
+                    continue
                 self._conns.update((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
