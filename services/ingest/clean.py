@@ -575,7 +575,8 @@ def reflow(rows: list[Row], g: Geometry, counts: Counter[str]) -> list[str]:
 
 
 def _join(current: str, text: str, vocabulary: Vocabulary, counts: Counter[str], *, verse: bool) -> str:
-    hyphen = _HYPHEN_END.search(current)
+    # Only the tail, and only when it ends in a hyphen: paragraphs grow long.
+    hyphen = _HYPHEN_END.search(current[-80:]) if current.endswith("-") else None
     lead = _LEAD_WORD.match(text)
     if hyphen and lead and not current.endswith("--"):
         left, right = hyphen.group(1), lead.group(0)

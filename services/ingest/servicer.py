@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from novelcrafter.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from novelcrafter.errors import FailedPrecondition, InvalidArgument, NovelCrafterError, ResourceExhausted
 from novelcrafter.layout import check_book_id
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.rpc import Service
@@ -18,7 +18,7 @@ from novelcrafter.store import Store
 from novelcrafter.v1 import ingest_pb2, ingest_pb2_grpc
 
 from . import manifest as manifest_codec
-from . import pipeline
+from . import metrics, pipeline
 from .params import IngestParams
 
 log = get_logger("novelcrafter.ingest")
@@ -56,8 +56,23 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def IngestBook(
         self, request_iterator: Iterator[ingest_pb2.IngestBookRequest], context: grpc.ServicerContext
     ) -> ingest_pb2.IngestBookResponse:
+        try:
+            response = self._ingest_book(request_iterator, context)
+        except NovelCrafterError as exc:
+            metrics.REQUESTS.labels(outcome=exc.code.name.lower()).inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(outcome="internal").inc()
+            raise
+        metrics.REQUESTS.labels(outcome="existed" if response.already_existed else "ingested").inc()
+        return response
+
+    def _ingest_book(
+        self, request_iterator: Iterator[ingest_pb2.IngestBookRequest], context: grpc.ServicerContext
+    ) -> ingest_pb2.IngestBookResponse:
         started = time.monotonic()
         meta, data = self._receive(request_iterator)
+        metrics.UPLOAD_BYTES.inc(len(data))
         params = IngestParams.from_proto(meta.params)
         if meta.create_job and self.coordinator is None:
             raise FailedPrecondition("this ingest server has no job coordinator: create_job is unavailable")
@@ -73,6 +88,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 filename=meta.filename or None,
                 cancelled=lambda: gone.is_set() or not context.is_active(),
             )
+        if not result.already_existed:
+            metrics.SECONDS.observe(time.monotonic() - started)
+            metrics.PAGES.inc(result.manifest["pages"])
         response = ingest_pb2.IngestBookResponse(
             manifest=manifest_codec.to_proto(result.manifest), already_existed=result.already_existed
         )

@@ -13,36 +13,32 @@ block, or one ``error`` (kind, message) before exiting. A line is
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import resource
 import sys
 from typing import Any
 
-from pdfminer.converter import PDFPageAggregator
-from pdfminer.layout import LAParams, LTAnno, LTChar, LTFigure, LTImage, LTTextBox, LTTextLineHorizontal
+from pdfminer.pdfdevice import PDFTextDevice
 from pdfminer.pdfdocument import PDFDocument, PDFEncryptionError, PDFPasswordIncorrect
+from pdfminer.pdffont import PDFUnicodeNotDefined
 from pdfminer.pdfinterp import PDFPageInterpreter, PDFResourceManager
 from pdfminer.pdfpage import PDFPage
 from pdfminer.pdfparser import PDFParser
 from pdfminer.psexceptions import PSException
-from pdfminer.utils import decode_text
+from pdfminer.utils import apply_matrix_rect, decode_text, mult_matrix
 
-# Book prose: one column, horizontal lines. boxes_flow=None skips pdfminer's costly text-box
-# ordering; rows are ordered by position in ``clean`` instead. all_texts reads text drawn inside
-# form XObjects too (some producers put every page in one).
-LAPARAMS = LAParams(
-    line_overlap=0.5,
-    char_margin=2.0,
-    line_margin=0.5,
-    word_margin=0.1,
-    boxes_flow=None,
-    detect_vertical=False,
-    all_texts=True,
-)
 FLAG_DROP_CAP = 1  # the line began with a large initial letter, joined to its word
+# Grouping characters into lines (multiples of the character size): wider gaps than
+# CHAR_MARGIN split a line (columns, far-apart running-head parts), wider than WORD_GAP
+# are a word space the PDF did not draw.
+CHAR_MARGIN = 2.0
+WORD_GAP = 0.12
+BASELINE_TOLERANCE = 0.3
 
 
 class WorkerError(Exception):
@@ -181,51 +177,184 @@ def document_title(doc: PDFDocument) -> str | None:
     return None
 
 
-# --- pages -----------------------------------------------------------------------------------------
+# --- pages ---------------------------------------------------------------------------------------
+
+Char = tuple[float, float, float, float, float, float, str]  # x0, x1, y0, y1, baseline, size, text
 
 
-def _line(line: LTTextLineHorizontal) -> tuple:
-    chars = [c for c in line if isinstance(c, LTChar)]
-    sizes = sorted(c.size for c in chars)
-    size = sizes[len(sizes) // 2] if sizes else 0.0
-    items = list(line)
-    flags = 0
-    # A drop cap ("I" two lines tall, then "n the days") is grouped with its line after a gap
-    # that pdfminer turns into a space: join it back to its word.
-    if (
-        len(items) > 2
-        and isinstance(items[0], LTChar)
-        and isinstance(items[1], LTAnno)
-        and items[0].get_text().isalpha()
-        and size > 0
-        and items[0].size > 1.6 * size
-    ):
-        text = items[0].get_text() + "".join(i.get_text() for i in items[2:])
-        flags |= FLAG_DROP_CAP
-    else:
-        text = line.get_text()
-    text = text.rstrip("\n").encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
-    # Vertical extent from the median character, so a drop cap or a tall bracket does not make
-    # the line overlap its neighbours (rows are rebuilt from these positions).
-    if chars:
-        bottom = sorted(c.y0 for c in chars)[len(chars) // 2]
-        top = sorted(c.y1 for c in chars)[len(chars) // 2]
-    else:
-        bottom, top = line.y0, line.y1
-    return (line.x0, bottom, line.x1, top, round(size, 2), text, flags)
+class CharDevice(PDFTextDevice):
+    """Records each character's box and text, and each image's box; nothing else.
+
+    pdfminer's own pipeline builds an object per character and then a full layout (text
+    boxes, their reading order); prose needs only lines, which :func:`group_lines` makes
+    from plain tuples at a fraction of the cost. The arithmetic mirrors
+    ``PDFTextDevice.render_string_horizontal`` and ``LTChar``.
+    """
+
+    def __init__(self, rsrcmgr: PDFResourceManager) -> None:
+        super().__init__(rsrcmgr)
+        self.chars: list[Char] = []
+        self.images: list[tuple[float, float, float, float]] = []
+        self.rotated = 0  # characters not on a horizontal baseline: not prose, skipped
+        self._figures: list[tuple[Any, Any]] = []
+
+    def begin_page(self, page: PDFPage, ctm: Any) -> None:
+        self.chars, self.images, self.rotated, self._figures = [], [], 0, []
+
+    def begin_figure(self, name: str, bbox: Any, matrix: Any) -> None:
+        self._figures.append((bbox, mult_matrix(matrix, self.ctm)))
+
+    def end_figure(self, name: str) -> None:
+        if self._figures:
+            self._figures.pop()
+
+    def render_image(self, name: str, stream: Any) -> None:
+        if self._figures:
+            bbox, matrix = self._figures[-1]
+            box = apply_matrix_rect(matrix, bbox)
+            if math.isfinite(sum(box)):
+                self.images.append(box)
+
+    def render_string(self, textstate: Any, seq: Any, ncs: Any, graphicstate: Any) -> None:
+        font = textstate.font
+        if font is None or font.is_vertical():
+            return  # vertical writing is not book prose in our languages
+        a, b, c, d, e, f = mult_matrix(textstate.matrix, self.ctm)
+        fontsize = textstate.fontsize
+        scaling = textstate.scaling * 0.01
+        charspace = textstate.charspace * scaling
+        wordspace = 0 if font.is_multibyte() else textstate.wordspace * scaling
+        dxscale = 0.001 * fontsize * scaling
+        rise = textstate.rise
+        low = font.get_descent() * fontsize + rise
+        high = low + fontsize
+        size = abs(d * fontsize)
+        x, y = textstate.linematrix
+        upright = b == 0 and d != 0
+        chars = self.chars
+        needcharspace = False
+        for obj in seq:
+            if isinstance(obj, (int, float)):
+                x -= obj * dxscale
+                needcharspace = True
+                continue
+            if not isinstance(obj, bytes):
+                continue
+            for cid in font.decode(obj):
+                if needcharspace:
+                    x += charspace
+                try:
+                    text = font.to_unichr(cid)
+                except PDFUnicodeNotDefined:
+                    text = f"(cid:{cid})"
+                adv = font.char_width(cid) * fontsize * scaling
+                if upright:
+                    x0 = a * x + c * (y + low) + e
+                    x1 = a * (x + adv) + c * (y + high) + e
+                    y0 = d * (y + low) + f
+                    y1 = d * (y + high) + f
+                    chars.append(
+                        (min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1), d * (y + rise) + f, size, text)
+                    )
+                else:
+                    self.rotated += 1
+                x += adv
+                if cid == 32 and wordspace:
+                    x += wordspace
+                needcharspace = True
+        textstate.linematrix = (x, y)
 
 
-def _collect(container: Any, lines: list, images: list) -> None:
-    for obj in container:
-        if isinstance(obj, LTTextLineHorizontal):
-            if obj.get_text().strip():
-                lines.append(_line(obj))
-        elif isinstance(obj, (LTTextBox, LTFigure)):
-            if isinstance(obj, LTFigure) and any(isinstance(o, LTImage) for o in obj):
-                images.append((obj.x0, obj.y0, obj.x1, obj.y1))
-            _collect(obj, lines, images)
-        elif isinstance(obj, LTImage):
-            images.append((obj.x0, obj.y0, obj.x1, obj.y1))
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _line(chars: list[Char], flags: int = 0) -> tuple:
+    """One line tuple from characters sorted left to right: spaces where the PDF left gaps."""
+    parts = [chars[0][6]]
+    for prev, ch in itertools.pairwise(chars):
+        gap = ch[0] - prev[1]
+        if gap > WORD_GAP * max(ch[5], prev[5]) and not prev[6].isspace() and not ch[6].isspace():
+            parts.append(" ")
+        parts.append(ch[6])
+    text = "".join(parts).encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
+    bottom = _median([ch[2] for ch in chars])
+    top = _median([ch[3] for ch in chars])
+    size = _median([ch[5] for ch in chars])
+    return (chars[0][0], bottom, max(ch[1] for ch in chars), top, round(size, 2), text, flags)
+
+
+def group_lines(chars: list[Char]) -> list[tuple]:
+    """Characters -> lines: same baseline, left to right, split at wide gaps.
+
+    Vertical extents come from the median character, so a drop cap or a tall bracket does
+    not make a line overlap its neighbours. A drop cap (one large letter beside the first
+    lines of a paragraph) is joined to the word it begins.
+    """
+    # Hostile matrices give NaN or infinite positions: such characters have no place on a line.
+    chars = [ch for ch in chars if ch[6] and math.isfinite(ch[0] + ch[1] + ch[2] + ch[3] + ch[4] + ch[5])]
+    if not chars:
+        return []
+    typical = _median([ch[5] for ch in chars])
+    big = [ch for ch in chars if ch[5] > 1.8 * typical and ch[6].isalpha() and len(ch[6]) == 1]
+    # A drop cap stands alone: no other large glyph on its baseline beside it (a title's do).
+    drop_caps = [
+        ch
+        for ch in big
+        if not any(
+            o is not ch
+            and abs(o[4] - ch[4]) < 0.3 * ch[5]
+            and min(abs(o[0] - ch[1]), abs(ch[0] - o[1])) < ch[5]
+            for o in big
+        )
+    ]
+    if drop_caps:
+        chars = [ch for ch in chars if not any(ch is cap for cap in drop_caps)]
+    chars.sort(key=lambda ch: (-ch[4], ch[0]))
+    groups: list[list[Char]] = []
+    for ch in chars:
+        if groups and abs(groups[-1][0][4] - ch[4]) <= BASELINE_TOLERANCE * max(ch[5], 1.0):
+            groups[-1].append(ch)
+        else:
+            groups.append([ch])
+    lines: list[tuple] = []
+    for group in groups:
+        group.sort(key=lambda ch: ch[0])
+        start = 0
+        for i in range(1, len(group)):
+            if group[i][0] - group[i - 1][1] > CHAR_MARGIN * max(group[i][5], group[i - 1][5]):
+                lines.append(_line(group[start:i]))
+                start = i
+        lines.append(_line(group[start:]))
+    for cap in drop_caps:
+        x0, x1, y0, y1, _, size, letter = cap
+        beside = [
+            (i, ln)
+            for i, ln in enumerate(lines)
+            if y0 - 0.2 * size <= ln[1] <= y1 and 0 <= ln[0] - x1 < size and ln[5][:1].isalpha()
+        ]
+        if beside:
+            i, ln = max(beside, key=lambda item: item[1][1])  # the top one
+            # An opening quote set before the drop cap ("“" + "O" + "pen the gate") joins too.
+            quote = next(
+                (
+                    j
+                    for j, q in enumerate(lines)
+                    if len(q[5]) <= 2
+                    and not any(c.isalnum() for c in q[5])
+                    and abs(q[1] - ln[1]) < 0.5 * ln[4]
+                    and -0.2 * size <= x0 - q[2] < size
+                ),
+                None,
+            )
+            prefix, start = (lines[quote][5], lines[quote][0]) if quote is not None else ("", x0)
+            lines[i] = (start, ln[1], ln[2], ln[3], ln[4], prefix + letter + ln[5], ln[6] | FLAG_DROP_CAP)
+            if quote is not None:
+                del lines[quote]
+        else:
+            lines.append((x0, y0, x1, y1, round(size, 2), letter, 0))
+    return lines
 
 
 # pdfminer logs (and otherwise survives) damage it met; the ones a user should hear about.
@@ -252,14 +381,15 @@ class _Notes(logging.Handler):
 NOTES = _Notes()
 
 
-def read_page(interpreter: PDFPageInterpreter, device: PDFPageAggregator, index: int, page: PDFPage) -> tuple:
+def read_page(interpreter: PDFPageInterpreter, device: CharDevice, index: int, page: PDFPage) -> tuple:
     x0, y0, x1, y1 = page.mediabox
     lines: list = []
     images: list = []
     NOTES.notes.clear()
     try:
         interpreter.process_page(page)
-        _collect(device.get_result(), lines, images)
+        lines = [ln for ln in group_lines(device.chars) if ln[5].strip()]
+        images = device.images
         error = None
     except MemoryError:
         raise
@@ -286,7 +416,7 @@ def serve(spec: dict) -> None:
     title = document_title(doc) if spec.get("meta") else None
     _send({"t": "meta", "pages": len(pages), "title": title, "repaired": repaired})
     rsrcmgr = PDFResourceManager(caching=True)
-    device = PDFPageAggregator(rsrcmgr, laparams=LAPARAMS)
+    device = CharDevice(rsrcmgr)
     interpreter = PDFPageInterpreter(rsrcmgr, device)
     for command in sys.stdin:
         start, stop = json.loads(command)["block"]
