@@ -242,3 +242,54 @@ def wait_job(
         return job if job.state in TERMINAL else None
 
     return wait_for(f"job {job_id} to end", probe, timeout, logs=logs)
+
+
+# --- what a finished job left in the store ---------------------------------------------------------
+
+
+def verify_job_outputs(store: Any, job: jobs_pb2.Job, model: Any, base_name: str) -> dict[str, int]:
+    """Every checkpoint and adapter the job left in the store is whole and loadable.
+
+    Checkpoints: each file matches the size and sha256 in the checkpoint's manifest, the
+    adapter weights load with safetensors and the training state with ``torch.load``
+    (weights only); the last-good pointer names a complete checkpoint. Adapters: each
+    published version downloads checksum-verified and passes the inference server's own
+    validation against the base model (names, shapes, finite values).
+    """
+    import hashlib
+    import tempfile
+
+    import torch
+    from novelcrafter.inference.lora import load_lora
+    from safetensors.torch import load_file
+
+    from novelcrafter import adapters, layout
+
+    counts = {"checkpoints": 0, "adapters": 0}
+    with tempfile.TemporaryDirectory(prefix="nc-verify-") as tmp:
+        for part in job.parts:
+            root = layout.part_checkpoints_prefix(job.job_id, part.index)
+            keys = store.list(root)
+            for manifest_key in [k for k in keys if k.endswith("/manifest.json")]:
+                prefix = manifest_key[: -len("manifest.json")]
+                manifest = store.get_json(manifest_key)
+                folder = Path(tmp) / f"ckpt-{counts['checkpoints']}"
+                for name, expected in manifest["files"].items():
+                    path = store.download(prefix + name, folder / name)
+                    assert path.stat().st_size == expected["size"], f"{prefix}{name}: size"
+                    assert hashlib.sha256(path.read_bytes()).hexdigest() == expected["sha256"], (
+                        f"{prefix}{name}"
+                    )
+                assert load_file(str(folder / "adapter_model.safetensors"))
+                torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+                counts["checkpoints"] += 1
+            if layout.last_checkpoint_key(job.job_id, part.index) in keys:
+                pointed = store.get_json(layout.last_checkpoint_key(job.job_id, part.index))["key"]
+                assert store.exists(pointed + "manifest.json"), f"last.json names an incomplete {pointed}"
+        for meta in adapters.list_versions(store, job.book_id):
+            if meta.job_id != job.job_id:
+                continue
+            folder = adapters.download_adapter(store, meta, Path(tmp) / meta.version, verify=True)
+            load_lora(folder, model, dtype=torch.float32, trained_on=meta.base_model, base_name=base_name)
+            counts["adapters"] += 1
+    return counts

@@ -1,0 +1,93 @@
+"""The object store goes away for about 20 seconds in the middle of training.
+
+Real processes: ``serve ingest`` (with the coordinator) and ``serve trainer``, both on a
+moto S3 server behind a FaultProxy that cuts every connection and refuses new ones for
+the outage. Both retry with backoff (their logs show it) instead of failing; training
+carries on afterwards, the job succeeds, and every checkpoint and adapter left in the
+store verifies (checksums) and loads.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_support import (
+    book_pdf,
+    client_settings,
+    create_job,
+    get_job,
+    ingest_book,
+    start_ingest,
+    start_trainer,
+    tiny_job_config,
+    verify_job_outputs,
+    wait_for,
+    wait_job,
+)
+from faultproxy import FaultProxy
+
+from novelcrafter.store import open_store
+from novelcrafter.v1 import jobs_pb2
+
+OUTAGE_SECONDS = 20
+RETRY_LINE = "failed, retrying"  # what the store logs on each retried operation (novelcrafter/store.py)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_training_survives_a_20_second_store_outage(
+    moto_server: dict[str, str], base_model: tuple[Any, Any], tmp_path: Path
+) -> None:
+    proxy = FaultProxy(int(moto_server["NOVELCRAFTER_S3_ENDPOINT"].rsplit(":", 1)[1]))
+    env = {
+        **moto_server,
+        "NOVELCRAFTER_S3_ENDPOINT": proxy.address,
+        "NOVELCRAFTER_STORE_RETRY_SECONDS": str(OUTAGE_SECONDS * 3),  # rides out the outage
+    }
+    store_url = "s3://outage-training/run"
+    ingest = start_ingest(store_url, tmp_path, env=env)
+    trainer = start_trainer(store_url, ingest.address, tmp_path, env=env)
+
+    def logs() -> str:
+        return f"--- ingest\n{ingest.output()[-3000:]}\n--- trainer\n{trainer.output()[-5000:]}"
+
+    try:
+        manifest = ingest_book(ingest.address, book_pdf(80, seed=41), parts=2).manifest
+        job = create_job(ingest.address, manifest.book_id, tiny_job_config(steps=2))
+        # Cut the network the moment part 1 is claimed: the worker is about to read its data
+        # and the previous part's adapter, the coordinator to persist progress.
+        claimed = f"part claimed job={job.job_id} part=1"
+        wait_for("part 1 to be claimed", lambda: claimed in trainer.output(), 600, every=0.05, logs=logs)
+        proxy.cut()
+        cut_at = time.monotonic()
+        during = get_job(ingest.address, job.job_id)
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - cut_at)))
+        proxy.restore()
+        assert during.state == jobs_pb2.JOB_STATE_RUNNING
+
+        done = wait_job(ingest.address, job.job_id, 600, logs=logs)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{done.error}\n{logs()}"
+        assert proxy.refused > 0, "nothing tried the store during the outage"
+        assert RETRY_LINE in trainer.output(), "the worker did not retry the store:\n" + logs()
+        assert RETRY_LINE in ingest.output(), "the coordinator did not retry the store:\n" + logs()
+        assert "Traceback" not in trainer.output() + ingest.output(), logs()
+    finally:
+        trainer.stop()
+        ingest.stop()
+        proxy.close()
+
+    store = open_store(store_url, client_settings(**_s3(moto_server)))
+    counts = verify_job_outputs(store, done, base_model[0], "smollm2-135m-instruct")
+    assert counts["adapters"] == 2 and counts["checkpoints"] >= 2, counts
+
+
+def _s3(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "s3_endpoint": env["NOVELCRAFTER_S3_ENDPOINT"],
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+    }
