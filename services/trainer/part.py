@@ -248,7 +248,7 @@ def _train(
     )
     while not training.done:
         if hooks.should_stop():
-            if saved_step != training.progress.step:
+            if training.progress.step > 0 and saved_step != training.progress.step:
                 checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
                 hooks.report(_update(training, "checkpoint", "checkpoint before stopping"), checkpoint_key)
             raise Interrupted(checkpoint_key)

@@ -399,6 +399,8 @@ class Worker:
                 tm.PARTS.labels("completed").inc()
                 if job.hub_repo_id and self.hub is not None:
                     self.hub.push(job.hub_repo_id, job.part, result.adapter_dir)
+                elif job.hub_repo_id:
+                    log.warning("job asks for a Hub push but HF_TOKEN is not set: not pushing", extra=where)
         finally:
             shutil.rmtree(result.adapter_dir, ignore_errors=True)
 
