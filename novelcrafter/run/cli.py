@@ -41,7 +41,7 @@ def run_command(
     prompt: Annotated[
         str | None, typer.Option("--prompt", help="Prompt continued by the base model and the tuned adapter")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate")] = 80,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (the same for both models)")] = 7,
     device: Annotated[str | None, typer.Option("--device", help="Trainer device: cpu or cuda")] = None,
     keep_services: Annotated[

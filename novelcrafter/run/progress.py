@@ -96,6 +96,14 @@ def follow(
         done.set()
 
 
+def _message(event: jobs_pb2.JobEvent) -> str:
+    """A coordinator message, prefixed with its part unless it already names it."""
+    where = f"part {event.part_index:02d}"
+    if event.part_index < 0 or event.message.startswith(where):
+        return event.message
+    return f"{where}: {event.message}"
+
+
 class LineView:
     """Plain lines: state changes and results; training progress every ``every`` seconds."""
 
@@ -118,8 +126,7 @@ class LineView:
         elif kind == "metrics":
             self._print(metrics_line(part, event.metrics))
         elif kind == "message" and event.message:
-            where = f"part {part:02d}: " if part >= 0 else ""
-            self._print(f"{where}{event.message}")
+            self._print(_message(event))
         elif kind == "progress" and not self.quiet:
             p = event.progress
             now = time.monotonic()
@@ -192,7 +199,7 @@ class BarView:
         elif kind == "metrics":
             self.console.print(metrics_line(part, event.metrics))
         elif kind == "message" and event.message:
-            self.console.print(("" if part < 0 else f"part {part:02d}: ") + event.message)
+            self.console.print(_message(event), markup=False, highlight=False)
         elif kind == "progress":
             p = event.progress
             if p.phase == "train":

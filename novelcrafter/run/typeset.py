@@ -287,7 +287,11 @@ def _chapter_label(title: str) -> tuple[str, str]:
 
 
 def render(story: Story, pages: list[Page], out: Path) -> None:
+    import logging
+
     from fpdf import FPDF
+
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # font subsetting chatter at INFO
 
     pdf = FPDF(unit="mm", format=(PAGE_W, PAGE_H))
     pdf.set_auto_page_break(False)
