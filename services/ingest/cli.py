@@ -92,31 +92,40 @@ def _read_pdf(path: Path) -> bytes:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror or exc}")
 
 
+_STAGES = {"extract": "extracting pages", "clean": "cleaning", "write": "writing parts"}
+
+
 class _Progress:
     """A progress bar on a terminal (stderr), nothing otherwise."""
 
     def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
         self.bar: Any = None
-        self.stage = ""
+        self.tasks: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if not sys.stderr.isatty():
+        if not self.enabled:
             return
-        from tqdm import tqdm
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            unit = "page" if stage == "extract" else "step"
-            self.bar = tqdm(total=total, desc=stage, unit=unit, leave=False)
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
+            self.bar = Progress(
+                TextColumn("{task.description:<18}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(_STAGES.get(stage, stage), total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.stop()
             self.bar = None
 
 
