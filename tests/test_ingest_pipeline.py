@@ -271,3 +271,17 @@ def test_not_a_pdf_is_a_clear_error(tmp_path: Path, data: bytes, message: str) -
     with pytest.raises(InvalidArgument, match=message):
         ingest(store, data)
     assert store.list("") == []
+
+
+def test_ingest_into_an_s3_store(s3_settings: dict[str, str]) -> None:
+    """The same pipeline on the S3 backend (a real moto server process)."""
+    from novelcrafter.config import get_settings
+
+    store = open_store("s3://ingest-books/prefix", get_settings())
+    pdf = book_pdf(Book(prose(10)))
+    manifest = ingest(store, pdf, params=SMALL).manifest
+    keys = store.list("books/")
+    assert layout.manifest_key(manifest["book_id"]) in keys and len(keys) == 7
+    assert store.get(layout.source_key(manifest["book_id"])) == pdf
+    assert ingest(store, pdf, params=SMALL).already_existed
+    assert list_books(store) == [manifest]

@@ -8,6 +8,7 @@ server keeps answering health checks with its memory bounded.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -318,6 +319,12 @@ def test_cli_ingests_locally_and_through_a_server(server: Server, tmp_path: Path
         "ingest", str(pdf_path), "--store", str(tmp_path / "other"), "--parts", "30", "--auto-reduce-parts"
     )
     assert reduced.returncode == 0 and "reduced to 2" in reduced.stdout
+    # Locally into the server's store, then the job is registered with its coordinator.
+    env = base_env(NOVELCRAFTER_COORDINATOR=server.address)
+    with_job = run_cli(*args, "--store", str(server.store), "--create-job", env=env)
+    assert with_job.returncode == 0, with_job.stderr
+    assert "(already ingested)" in with_job.stdout  # the remote ingest above put it there
+    assert re.search(r"job j-[0-9a-f]{12} created", with_job.stdout), with_job.stdout
     missing = run_cli("ingest", str(tmp_path / "nope.pdf"), "--store", str(store))
     assert (
         missing.returncode != 0 and missing.stderr.strip() == f"error: no such file: {tmp_path / 'nope.pdf'}"
