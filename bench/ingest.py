@@ -32,6 +32,7 @@ def baseline_seconds(path: Path) -> float:
 
 def ours_seconds(path: Path) -> tuple[float, dict]:
     from novelcrafter.ingest.pipeline import ingest
+
     from novelcrafter.store import open_store
 
     data = path.read_bytes()
@@ -61,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     from novelcrafter.ingest.extract import Limits
 
     print(f"ingest benchmark: {Limits.from_env().workers} extraction workers, best of {args.repeat}")
-    header = f"{'book':<28}{'pages':>6}{'pdfminer s':>12}{'ours s':>9}{'pdfminer p/s':>14}{'ours p/s':>10}{'ratio':>7}"
-    print(header)
+    columns = (
+        ("pages", 6),
+        ("pdfminer s", 12),
+        ("ours s", 9),
+        ("pdfminer p/s", 14),
+        ("ours p/s", 10),
+        ("ratio", 7),
+    )
+    print(f"{'book':<28}" + "".join(f"{name:>{width}}" for name, width in columns))
     total_pages = total_base = total_ours = 0.0
     cleaning_rows = []
     for path in books:

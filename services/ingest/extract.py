@@ -10,7 +10,7 @@ keeps serving.
 
 Limits (environment):
     NOVELCRAFTER_EXTRACT_WORKERS       worker processes (default: the usable cores)
-    NOVELCRAFTER_EXTRACT_MEMORY_MB     address-space limit per worker (default 1024)
+    NOVELCRAFTER_EXTRACT_MEMORY_MB     address-space limit per worker (default 512; books need ~150)
     NOVELCRAFTER_EXTRACT_TIMEOUT       seconds for the whole document (default 300)
     NOVELCRAFTER_EXTRACT_PAGE_TIMEOUT  seconds a worker may spend on one page (default 30)
     NOVELCRAFTER_MAX_PAGES             pages a PDF may have (default 5000)
@@ -89,7 +89,7 @@ def usable_cores() -> int:
 @dataclass(frozen=True)
 class Limits:
     workers: int
-    memory_mb: int = 1024
+    memory_mb: int = 512
     timeout_s: float = 300.0
     page_timeout_s: float = 30.0
     max_pages: int = 5000
@@ -99,7 +99,7 @@ class Limits:
         workers = int(_env_number("NOVELCRAFTER_EXTRACT_WORKERS", 0)) or usable_cores()
         return cls(
             workers=max(1, min(workers, 32)),
-            memory_mb=int(_env_number("NOVELCRAFTER_EXTRACT_MEMORY_MB", 1024)),
+            memory_mb=int(_env_number("NOVELCRAFTER_EXTRACT_MEMORY_MB", 512)),
             timeout_s=_env_number("NOVELCRAFTER_EXTRACT_TIMEOUT", 300.0),
             page_timeout_s=_env_number("NOVELCRAFTER_EXTRACT_PAGE_TIMEOUT", 30.0),
             max_pages=int(_env_number("NOVELCRAFTER_MAX_PAGES", 5000)),
