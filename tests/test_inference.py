@@ -74,13 +74,13 @@ def adapter_dirs(trainer_model: tuple[Any, Any], tmp_path_factory: pytest.TempPa
     """Real LoRAs: book A parts 0..3 (each trained on top of the previous), books B and C."""
     model, tok = trainer_model
     root = tmp_path_factory.mktemp("adapters")
-    dirs = {"A0": train_lora(model, tok, [SEA], root / "A0", steps=6, lr=3e-3, seed=1)}
+    dirs = {"A0": train_lora(model, tok, [SEA], root / "A0", steps=3, lr=5e-3, seed=1)}
     for part in (1, 2, 3):
         dirs[f"A{part}"] = train_lora(
-            model, tok, [SEA], root / f"A{part}", steps=2, lr=3e-3, seed=part, init_from=dirs[f"A{part - 1}"]
+            model, tok, [SEA], root / f"A{part}", steps=1, lr=5e-3, seed=part, init_from=dirs[f"A{part - 1}"]
         )
-    dirs["B0"] = train_lora(model, tok, [KITCHEN], root / "B0", steps=6, lr=3e-3, seed=2)
-    dirs["C0"] = train_lora(model, tok, [FOREST], root / "C0", steps=6, lr=3e-3, seed=3, rank=4, alpha=8)
+    dirs["B0"] = train_lora(model, tok, [KITCHEN], root / "B0", steps=3, lr=5e-3, seed=2)
+    dirs["C0"] = train_lora(model, tok, [FOREST], root / "C0", steps=3, lr=5e-3, seed=3, rank=4, alpha=8)
     return dirs
 
 
