@@ -67,7 +67,7 @@ def _serve(
 ) -> Service:
     address = address or f"127.0.0.1:{free_port()}"
     name = name or kind
-    child_env = base_env(NOVELCRAFTER_METRICS_LISTEN="off", **(env or {}))
+    child_env = base_env(**{"NOVELCRAFTER_METRICS_LISTEN": "off", **(env or {})})
     argv = [NOVELCRAFTER, "serve", kind, "--listen", address, *args]
     log_path = log_dir / f"{name}.log"
     if log_path.exists():  # a restart: keep the first run's log beside the new one
@@ -102,7 +102,7 @@ def start_trainer(
     store: str, coordinator: str, log_dir: Path, *, name: str = "trainer", env: dict[str, str] | None = None
 ) -> Service:
     """``novelcrafter serve trainer``: a worker (no gRPC port of its own; it polls the coordinator)."""
-    child_env = base_env(NOVELCRAFTER_METRICS_LISTEN="off", **(env or {}))
+    child_env = base_env(**{"NOVELCRAFTER_METRICS_LISTEN": "off", **(env or {})})
     argv = [
         NOVELCRAFTER, "serve", "trainer", "--store", store, "--coordinator", coordinator,
         "--worker-id", name, "--poll-seconds", "0.5",

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -22,15 +25,25 @@ from fault_support import (
     client_settings,
     ingest_book,
     ingest_requests,
+    start_inference,
     start_ingest,
     wait_for,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import BOOKS, require_shared
+from prometheus_client.parser import text_string_to_metric_families
+from support import BOOKS, free_port, require_shared
 
 from novelcrafter import layout
 from novelcrafter.rpc import connect
-from novelcrafter.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from novelcrafter.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
 
 pytestmark = pytest.mark.integration
 J = jobs_pb2
@@ -304,3 +317,157 @@ def test_ingest_with_a_short_deadline_stops_working_after_it(tmp_path: Path) -> 
         assert ingest_book(server.address, book_pdf(60, seed=31)).manifest.book_id
     finally:
         server.stop()
+
+
+# --- inference ------------------------------------------------------------------------------------
+
+CAP_NEW_TOKENS = 300
+CAP_PROMPT_TOKENS = 32
+
+
+@dataclass
+class Inference:
+    service: Service
+    root: Path
+    metrics_port: int
+
+    def stub(self, channel: grpc.Channel) -> inference_pb2_grpc.InferenceServiceStub:
+        return inference_pb2_grpc.InferenceServiceStub(channel)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from the server's own /metrics endpoint (0 when absent)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read()
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def limited_inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inference]:
+    """An inference server that runs ONE generation at a time, with small caps."""
+    root = tmp_path_factory.mktemp("limits-inference")
+    (root / "secret").mkdir()
+    (root / "secret" / "adapter_model.safetensors").write_bytes(b"not yours")
+    metrics_port = free_port()
+    env = {
+        "NOVELCRAFTER_MAX_CONCURRENCY": "1",
+        "NOVELCRAFTER_MAX_NEW_TOKENS_CAP": str(CAP_NEW_TOKENS),
+        "NOVELCRAFTER_MAX_PROMPT_TOKENS": str(CAP_PROMPT_TOKENS),
+        "NOVELCRAFTER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+    }
+    server = start_inference(str(root / "store"), root, env=env)
+    yield Inference(server, root, metrics_port)
+    assert server.alive(), server.output()[-3000:]
+    server.stop()
+
+
+def _request(prompt: str = "The night was long and", **fields: Any) -> inference_pb2.GenerateRequest:
+    fields.setdefault("adapter", "base")
+    return inference_pb2.GenerateRequest(prompt=prompt, **fields)
+
+
+LONG = {"max_new_tokens": CAP_NEW_TOKENS, "temperature": 1.0, "repetition_penalty": 1.0}
+
+
+@pytest.mark.timeout(120)
+def test_prompt_length_and_max_new_tokens_caps(limited_inference: Inference) -> None:
+    long_prompt = " ".join(["lantern"] * 200)
+    with connect(limited_inference.service.address, client_settings()) as channel:
+        stub = limited_inference.stub(channel)
+        cases = {
+            "max_new_tokens over the cap": _request(max_new_tokens=CAP_NEW_TOKENS + 1),
+            "negative max_new_tokens": _request(max_new_tokens=-5),
+            "prompt over the token cap": _request(long_prompt, max_new_tokens=4),
+            "prompt over the character cap": _request("x" * 300_000, max_new_tokens=4),
+        }
+        for what, request in cases.items():
+            for name, call in (
+                ("Generate", lambda r=request: stub.Generate(r, timeout=60)),
+                ("GenerateStream", lambda r=request: list(stub.GenerateStream(r, timeout=60))),
+            ):
+                code, message = _code(call)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, name, code, message)
+        _, message = _code(lambda: stub.Generate(cases["prompt over the token cap"], timeout=60))
+        assert f"the limit is {CAP_PROMPT_TOKENS}" in message
+        _, message = _code(lambda: stub.Generate(cases["max_new_tokens over the cap"], timeout=60))
+        assert f"cap of {CAP_NEW_TOKENS}" in message
+        assert stub.Generate(_request(max_new_tokens=3), timeout=120).completion_tokens >= 1
+
+
+@pytest.mark.timeout(180)
+def test_generations_beyond_the_cap_are_refused_not_queued(limited_inference: Inference) -> None:
+    with connect(limited_inference.service.address, client_settings()) as channel:
+        stub = limited_inference.stub(channel)
+        running = stub.GenerateStream(_request(seed=3, **LONG), timeout=300)
+        next(running)  # the one allowed generation is producing tokens now
+        try:
+            code, message = _code(lambda: stub.Generate(_request(max_new_tokens=2), timeout=60))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in message, message
+            code, _ = _code(lambda: list(stub.GenerateStream(_request(max_new_tokens=2), timeout=60)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            running.cancel()
+        wait_for("the slot to be free", lambda: stub.Generate(_request(max_new_tokens=2), timeout=60), 120)
+
+
+@pytest.mark.timeout(180)
+def test_generate_past_its_deadline_stops_using_the_server(limited_inference: Inference) -> None:
+    """The client's deadline passes: the server cancels that generation (its status is CANCELLED,
+    not OK after running to the end) and the one slot is free again."""
+    inf = limited_inference
+    labels = {"method": "Generate", "status": "CANCELLED", "book": "base", "adapter": "base"}
+    cancelled = inf.metric("novelcrafter_inference_requests_total", **labels)
+    produced = inf.metric("novelcrafter_inference_generated_tokens_total", book="base", adapter="base")
+    with connect(inf.service.address, client_settings()) as channel:
+        stub = inf.stub(channel)
+        code, _ = _code(lambda: stub.Generate(_request(seed=4, **LONG), timeout=1.0))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(
+            "the server to cancel the generation",
+            lambda: (
+                inf.metric("novelcrafter_inference_requests_total", **labels) > cancelled
+                and inf.metric("novelcrafter_inference_active_generations") == 0
+            ),
+            120,
+            logs=inf.service.output,
+        )
+        tokens = inf.metric("novelcrafter_inference_generated_tokens_total", book="base", adapter="base")
+        assert tokens - produced < CAP_NEW_TOKENS
+        assert stub.Generate(_request(max_new_tokens=2), timeout=60).completion_tokens >= 1
+
+
+@pytest.mark.timeout(120)
+def test_bad_identifiers_are_invalid_argument_on_inference(limited_inference: Inference) -> None:
+    inf = limited_inference
+    before = _snapshot(inf.root / "secret")
+    # The server strips surrounding whitespace from ids, so those variants are not "bad" there.
+    book_ids = [b for b in BAD_BOOK_IDS if b == b.strip()]
+    adapters = [*BAD_VERSIONS, "part--1", "part-1/../2", "../latest", "latest/..", "base/../x"]
+    wrong: dict[str, tuple[grpc.StatusCode, str]] = {}
+    with connect(inf.service.address, client_settings()) as channel:
+        stub = inf.stub(channel)
+        calls: dict[str, Callable[[], object]] = {}
+        for book_id in book_ids:
+            for adapter in ("latest", "base", "part-0"):
+                request = _request(book_id=book_id, adapter=adapter, max_new_tokens=2)
+                calls[f"Generate({book_id!r}, {adapter})"] = lambda r=request: stub.Generate(r, timeout=30)
+                calls[f"GenerateStream({book_id!r}, {adapter})"] = lambda r=request: list(
+                    stub.GenerateStream(r, timeout=30)
+                )
+            for name, method, message in (
+                ("ListAdapters", stub.ListAdapters, inference_pb2.ListAdaptersRequest),
+                ("ReloadAdapters", stub.ReloadAdapters, inference_pb2.ReloadAdaptersRequest),
+            ):
+                calls[f"{name}({book_id!r})"] = lambda m=method, r=message(book_id=book_id): m(r, timeout=30)
+        for adapter in adapters:
+            request = _request(book_id="0123456789abcdef", adapter=adapter, max_new_tokens=2)
+            calls[f"Generate(adapter={adapter!r})"] = lambda r=request: stub.Generate(r, timeout=30)
+        for name, call in calls.items():
+            code, message = _code(call)
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                wrong[name] = (code, message)
+    assert not wrong, _listing(wrong)
+    assert _snapshot(inf.root / "secret") == before
+    assert inf.service.alive()
