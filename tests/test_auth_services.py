@@ -23,6 +23,7 @@ from fault_support import (
     get_job,
     ingest_book,
     ingest_requests,
+    start_inference,
     start_ingest,
     start_trainer,
     tiny_job_config,
@@ -35,7 +36,14 @@ from support import base_env, run_cli
 
 from novelcrafter import layout
 from novelcrafter.rpc import connect
-from novelcrafter.v1 import ingest_pb2, ingest_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from novelcrafter.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
 
 pytestmark = pytest.mark.integration
 WRONG = "wrong-token-that-must-not-leak-4d2c"
@@ -179,3 +187,52 @@ def test_trainer_worker_authenticates_to_the_coordinator(ingest_with_auth: Servi
     finally:
         worker.stop()
     _assert_no_token(intruder.output(), worker.output())
+
+
+@pytest.fixture(scope="module")
+def inference_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("auth-inference")
+    server = start_inference(str(tmp / "store"), tmp, env={"NOVELCRAFTER_AUTH_TOKEN": TOKEN})
+    yield server
+    server.stop()
+    _assert_no_token(server.output())
+
+
+def _inference_calls(channel: grpc.Channel) -> dict[str, Callable[[], object]]:
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    request = inference_pb2.GenerateRequest(prompt="Once upon a time", adapter="base", max_new_tokens=3)
+    return {
+        "Generate": lambda: stub.Generate(request, timeout=60),
+        "GenerateStream": lambda: list(stub.GenerateStream(request, timeout=60)),
+        "ListAdapters": lambda: stub.ListAdapters(inference_pb2.ListAdaptersRequest(), timeout=10),
+        "ReloadAdapters": lambda: stub.ReloadAdapters(inference_pb2.ReloadAdaptersRequest(), timeout=30),
+        "reflection": lambda: _reflection(channel),
+    }
+
+
+@pytest.mark.timeout(180)
+def test_inference_refuses_calls_without_the_token_and_serves_with_it(inference_with_auth: Service) -> None:
+    address = inference_with_auth.address
+    assert _health(address) == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+    for token in (None, WRONG):
+        with connect(address, client_settings(token)) as channel:
+            calls = _inference_calls(channel)
+            codes = {name: _code(call) for name, call in calls.items()}
+        assert codes == dict.fromkeys(calls, grpc.StatusCode.UNAUTHENTICATED), (token, codes)
+    with connect(address, client_settings(TOKEN)) as channel:
+        calls = _inference_calls(channel)
+        codes = {name: _code(call) for name, call in calls.items()}
+        assert codes == dict.fromkeys(calls, grpc.StatusCode.OK), codes
+        assert "novelcrafter.v1.InferenceService" in _reflection(channel)
+
+
+@pytest.mark.timeout(180)
+def test_generate_cli_sends_the_token_from_the_environment(inference_with_auth: Service) -> None:
+    args = ("generate", "Once upon a time", "--adapter", "base", "--max-new-tokens", "3")
+    common = {"NOVELCRAFTER_INFERENCE": inference_with_auth.address}
+    denied = run_cli(*args, env=base_env(**common), timeout=120)
+    assert denied.returncode == 1 and denied.stderr.startswith("error: ") and "bearer token" in denied.stderr
+    ok = run_cli(*args, env=base_env(NOVELCRAFTER_AUTH_TOKEN=TOKEN, **common), timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() and "base" in ok.stderr
+    _assert_no_token(denied.stdout, denied.stderr, ok.stdout, ok.stderr)
