@@ -63,7 +63,7 @@ def _serve(
     address: str | None = None,
     wait: bool = True,
     health_timeout: float = 120.0,
-    health_token: str | None = None,
+    health_settings: Settings | None = None,
 ) -> Service:
     address = address or f"127.0.0.1:{free_port()}"
     name = name or kind
@@ -74,18 +74,19 @@ def _serve(
         log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
     service = Service(name, Proc(argv, child_env, log_path), address, argv, child_env)
     if wait:
-        wait_healthy(service, health_timeout, token=health_token)
+        wait_healthy(service, health_timeout, settings=health_settings)
     return service
 
 
-def wait_healthy(service: Service, timeout: float = 120.0, *, token: str | None = None) -> None:
-    """Wait for SERVING; fail with the service's log if it exits or never gets there."""
+def wait_healthy(service: Service, timeout: float = 120.0, *, settings: Settings | None = None) -> None:
+    """Wait for SERVING (health needs no token; ``settings`` carry TLS where the service uses it);
+    fail with the service's log if it exits or never gets there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not service.alive():
             raise AssertionError(f"{service.name} exited early:\n{service.output()[-4000:]}")
         try:
-            wait_for_health(service.address, timeout=2, settings=client_settings(token))
+            wait_for_health(service.address, timeout=2, settings=settings or client_settings())
             return
         except TimeoutError:
             continue
@@ -123,7 +124,7 @@ def restart(service: Service, *, wait: bool = True, health_timeout: float = 120.
     new = Service(service.name, Proc(service.argv, service.env, log_path), service.address, service.argv)
     new.env = service.env
     if wait:
-        wait_healthy(new, health_timeout, token=service.env.get("NOVELCRAFTER_AUTH_TOKEN"))
+        wait_healthy(new, health_timeout)
     return new
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from certs import make_pki
 from fault_support import (
     TOKEN,
     Service,
@@ -236,3 +237,52 @@ def test_generate_cli_sends_the_token_from_the_environment(inference_with_auth: 
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() and "base" in ok.stderr
     _assert_no_token(denied.stdout, denied.stderr, ok.stdout, ok.stderr)
+
+
+@pytest.mark.timeout(180)
+def test_ingest_over_mutual_tls_with_auth_and_the_cli(tmp_path: Path) -> None:
+    """The real ingest process with a server certificate, client-certificate verification and a
+    token; certificates generated here. The CLI reaches it with the CA, its client certificate
+    and the token from the environment; without the client certificate, or in plaintext, it
+    cannot."""
+    pki = make_pki(tmp_path / "pki")
+    tls = {
+        "tls_ca": str(pki.ca),
+        "tls_client_cert": str(pki.client_cert),
+        "tls_client_key": str(pki.client_key),
+    }
+    server = start_ingest(
+        str(tmp_path / "store"),
+        tmp_path,
+        env={
+            "NOVELCRAFTER_TLS_CERT": str(pki.server_cert),
+            "NOVELCRAFTER_TLS_KEY": str(pki.server_key),
+            "NOVELCRAFTER_TLS_CLIENT_CA": str(pki.ca),
+            "NOVELCRAFTER_AUTH_TOKEN": TOKEN,
+        },
+        health_settings=client_settings(**tls),
+    )
+    try:
+        with connect(server.address, client_settings(TOKEN, **tls)) as channel:
+            jobs_pb2_grpc.JobServiceStub(channel).ListJobs(jobs_pb2.ListJobsRequest(), timeout=10)
+        env = {
+            "NOVELCRAFTER_COORDINATOR": server.address,
+            "NOVELCRAFTER_AUTH_TOKEN": TOKEN,
+            "NOVELCRAFTER_TLS_CA": str(pki.ca),
+        }
+        client_cert = {
+            "NOVELCRAFTER_TLS_CLIENT_CERT": str(pki.client_cert),
+            "NOVELCRAFTER_TLS_CLIENT_KEY": str(pki.client_key),
+        }
+        ok = run_cli("status", env=base_env(**env, **client_cert), timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        no_client_cert = run_cli("status", env=base_env(**env), timeout=60)
+        assert no_client_cert.returncode == 1 and no_client_cert.stderr.startswith("error: ")
+        plaintext = run_cli("status", env=base_env(NOVELCRAFTER_COORDINATOR=server.address), timeout=60)
+        assert plaintext.returncode == 1 and plaintext.stderr.startswith("error: ")
+        for result in (ok, no_client_cert, plaintext):
+            assert "Traceback" not in result.stderr
+            _assert_no_token(result.stdout, result.stderr)
+    finally:
+        server.stop()
+    _assert_no_token(server.output())
