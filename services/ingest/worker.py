@@ -13,7 +13,6 @@ block, or one ``error`` (kind, message) before exiting. A line is
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import math
@@ -231,6 +230,10 @@ class CharDevice(PDFTextDevice):
         size = abs(d * fontsize)
         x, y = textstate.linematrix
         upright = b == 0 and d != 0
+        # y is constant along a horizontal string: its box's vertical extent is computed once.
+        y0, y1 = sorted((d * (y + low) + f, d * (y + high) + f))
+        base = d * (y + rise) + f
+        plain = upright and c == 0 and a > 0  # no skew, no mirroring: the common case
         chars = self.chars
         needcharspace = False
         for obj in seq:
@@ -248,14 +251,13 @@ class CharDevice(PDFTextDevice):
                 except PDFUnicodeNotDefined:
                     text = f"(cid:{cid})"
                 adv = font.char_width(cid) * fontsize * scaling
-                if upright:
+                if plain:
+                    x0 = a * x + e
+                    chars.append((x0, x0 + a * adv, y0, y1, base, size, text))
+                elif upright:
                     x0 = a * x + c * (y + low) + e
                     x1 = a * (x + adv) + c * (y + high) + e
-                    y0 = d * (y + low) + f
-                    y1 = d * (y + high) + f
-                    chars.append(
-                        (min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1), d * (y + rise) + f, size, text)
-                    )
+                    chars.append((min(x0, x1), max(x0, x1), y0, y1, base, size, text))
                 else:
                     self.rotated += 1
                 x += adv
@@ -272,16 +274,18 @@ def _median(values: list[float]) -> float:
 
 def _line(chars: list[Char], flags: int = 0) -> tuple:
     """One line tuple from characters sorted left to right: spaces where the PDF left gaps."""
+    size = _median([ch[5] for ch in chars])
+    gap = WORD_GAP * size
     parts = [chars[0][6]]
-    for prev, ch in itertools.pairwise(chars):
-        gap = ch[0] - prev[1]
-        if gap > WORD_GAP * max(ch[5], prev[5]) and not prev[6].isspace() and not ch[6].isspace():
+    prev = chars[0]
+    for ch in chars[1:]:
+        if ch[0] - prev[1] > gap and prev[6] != " " and ch[6] != " ":
             parts.append(" ")
         parts.append(ch[6])
+        prev = ch
     text = "".join(parts).encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
     bottom = _median([ch[2] for ch in chars])
     top = _median([ch[3] for ch in chars])
-    size = _median([ch[5] for ch in chars])
     return (chars[0][0], bottom, max(ch[1] for ch in chars), top, round(size, 2), text, flags)
 
 
@@ -432,6 +436,7 @@ def serve(spec: dict) -> None:
 def main() -> None:
     """Worker main. The parent reads JSON lines from stdout (never pickles: this process
     handles hostile input, the parent must not trust it with more than data)."""
+    logging.disable(logging.DEBUG)  # pdfminer's parser asks about debug logging per token
     pdfminer_log = logging.getLogger("pdfminer")
     pdfminer_log.handlers[:] = [NOTES]  # nothing on stderr; notable damage is reported per page
     pdfminer_log.propagate = False
