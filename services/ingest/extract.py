@@ -174,7 +174,10 @@ class _Worker:
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         self.last_seen = time.monotonic()
-        return [json.loads(line) for line in lines if line.strip()]
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except ValueError:
+            return None  # not our protocol: treated like a worker that died
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -92,6 +92,8 @@ def ingest(
         log.info("book already ingested", extra=kv(book_id=book_id))
         return IngestResult(existing, True)
 
+    if cancelled is not None and cancelled():
+        raise Aborted("ingest cancelled: the client went away")
     started = time.monotonic()
     extraction = extract_pdf(
         pdf_bytes, password=password, limits=limits, progress=progress, cancelled=cancelled
