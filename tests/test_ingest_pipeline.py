@@ -285,3 +285,26 @@ def test_ingest_into_an_s3_store(s3_settings: dict[str, str]) -> None:
     assert store.get(layout.source_key(manifest["book_id"])) == pdf
     assert ingest(store, pdf, params=SMALL).already_existed
     assert list_books(store) == [manifest]
+
+
+def test_cancelled_ingest_stops_its_workers_and_writes_nothing(tmp_path: Path) -> None:
+    import psutil
+
+    from novelcrafter.errors import Aborted
+
+    polls = []
+
+    def cancelled() -> bool:  # the caller goes away once extraction is under way
+        polls.append(1)
+        return len(polls) > 3
+
+    store = open_store(str(tmp_path / "store"))
+    with pytest.raises(Aborted, match="cancelled"):
+        ingest(store, book_pdf(Book(prose(40))), params=SMALL, cancelled=cancelled)
+    assert store.list("") == []
+    workers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "novelcrafter.ingest.worker" in " ".join(p.cmdline())
+    ]
+    assert workers == []
