@@ -217,6 +217,17 @@ def test_bad_identifiers_are_invalid_argument_on_every_rpc(limited_ingest: tuple
             code, message = _code(lambda request=request: jobs.CreateJob(request, timeout=10))
             if code != grpc.StatusCode.INVALID_ARGUMENT:
                 wrong[f"CreateJob(init_adapter=…/{version!r})"] = (code, message)
+        for config in (
+            common_pb2.JobConfig(lora=common_pb2.LoraConfig(target_modules=["q_proj\n"])),
+            common_pb2.JobConfig(lora=common_pb2.LoraConfig(target_modules=["../q_proj"])),
+            common_pb2.JobConfig(hub_repo_id="owner/name\n"),
+            common_pb2.JobConfig(hub_repo_id="../../owner/name"),
+            common_pb2.JobConfig(base_model="smollm2\x00"),
+        ):
+            request = J.CreateJobRequest(book_id=real_book, config=config)
+            code, message = _code(lambda request=request: jobs.CreateJob(request, timeout=10))
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                wrong[f"CreateJob({config})"] = (code, message)
         for part in (-1, layout.MAX_PARTS, 2**31 - 1):
             lease = J.Lease(lease_id="0" * 32, job_id="j-0123456789ab", part_index=part, worker_id="w")
             code, message = _code(lambda lease=lease: jobs.RenewLease(J.RenewLeaseRequest(lease=lease)))
