@@ -75,7 +75,7 @@ def validate(config: common_pb2.JobConfig) -> None:
         _finite(lora.dropout) and 0 <= lora.dropout < 1,
         f"lora.dropout must be in [0, 1) (got {lora.dropout})",
     )
-    bad_modules = [m for m in lora.target_modules if not _MODULE_RE.match(m)]
+    bad_modules = [m for m in lora.target_modules if not _MODULE_RE.fullmatch(m)]
     need(not bad_modules, f"lora.target_modules has invalid module names {bad_modules[:5]}")
     need(lora.bias in LORA_BIASES, f"lora.bias must be one of {', '.join(LORA_BIASES)} (got {lora.bias!r})")
     need(0 < tr.epochs <= 1000, f"training.epochs must be in 1..1000 (got {tr.epochs})")
@@ -111,7 +111,7 @@ def validate(config: common_pb2.JobConfig) -> None:
         "base_model must be a model name, hub id or path",
     )
     need(
-        not config.hub_repo_id or bool(_HUB_REPO_RE.match(config.hub_repo_id)),
+        not config.hub_repo_id or bool(_HUB_REPO_RE.fullmatch(config.hub_repo_id)),
         f"hub_repo_id must look like 'owner/name' (got {config.hub_repo_id[:100]!r})",
     )
     if problems:
