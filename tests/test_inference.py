@@ -395,6 +395,14 @@ def test_corrupted_or_mismatched_adapters_are_rejected_and_the_previous_version_
         err = rpc_error(lambda v=version: served.generate(book_id=BOOK_B, adapter=v))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "was rejected" in err.details()
 
+    # An unreadable meta.json (written by hand, pointer moved to it) is rejected too.
+    broken = "j-b00000000007-p01"
+    served.store.put(layout.adapter_prefix(BOOK_B, broken) + "meta.json", b"{not json")
+    served.store.put_json(layout.latest_key(BOOK_B), {"version": broken})
+    listing = {a.version.version: a for a in served.reload(BOOK_B).adapters}
+    assert listing[broken].state == "rejected" and "meta.json is unreadable" in listing[broken].error
+    assert served.generate(book_id=BOOK_B, seed=4).adapter.version == good
+
     # A file changed after publication fails its checksum.
     tampered = publish(served.store, adapter_dirs["C0"], BOOK_B, "j-b00000000005", 1)
     key = tampered.prefix + "adapter_model.safetensors"

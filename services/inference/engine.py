@@ -185,7 +185,7 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache, adapter: LoraWeights | None) -> torch.Tensor:
-        """Run a whole prompt alone (no padding) into ``cache``; the last position's logits (fp32)."""
+        """Run a whole prompt alone (no padding) into ``cache``; the last position's logits (fp32, CPU)."""
         n = len(ids)
         if n == 0 or n > cache.capacity:
             raise ValueError(f"prompt of {n} tokens does not fit a cache of {cache.capacity}")
@@ -201,13 +201,13 @@ class Engine:
 
         h = self._layers(tokens, positions, plan, attend)
         cache.length = n
-        return self.lm_head(self.norm(h[-1:])).float()[0]
+        return self.lm_head(self.norm(h[-1:])).float()[0].cpu()
 
     @torch.inference_mode()
     def decode(
         self, tokens: Sequence[int], caches: Sequence[KVCache], adapters: Sequence[LoraWeights | None]
     ) -> torch.Tensor:
-        """One step for a batch of sequences, each at its own length; logits [B, vocab] (fp32)."""
+        """One step for a batch of sequences, each at its own length; logits [B, vocab] (fp32, CPU)."""
         batch = len(tokens)
         rows = max(batch, self.min_rows)
         ids = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -233,7 +233,7 @@ class Engine:
         h = self._layers(ids, positions, plan, attend)
         for cache in caches:
             cache.length += 1
-        return self.lm_head(self.norm(h)).float()[:batch]
+        return self.lm_head(self.norm(h)).float()[:batch].cpu()  # sampling runs on the CPU
 
     def _plan(self, adapters: Sequence[LoraWeights | None], rows: int) -> LoraPlan:
         groups: dict[int, tuple[LoraWeights, list[int]]] = {}

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from novelcrafter import layout
-from novelcrafter.adapters import META, AdapterMeta, download_adapter, read_meta
+from novelcrafter.adapters import META, AdapterMeta, download_adapter
 from novelcrafter.errors import FailedPrecondition, InvalidArgument, NotFound, StoreError
 from novelcrafter.logs import get_logger
 from novelcrafter.store import Store
@@ -108,6 +109,7 @@ class AdapterRegistry:
         self._cache: OrderedDict[tuple[str, str], LoadedAdapter] = OrderedDict()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._last_book_refresh: dict[str, float] = {}
+        self._pointer_problems: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,7 +152,10 @@ class AdapterRegistry:
             books = self._scan_versions(book_id)
             for book in books:
                 self._last_book_refresh[book] = time.monotonic()
-                self._follow_pointer(book)
+                try:
+                    self._follow_pointer(book)
+                except StoreError as exc:  # one unreachable object must not stall the other books
+                    log.warning("adapter scan failed", extra={"fields": {"book": book, "error": str(exc)}})
 
     def _scan_versions(self, book_id: str | None) -> list[str]:
         prefix = layout.adapters_prefix(book_id) if book_id else "adapters/"
@@ -167,40 +172,54 @@ class AdapterRegistry:
         return sorted(books)
 
     def _record(self, book: str, version: str) -> VersionRecord | None:
+        """Read a version's meta.json into a record; an unreadable one is recorded as rejected
+        (once), a missing one (deleted meanwhile) is skipped."""
         try:
-            meta = read_meta(self.store, book, version)
-        except (NotFound, TypeError, ValueError) as exc:
-            log.warning(
-                "unreadable adapter meta",
-                extra={"fields": {"book": book, "version": version, "error": str(exc)}},
+            meta = AdapterMeta(**json.loads(self.store.get(layout.adapter_prefix(book, version) + META)))
+            error = (
+                "" if (meta.book_id, meta.version) == (book, version) else "meta.json names another version"
             )
+        except NotFound:
             return None
-        if meta.book_id != book or meta.version != version:
-            record = VersionRecord(meta, error="meta.json names another book or version")
-        else:
-            record = VersionRecord(meta)
+        except (TypeError, ValueError) as exc:
+            job_id, part = layout.parse_version(version)
+            meta = AdapterMeta(book, version, job_id, part, "")
+            error = f"meta.json is unreadable: {exc}"
+        if error:
+            log.warning(
+                "adapter rejected", extra={"fields": {"book": book, "version": version, "reason": error}}
+            )
         with self._lock:
-            return self._versions.setdefault((book, version), record)
+            return self._versions.setdefault((book, version), VersionRecord(meta, error=error))
+
+    def _read_pointer(self, book: str) -> str | None:
+        """The version the store's `latest` names; None when absent or unusable (logged once)."""
+        try:
+            data = json.loads(self.store.get(layout.latest_key(book)))
+            problem = "" if isinstance(data, dict) else "not a JSON object"
+            target = layout.check_version(str(data.get("version", ""))) if not problem else None
+        except NotFound:
+            return None
+        except (ValueError, InvalidArgument) as exc:
+            problem, target = getattr(exc, "message", str(exc)), None
+        if problem and self._pointer_problems.get(book) != problem:
+            log.warning("unusable latest pointer", extra={"fields": {"book": book, "error": problem}})
+        self._pointer_problems[book] = problem
+        return target
 
     def _follow_pointer(self, book: str) -> None:
-        from novelcrafter.adapters import latest_version
-
-        try:
-            target = latest_version(self.store, book)
-        except InvalidArgument as exc:
-            log.warning("invalid latest pointer", extra={"fields": {"book": book, "error": str(exc)}})
-            target = None
+        target = self._read_pointer(book)
         if target is None:
             return
         with self._lock:
-            unchanged = self._pointers.get(book) == target and book in self._aliases
-            self._pointers[book] = target
-        if unchanged:
-            return
+            if self._pointers.get(book) == target and book in self._aliases:
+                return  # nothing new (a rejected target stays rejected: versions are immutable)
         record = self._versions.get((book, target)) or self._record(book, target)
         if record is None:
             return  # pointer ahead of a readable meta: try again next scan
-        loaded = self._load(record) if not record.error else None
+        loaded = self._load(record) if not record.error else None  # a StoreError retries next scan
+        with self._lock:
+            self._pointers[book] = target
         if loaded is None:
             self._fallback_alias(book)
             return
