@@ -74,13 +74,14 @@ def adapter_dirs(trainer_model: tuple[Any, Any], tmp_path_factory: pytest.TempPa
     """Real LoRAs: book A parts 0..3 (each trained on top of the previous), books B and C."""
     model, tok = trainer_model
     root = tmp_path_factory.mktemp("adapters")
-    dirs = {"A0": train_lora(model, tok, [SEA], root / "A0", steps=3, lr=5e-3, seed=1)}
+    fast = {"lr": 1e-2, "max_length": 32}
+    dirs = {"A0": train_lora(model, tok, [SEA], root / "A0", steps=2, seed=1, **fast)}
     for part in (1, 2, 3):
         dirs[f"A{part}"] = train_lora(
-            model, tok, [SEA], root / f"A{part}", steps=1, lr=5e-3, seed=part, init_from=dirs[f"A{part - 1}"]
+            model, tok, [SEA], root / f"A{part}", steps=1, seed=part, init_from=dirs[f"A{part - 1}"], **fast
         )
-    dirs["B0"] = train_lora(model, tok, [KITCHEN], root / "B0", steps=3, lr=5e-3, seed=2)
-    dirs["C0"] = train_lora(model, tok, [FOREST], root / "C0", steps=3, lr=5e-3, seed=3, rank=4, alpha=8)
+    dirs["B0"] = train_lora(model, tok, [KITCHEN], root / "B0", steps=2, seed=2, **fast)
+    dirs["C0"] = train_lora(model, tok, [FOREST], root / "C0", steps=2, seed=3, rank=4, alpha=8, **fast)
     return dirs
 
 

@@ -31,7 +31,7 @@ def store_with_adapter(base_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 
     model, tok = load_base_model(base_model_dir), load_tokenizer(base_model_dir)
     root = tmp_path_factory.mktemp("cli")
-    adapter = train_lora(model, tok, [TEXT], root / "adapter", steps=2, lr=5e-3)
+    adapter = train_lora(model, tok, [TEXT], root / "adapter", steps=1, lr=1e-2, max_length=32)
     store = root / "store"
     meta = publish_adapter(
         open_store(str(store)),
