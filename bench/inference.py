@@ -180,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", default="auto", help="precision of both servers (auto|fp32|bf16)")
     parser.add_argument("--skip-precision", action="store_true", help="skip the fp32 vs bf16 section")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's)")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from novelcrafter.inference.adapter_factory import train_lora
     from novelcrafter.inference.client import build_request
     from novelcrafter.inference.engine import resolve_dtype
