@@ -312,6 +312,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--model-shape", default="smollm2-135m", choices=("smollm2-135m", *MODEL_SHAPES))
     p.add_argument("--layers", type=int, default=0, help="override the layer count of a shape (smoke tests)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args(argv)
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: {exc}")
         return 0
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
     factory, tokenizer, model_desc = make_model_factory(args, device)

@@ -231,7 +231,7 @@ def test_stopped_worker_releases_with_checkpoint_and_next_resumes_despite_dead_h
 ):
     server, settings = coordinator
     write_book(server.store, BOOK, parts=1, train_chunks=8, test_chunks=1)
-    config = _config(max_steps_per_part=3, checkpoint_every=100)  # only the stop writes a mid-part checkpoint
+    config = _config(max_steps_per_part=2, checkpoint_every=100)  # only the stop writes a mid-part checkpoint
     config.hub_repo_id = "me/unreachable"
     job = server.coordinator.create_job(BOOK, config)
 
@@ -250,7 +250,7 @@ def test_stopped_worker_releases_with_checkpoint_and_next_resumes_despite_dead_h
     part = server.coordinator.get_job(job.job_id).parts[0]
     assert part.state == jobs_pb2.PART_STATE_READY and part.attempts == 0  # released, not failed
     stopped_at = int(part.checkpoint_key.rstrip("/").rsplit("-", 1)[1])
-    assert 1 <= stopped_at < 3
+    assert 1 <= stopped_at <= 2  # normally 1; 2 if the stop lands while it evaluates
     assert adapters.latest_version(server.store, BOOK) is None
 
     # The Hub is unreachable for the next worker: the push fails in the background, training does not.
@@ -267,7 +267,7 @@ def test_stopped_worker_releases_with_checkpoint_and_next_resumes_despite_dead_h
     assert second.run() == 0
     done = server.coordinator.get_job(job.job_id)
     assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED
-    assert done.parts[0].metrics.steps == 3 and len(done.parts[0].metrics.loss_curve) == 3
+    assert done.parts[0].metrics.steps == 2 and len(done.parts[0].metrics.loss_curve) == 2
     assert any(
         e.message.endswith(f"resuming from {part.checkpoint_key}")
         for e in server.coordinator.watch_job(job.job_id)
