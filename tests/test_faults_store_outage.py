@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from fault_support import (
     book_pdf,
@@ -95,12 +94,6 @@ def _s3(env: dict[str, str]) -> dict[str, str]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=grpc.RpcError,
-    reason="open defect: Coordinator._flush writes job.json under the coordinator's one lock, so while "
-    "the store retries every JobService RPC (GetJob, RenewLease, ...) waits (RELIABILITY.md, open defects)",
-)
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_coordinator_answers_reads_and_renewals_during_a_store_outage(

@@ -109,6 +109,9 @@ class Coordinator:
         self.lease_seconds = lease_seconds_from_env(lease_seconds)
         self.flush_seconds = flush_seconds
         self._lock = threading.RLock()
+        self._io_lock = threading.Lock()  # orders job.json writes; always taken after _lock, never before
+        self._generation = 0
+        self._written: dict[str, int] = {}  # job id -> generation of the state last written
         self._changed = threading.Condition(self._lock)  # notified on every commit and on close
         self._jobs: dict[str, JobRecord] = {}
         self._events: dict[str, EventLog] = {}
@@ -181,15 +184,35 @@ class Coordinator:
 
     # --- persistence ----------------------------------------------------------------------------
 
-    def _write(self, rec: JobRecord) -> None:
+    def _snapshot(self, rec: JobRecord) -> tuple[int, int, dict]:
+        """(generation, reserved sequence, JSON) of a record; call under ``_lock``."""
+        self._generation += 1
         reserved = rec.seq + SEQ_BLOCK
         data = rec.to_json()
         data["seq_reserved"] = reserved
-        try:
-            self.store.put_json(layout.job_key(rec.job_id), data)
-        except StoreError as exc:
-            m.STORE_WRITE_FAILURES.inc()
-            raise StoreError(f"cannot save the state of job {rec.job_id}: {exc.message}") from exc
+        return self._generation, reserved, data
+
+    def _put_state(self, job_id: str, generation: int, data: dict) -> bool:
+        """Write job.json unless a newer generation is already stored; return whether written.
+
+        ``_io_lock`` orders writes: a background flush (which writes without holding
+        ``_lock``) can never overwrite a newer state written by a commit.
+        """
+        with self._io_lock:
+            if self._written.get(job_id, 0) > generation:
+                return False
+            try:
+                self.store.put_json(layout.job_key(job_id), data)
+            except StoreError as exc:
+                m.STORE_WRITE_FAILURES.inc()
+                raise StoreError(f"cannot save the state of job {job_id}: {exc.message}") from exc
+            self._written[job_id] = generation
+            return True
+
+    def _write(self, rec: JobRecord) -> None:
+        """Durable write of a record's current state (under ``_lock``: callers wait for the store)."""
+        generation, reserved, data = self._snapshot(rec)
+        self._put_state(rec.job_id, generation, data)
         rec.seq_reserved = reserved
         rec.dirty = False
 
@@ -218,16 +241,31 @@ class Coordinator:
 
     def _flush(self) -> None:
         """Write in-memory progress and event history; failures are retried on the next flush."""
+        # Snapshot under the lock, write outside it: while the store is away (and retried),
+        # reads, lease renewals and progress reports keep being answered from memory.
         with self._lock:
             dirty_logs = [(jid, ev) for jid, ev in self._events.items() if ev.dirty]
+            states = []
             for rec in [rec for rec in self._jobs.values() if rec.dirty]:
-                try:
-                    self._write(rec)
-                except StoreError as exc:
-                    log.warning("progress not saved", extra=kv(job=rec.job_id, error=exc.message))
+                states.append((rec.job_id, *self._snapshot(rec)))
+                rec.dirty = False  # a change after this snapshot marks it dirty again
             snapshots = [(jid, ev.to_jsonl()) for jid, ev in dirty_logs]
             for _jid, ev in dirty_logs:
                 ev.dirty = False
+        for job_id, generation, reserved, data in states:
+            try:
+                written = self._put_state(job_id, generation, data)
+            except StoreError as exc:
+                log.warning("progress not saved", extra=kv(job=job_id, error=exc.message))
+                with self._lock:
+                    if job_id in self._jobs:
+                        self._jobs[job_id].dirty = True
+                continue
+            if written:
+                with self._lock:
+                    rec = self._jobs.get(job_id)
+                    if rec is not None:
+                        rec.seq_reserved = max(rec.seq_reserved, reserved)
         for job_id, text in snapshots:  # outside the lock: history is best effort
             try:
                 self.store.put(layout.job_events_key(job_id), text)
