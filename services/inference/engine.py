@@ -332,7 +332,7 @@ class Engine:
         counts = sorted({*range(1, min(self.max_batch, 8) + 1), self.max_batch, max(1, self.max_batch - 1)})
         needed = 1
         for out_features, in_features in sorted(shapes):
-            weight = _adversarial(out_features, in_features, gen).to(self.device, self.dtype)
+            weight = _adversarial(out_features, in_features, gen, self.dtype).to(self.device, self.dtype)
             x = torch.ones(self.max_batch, in_features, dtype=self.dtype, device=self.device)
             reference = F.linear(x, weight)[0]
             for m in counts:
@@ -410,10 +410,12 @@ def _write_calibration(path: Path, key: str, value: dict[str, Any]) -> None:
         log.warning("calibration not cached", extra={"fields": {"path": str(path), "error": str(exc)}})
 
 
-def _adversarial(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """Rows of ones and halves with one +2^e and one -2^e: order-sensitive sums."""
+def _adversarial(rows: int, cols: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of ones and halves with one +2^e and one -2^e: order-sensitive sums
+    (e kept where ``dtype`` cannot overflow: fp16 tops out at 65504)."""
     weight = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, 1.0, 0.5)
-    big = torch.exp2(torch.randint(10, 26, (rows,), generator=gen).float())
+    top = 14 if dtype == torch.float16 else 26
+    big = torch.exp2(torch.randint(top - 16, top, (rows,), generator=gen).float())
     index = torch.arange(rows)
     weight[index, torch.randint(0, cols, (rows,), generator=gen)] = big
     weight[index, torch.randint(0, cols, (rows,), generator=gen)] = -big
