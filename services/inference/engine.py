@@ -40,6 +40,7 @@ from .lora import SUPPORTED_MODULES, LoraModule, LoraWeights
 log = get_logger("novelcrafter.inference.engine")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CALIBRATION_VERSION = "2"  # bump when the probe changes: cached outcomes then re-measure
 
 
 def resolve_dtype(device: str, requested: str = "auto") -> torch.dtype:
@@ -303,6 +304,7 @@ class Engine:
             {tuple(p.shape) for p in self.layers[0].parameters()} | {tuple(self.lm_head.weight.shape)}
         )
         parts = [
+            CALIBRATION_VERSION,
             torch.__version__,
             hardware,
             str(self.dtype),
