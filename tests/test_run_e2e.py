@@ -27,7 +27,7 @@ SMALL = [
     "--max-length",
     "128",
     "--max-new-tokens",
-    "24",
+    "16",
 ]
 
 
@@ -140,3 +140,62 @@ def test_run_interrupted_stops_services_and_cancels(tmp_path: Path) -> None:
     assert "interrupted" in text and "Traceback" not in text
     assert _wait_gone(pids, timeout=10) == []
     assert re.search(r"job j-[0-9a-f]{12} cancelled", text), text[-3000:]  # the coordinator's answer
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_serve_all_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`serve all`: the three real services on loopback, answering gRPC; SIGTERM stops them all."""
+    from support import free_port
+
+    from novelcrafter.rpc import connect
+    from novelcrafter.v1 import (
+        inference_pb2,
+        inference_pb2_grpc,
+        ingest_pb2,
+        ingest_pb2_grpc,
+        jobs_pb2,
+        jobs_pb2_grpc,
+    )
+
+    ingest, inference = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    log = tmp_path / "serve.out"
+    args = ["serve", "all", "--store", str(tmp_path / "store"), "--log-dir", str(tmp_path / "logs")]
+    args += ["--ingest-listen", ingest, "--inference-listen", inference]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [NOVELCRAFTER, *args], env=base_env(), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 480
+        while "serving:" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        text = log.read_text()
+        assert "serving:" in text, text[-3000:]
+        pids = [int(p) for p in re.findall(r"ready \(pid (\d+)", text)]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        with connect(ingest) as channel:
+            assert (
+                list(
+                    ingest_pb2_grpc.IngestServiceStub(channel).ListBooks(ingest_pb2.ListBooksRequest()).books
+                )
+                == []
+            )
+            jobs = jobs_pb2_grpc.JobServiceStub(channel).ListJobs(jobs_pb2.ListJobsRequest())
+            assert list(jobs.jobs) == []
+        with connect(inference) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            reply = stub.Generate(
+                inference_pb2.GenerateRequest(prompt="The sea", adapter="base", max_new_tokens=4, seed=1)
+            )
+            assert reply.adapter.version == "base" and reply.completion_tokens > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _wait_gone(pids, timeout=10) == []
+    assert "stopped" in log.read_text()
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"ingest.log", "trainer.log", "inference.log"}

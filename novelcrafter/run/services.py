@@ -162,12 +162,16 @@ class LocalServices:
         }
 
     def wait_ready(
-        self, timeout: float = 300.0, on_ready: Callable[[Child, float], None] | None = None
+        self,
+        timeout: float = 300.0,
+        on_ready: Callable[[Child, float], None] | None = None,
+        abort: threading.Event | None = None,
     ) -> None:
-        """Block until every service answers its health check; a child that exits → error."""
+        """Block until every service answers its health check (or ``abort`` is set);
+        a child that exits → error."""
         start = time.monotonic()
         deadline = start + timeout
-        while True:
+        while abort is None or not abort.is_set():
             self.check_alive()
             pending = [c for c in self.children if not c.ready]
             for child in pending:
@@ -273,7 +277,11 @@ def _healthy(target: str) -> bool:
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def serve_forever(services: LocalServices, out: Callable[[str], None] = print) -> None:
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def serve_forever(services: LocalServices, out: Callable[[str], None] = _say) -> None:
     """``serve all``: start, report readiness, then wait for Ctrl-C/SIGTERM or a dead child."""
     stop = threading.Event()
 
@@ -285,9 +293,13 @@ def serve_forever(services: LocalServices, out: Callable[[str], None] = print) -
         services.start()
         services.wait_ready(
             on_ready=lambda c, s: out(
-                f"{c.name} ready ({s:.0f} s)" + (f"; metrics http://{c.metrics}/metrics" if c.metrics else "")
-            )
+                f"{c.name} ready (pid {c.popen.pid if c.popen else '?'}, {s:.0f} s)"
+                + (f"; metrics http://{c.metrics}/metrics" if c.metrics else "")
+            ),
+            abort=stop,
         )
+        if stop.is_set():
+            return
         out(
             f"serving: ingest + coordinator {services.coordinator}, inference {services.inference}, "
             f"store {services.store}; Ctrl-C stops"
