@@ -195,9 +195,11 @@ class BarView:
                     if part in tasks:
                         self.progress.remove_task(tasks.pop(part))
             elif state in (jobs_pb2.PART_STATE_FAILED, jobs_pb2.PART_STATE_CANCELLED):
-                self.console.print(f"part {part:02d}: {part_state_name(state)}")
+                self.console.print(f"part {part:02d}: {part_state_name(state)}", markup=False)
         elif kind == "metrics":
-            self.console.print(metrics_line(part, event.metrics))
+            if part in self.eval:
+                self.progress.update(self.eval[part], total=1, completed=1, info="done")
+            self.console.print(metrics_line(part, event.metrics), markup=False, highlight=False)
         elif kind == "message" and event.message:
             self.console.print(_message(event), markup=False, highlight=False)
         elif kind == "progress":
@@ -211,14 +213,11 @@ class BarView:
                     info=f"loss {p.loss:.3f} · {p.tokens_per_second:.0f} tok/s",
                 )
             elif p.phase == "eval":
+                # The worker reports when evaluation starts (its step fields are the training
+                # steps): a pulsing bar until the part's results arrive.
                 if part not in self.eval:
                     self.eval[part] = self.progress.add_task(f"part {part:02d} eval", total=None, info="")
-                self.progress.update(
-                    self.eval[part],
-                    completed=p.step,
-                    total=p.total_steps or None,
-                    info=p.message,
-                )
+                self.progress.update(self.eval[part], info=p.message or "held-out perplexity")
             elif p.message:
                 task = self._train_task(part, 0)
                 self.progress.update(task, info=f"{p.phase}: {p.message}")

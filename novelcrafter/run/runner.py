@@ -292,17 +292,18 @@ def ingest(channel: Any, book: Path, opts: RunOptions, out: Terminal) -> Any:
     stub = ingest_pb2_grpc.IngestServiceStub(channel)
     size = book.stat().st_size
     if out.console is not None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         with Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description:<24}"),
             BarColumn(),
-            DownloadColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
             console=out.console,
         ) as bar:
-            upload = bar.add_task("upload", total=size)
-            extract = bar.add_task("extract, clean, split", total=None, visible=False)
+            upload = bar.add_task("upload", total=size, info=f"{size / 1e6:.1f} MB")
+            extract = bar.add_task("extract, clean, split", total=None, visible=False, info="ingest service")
 
             def advance(n: int) -> None:
                 bar.advance(upload, n)
@@ -310,7 +311,7 @@ def ingest(channel: Any, book: Path, opts: RunOptions, out: Terminal) -> Any:
                     bar.update(extract, visible=True)
 
             response = stub.IngestBook(_upload(book, opts, advance), timeout=1800)
-            bar.update(extract, total=1, completed=1)
+            bar.update(extract, total=1, completed=1, info="done")
     else:
         out.say(f"ingesting {book.name} ({size / 1e6:.1f} MB): extract, clean, split ...")
         response = stub.IngestBook(_upload(book, opts), timeout=1800)
@@ -508,8 +509,8 @@ def _rich_pair(prompt: str, left: Any, right: Any) -> Any:
     from rich.text import Text
 
     table = Table(show_lines=False, expand=True)
-    table.add_column(f"{left.label} [{left.version}]", ratio=1)
-    table.add_column(f"{right.label} [{right.version}]", ratio=1)
+    table.add_column(Text(f"{left.label} [{left.version}]"), ratio=1)
+    table.add_column(Text(f"{right.label} [{right.version}]"), ratio=1)
     cell = [Text(prompt, style="dim") + Text(c.text) for c in (left, right)]
     table.add_row(*cell)
     return table
