@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from novelcrafter.errors import InvalidArgument, NovelCrafterError
+from novelcrafter.errors import InvalidArgument, NovelCrafterError, from_rpc_error
 
 # The quick schedule `make run` uses by default: ~10 parts of a short book trained and
 # evaluated within the 15-minute budget on a 2-core CPU. A short run needs a higher
@@ -223,20 +223,29 @@ def run(opts: RunOptions) -> int:
             t = phases.mark("training", t)
         rows = _rows(job)
         continuations = []
+        failure = ""
         if any(r.adapter_version for r in rows):
-            with _channel(services.inference) as channel:
-                continuations = generate_pair(channel, manifest.book_id, _last_version(rows), opts, services)
+            try:
+                with _channel(services.inference) as channel:
+                    continuations = generate_pair(
+                        channel, manifest.book_id, _last_version(rows), opts, services
+                    )
+            except grpc.RpcError as exc:  # the report is still worth writing
+                failure = f"generation failed: {from_rpc_error(exc).message}"
+                out.say(failure)
             phases.mark("generation", t)
         phases.total()
-        summary = _summary(opts, manifest, book_path, job, rows, continuations, phases)
+        from novelcrafter.v1 import jobs_pb2
+
+        if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            failure = f"job {job_id} {_job_state(job)}: {job.error or 'see the service logs'}"
+        summary = _summary(opts, manifest, book_path, job, rows, continuations, phases, failure)
         paths = _write_report(run_dir, summary)
         show_results(out, summary, paths)
         if opts.keep_services:
             _serve_until_interrupted(out, services)
-        from novelcrafter.v1 import jobs_pb2
-
-        if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise NovelCrafterError(f"job {job_id} {_job_state(job)}: {job.error or 'see the service logs'}")
+        if failure:
+            raise NovelCrafterError(failure)
         return 0
     except KeyboardInterrupt:
         out.say("\ninterrupted: cancelling the job and stopping the services ...")
@@ -426,6 +435,7 @@ def _summary(
     rows: list[Any],
     continuations: list[Any],
     phases: Phases,
+    failure: str = "",
 ) -> Any:
     from google.protobuf.json_format import MessageToDict
 
@@ -450,7 +460,7 @@ def _summary(
             "cleaning": dict(manifest.cleaning),
         },
         timings=dict(phases.seconds),
-        error=job.error,
+        error=failure or job.error,
     )
 
 
