@@ -156,7 +156,7 @@ def book_pdf(sentences: int = 80, seed: int = 11) -> bytes:
 
 def tiny_job_config(steps: int = 2, **overrides: Any) -> common_pb2.JobConfig:
     """A job that trains in seconds on a CPU: 64-token sequences, ``steps`` optimizer steps per
-    part, a checkpoint after every step, two held-out chunks evaluated."""
+    part, a checkpoint after every step, one held-out chunk evaluated."""
     training = common_pb2.TrainingConfig(
         epochs=1,
         grad_accum=1,
@@ -164,7 +164,7 @@ def tiny_job_config(steps: int = 2, **overrides: Any) -> common_pb2.JobConfig:
         max_steps_per_part=steps,
         checkpoint_every=1,
         warmup_steps=1,
-        eval_max_chunks=2,
+        eval_max_chunks=1,
         learning_rate=1e-3,
     )
     return common_pb2.JobConfig(training=training, max_attempts=overrides.pop("max_attempts", 5), **overrides)

@@ -58,7 +58,7 @@ def test_training_survives_a_20_second_store_outage(
 
     try:
         manifest = ingest_book(ingest.address, book_pdf(80, seed=41), parts=2).manifest
-        job = create_job(ingest.address, manifest.book_id, tiny_job_config(steps=2))
+        job = create_job(ingest.address, manifest.book_id, tiny_job_config(steps=1))
         # Cut the network the moment part 1 is claimed: the worker is about to read its data
         # and the previous part's adapter, the coordinator to persist progress.
         claimed = f"part claimed job={job.job_id} part=1"
