@@ -172,6 +172,7 @@ class InferenceServer:
         if self.runtime is not None:
             self.runtime.scheduler.close()
             self.runtime.registry.close()
+            metrics.ACTIVE_GENERATIONS.set_function(lambda: 0)  # drop the reference to the scheduler
 
 
 def _observe_finished(gen: Generation, done: Finished) -> None:
