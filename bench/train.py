@@ -91,6 +91,10 @@ def load_chunks(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
         source = f"store {args.store}, book {book_id}"
     else:
         pdf = Path(args.book) if args.book else SHARED_BOOKS / DEFAULT_BOOK
+        if args.sample_book:
+            from novelcrafter.run.typeset import typeset_sample
+
+            pdf = typeset_sample(Path(tempfile.mkdtemp(prefix="nc-bench-")) / "sample.pdf").path
         if not pdf.exists():
             raise Skip(
                 f"{pdf} is absent (the shared corpus lives beside the checkout); pass --book or --store"
@@ -101,9 +105,18 @@ def load_chunks(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
         store = open_store(str(cache))
         book_id = ingest_pdf(store, pdf.read_bytes(), filename=pdf.name)["book_id"]
         source = f"{pdf.name} (ingested: book {book_id})"
-    train = read_chunks(store, layout.part_train_key(book_id, args.part), args.chunks)
-    test = read_chunks(store, layout.part_test_key(book_id, args.part), args.eval_chunks)
-    return train, test, f"{source}, part {args.part:02d}"
+    if args.part >= 0:
+        parts, where = [args.part], f"part {args.part:02d}"
+    else:  # every part, in book order
+        parts, where = (
+            [p["index"] for p in store.get_json(layout.manifest_key(book_id))["parts"]],
+            "all parts",
+        )
+    train = [c for p in parts for c in read_chunks(store, layout.part_train_key(book_id, p))]
+    test = [c for p in parts for c in read_chunks(store, layout.part_test_key(book_id, p))]
+    train = train[: args.chunks] if args.chunks else train
+    test = test[: args.eval_chunks] if args.eval_chunks else test
+    return train, test, f"{source}, {where}"
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -301,8 +314,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--book", help=f"book PDF to ingest (default ../shared/corpus/books/{DEFAULT_BOOK})")
     p.add_argument("--store", help="use an already ingested book from this store instead")
+    p.add_argument(
+        "--sample-book",
+        action="store_true",
+        help="the project's own story typeset as a PDF (for machines without ../shared, e.g. a GPU box)",
+    )
     p.add_argument("--book-id")
-    p.add_argument("--part", type=int, default=0)
+    p.add_argument("--part", type=int, default=0, help="which part's chunks (-1 = all parts)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of each trainer")
     p.add_argument("--grad-accum", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
