@@ -127,6 +127,9 @@ def test_ingest_and_coordinator_accept_calls_with_the_token(ingest_with_auth: Se
         assert manifest.book_id in [b.book_id for b in ingest.ListBooks(ingest_pb2.ListBooksRequest()).books]
         job = jobs.CreateJob(jobs_pb2.CreateJobRequest(book_id=manifest.book_id), timeout=30)
         assert jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), timeout=10).book_id == manifest.book_id
+        # Cancelled: the slow test below must find only its own job in the queue.
+        cancelled = jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id), timeout=10)
+        assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED
         services = _reflection(channel)
         assert {"novelcrafter.v1.IngestService", "novelcrafter.v1.JobService"} <= set(services)
 
