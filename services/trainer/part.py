@@ -92,6 +92,8 @@ class PartHooks:
     report: Callable[[dict[str, Any], str], None] = lambda update, checkpoint_key: None
     should_stop: Callable[[], bool] = lambda: False
     before_publish: Callable[[], None] = lambda: None  # raises when the lease is lost
+    # True once another worker may own the part: then nothing more is written for it.
+    lease_lost: Callable[[], bool] = lambda: False
 
 
 class Interrupted(Exception):
@@ -148,7 +150,6 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
     """Train ``job`` on ``base`` (LoRA attached for the duration, then removed)."""
     hooks = hooks or PartHooks()
     settings = job.settings
-    workdir = Path(tempfile.mkdtemp(prefix="nc-part-"))
     plan = build_plan(job, base.tokenizer, store)
     print_ = ckpt.fingerprint(
         settings=settings.to_dict(),
@@ -157,13 +158,16 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
         base_model=job.base_model,
         part=job.part,
     )
-    init_dir = (
-        _download_init_adapter(store, job.init_adapter_key, workdir / "init")
-        if job.init_adapter_key
-        else None
-    )
-    set_seed(part_seed(settings.seed, job.part))
-    model = attach(base.model, settings.lora, init_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="nc-part-"))
+    try:
+        init_dir = None
+        if job.init_adapter_key:
+            init_dir = _download_init_adapter(store, job.init_adapter_key, workdir / "init")
+        set_seed(part_seed(settings.seed, job.part))
+        model = attach(base.model, settings.lora, init_dir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     try:
         training = PartTraining(model, plan, settings, base.device, base.tokenizer.pad_token_id)
         checkpoint_key = _resume(store, job, training, print_)
@@ -248,7 +252,8 @@ def _train(
     )
     while not training.done:
         if hooks.should_stop():
-            if training.progress.step > 0 and saved_step != training.progress.step:
+            unsaved = training.progress.step > 0 and saved_step != training.progress.step
+            if unsaved and not hooks.lease_lost():
                 checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
                 hooks.report(_update(training, "checkpoint", "checkpoint before stopping"), checkpoint_key)
             raise Interrupted(checkpoint_key)

@@ -358,6 +358,7 @@ class Worker:
             report=keeper.submit,
             should_stop=lambda: self.stopping.is_set() or keeper.should_stop(),
             before_publish=keeper.confirm,
+            lease_lost=keeper.lost.is_set,
         )
         result: PartResult | None = None
         try:
