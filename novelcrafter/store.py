@@ -391,7 +391,9 @@ class S3Store(Store):
         # Short connect/read timeouts and no urllib3-level retries: retries happen in
         # Store._retry with backoff and a deadline, so an outage is bounded and logged.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            timeout=urllib3.Timeout(
+                connect=3.0, read=15.0
+            ),  # per socket read: a silent network fails fast and is retried
             retries=False,
             maxsize=16,
             cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",

@@ -129,12 +129,6 @@ def test_coordinator_answers_reads_and_renewals_during_a_store_outage(
         proxy.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect: a ClaimPart that times out while the store is away is still granted once the "
-    "store is back (Coordinator._grant), and the same worker's next claim is not given that lease: the "
-    "part waits a whole lease period and loses an attempt (RELIABILITY.md, open defects)",
-)
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_a_claim_that_timed_out_in_a_store_outage_is_not_lost(

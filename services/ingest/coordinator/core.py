@@ -431,10 +431,31 @@ class Coordinator:
             for rec in candidates:
                 if rec.terminal or (rec.job.config.device and rec.job.config.device != kind):
                     continue
+                held = self._held_by(rec, worker_id)
+                if held is not None:
+                    # The worker lost our answer to an earlier claim (a timeout, e.g. during a
+                    # store outage) or restarted under the same id: hand it that lease again
+                    # rather than stranding the part until the lease expires.
+                    index, lease = held
+                    self._extend(rec, index, lease)
+                    return J.ClaimPartResponse(
+                        assigned=True,
+                        lease=self._lease_msg(rec, index, lease),
+                        assignment=self._assignment(rec, index),
+                    )
                 ready = next((p.index for p in rec.job.parts if p.state == J.PART_STATE_READY), None)
                 if ready is not None:
                     return self._grant(rec.job_id, ready, worker_id, kind)
         return J.ClaimPartResponse(assigned=False)
+
+    def _held_by(self, rec: JobRecord, worker_id: str) -> tuple[int, LeaseInfo] | None:
+        """A live lease this worker already holds on a running part of ``rec``, if any."""
+        now = time.time()
+        for index, lease in rec.leases.items():
+            part = rec.job.parts[index]
+            if lease.worker_id == worker_id and part.state == J.PART_STATE_RUNNING and lease.expires_at > now:
+                return index, lease
+        return None
 
     def _grant(self, job_id: str, index: int, worker_id: str, device: str) -> jobs_pb2.ClaimPartResponse:
         lease = LeaseInfo(uuid.uuid4().hex, worker_id, device, time.time() + self.lease_seconds)
