@@ -243,7 +243,14 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
-        options=[*_channel_options(settings), ("grpc.so_reuseport", 0)],
+        options=[
+            *_channel_options(settings),
+            ("grpc.so_reuseport", 0),
+            # Accept the clients' 30 s keepalive pings on idle long streams (WatchJob) instead
+            # of answering GOAWAY "too_many_pings" under gRPC's 5-minute default.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
         maximum_concurrent_rpcs=max_workers * 4,
     )
     for svc in services:
