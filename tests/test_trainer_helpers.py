@@ -4,10 +4,30 @@ store the way ingest lays a book out (manifest + per-part train/test jsonl)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from novelcrafter import layout
 from novelcrafter.store import Store
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Train with one torch thread in these tests (import this fixture into a module to apply it).
+
+    torch's OpenMP threads wait for each other at every operation; on a shared,
+    oversubscribed CPU (the test machine runs several suites at once) a 2-thread run of
+    tests/test_trainer_part.py was measured 20-40x slower than a 1-thread run.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # Jane Austen, Pride and Prejudice (1813), chapter 1 — public domain.
 AUSTEN = (

@@ -6,7 +6,7 @@ import pytest
 import torch
 from novelcrafter.trainer.data import IGNORE, BatchPlan, collate, one_per_sequence, pack, tokenize_chunks
 from novelcrafter.trainer.training import batch_nll
-from test_trainer_helpers import chunks
+from test_trainer_helpers import chunks, one_torch_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

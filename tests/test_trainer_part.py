@@ -12,7 +12,7 @@ from novelcrafter.trainer import checkpoint as ckpt
 from novelcrafter.trainer.part import BaseModel, Interrupted, PartHooks, PartJob, run_part
 from novelcrafter.trainer.settings import TrainSettings
 from safetensors.torch import load_file
-from test_trainer_helpers import write_book
+from test_trainer_helpers import one_torch_thread, write_book  # noqa: F401 (autouse)
 
 from novelcrafter import adapters, layout
 from novelcrafter.store import open_store

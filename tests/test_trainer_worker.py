@@ -16,7 +16,7 @@ from novelcrafter.trainer.hub import HubPusher
 from novelcrafter.trainer.part import BaseModel
 from novelcrafter.trainer.worker import Worker
 from support import free_port
-from test_trainer_helpers import write_book
+from test_trainer_helpers import one_torch_thread, write_book  # noqa: F401 (autouse)
 
 from novelcrafter import adapters, layout
 from novelcrafter.config import get_settings
