@@ -39,7 +39,6 @@ def _wait(what: str, predicate, timeout: float, procs: list[Proc]) -> None:
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
-@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_two_workers_two_jobs_then_a_killed_worker_is_replaced(tmp_path: Path, base_model_dir: Path):
