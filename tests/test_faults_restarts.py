@@ -90,14 +90,17 @@ def test_coordinator_restarted_mid_job_by_sigterm_and_sigkill(
         assert get_job(ingest.address, job.job_id).state == J.JOB_STATE_RUNNING
 
         # 2. Crash while part 1 trains, then restart.
-        wait_for("part 1 to start", part_running(1), 600, logs=logs)
+        wait_for("part 1 to start", part_running(1), 600, every=0.1, logs=logs)
         _down(ingest, signal.SIGKILL)
         _worker_notices_the_outage(trainer, logs)
         ingest = restart(ingest)
         coordinators.append(ingest)
         recovered = get_job(ingest.address, job.job_id)
         assert recovered.parts[0].state == J.PART_STATE_SUCCEEDED
-        assert recovered.parts[1].state == J.PART_STATE_RUNNING
+        # Still under the worker's lease, or already reported by it: on a fast machine the worker
+        # finishes part 1 while the coordinator is down and reports it as soon as it is back.
+        assert recovered.parts[1].state in (J.PART_STATE_RUNNING, J.PART_STATE_SUCCEEDED), recovered
+        assert recovered.parts[1].worker_id == "trainer", recovered
 
         done = wait_job(ingest.address, job.job_id, 600, logs=logs)
         assert done.state == J.JOB_STATE_SUCCEEDED, f"{done.error}\n{logs()}"
