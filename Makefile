@@ -14,7 +14,7 @@ help:
 	@echo "make run     the main job: ingest the sample book (or BOOK=path.pdf), train, compare"
 	@echo "make test    the full test suite (what CI runs)"
 	@echo "make test-fast  the suite without tests marked slow"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff, and hadolint on the Dockerfiles"
 	@echo "make proto   regenerate gRPC stubs from proto/"
 	@echo "make images  build the container images (needs Docker)"
 	@echo "make bench   run the benchmarks in bench/"
@@ -45,6 +45,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint --failure-threshold warning $$(git ls-files '*Dockerfile*')
 
 proto: $(STAMP)
 	$(PY) -m novelcrafter.protogen

