@@ -23,6 +23,7 @@ from typing import Any
 from novelcrafter import layout
 from novelcrafter.errors import FailedPrecondition, NotFound
 from novelcrafter.store import Store
+from novelcrafter.v1 import common_pb2
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 META = "meta.json"
@@ -42,6 +43,17 @@ class AdapterMeta:
     @property
     def prefix(self) -> str:
         return layout.adapter_prefix(self.book_id, self.version)
+
+    def to_proto(self) -> common_pb2.AdapterVersion:
+        """The version as the gRPC API names it (responses, job parts)."""
+        return common_pb2.AdapterVersion(
+            book_id=self.book_id,
+            version=self.version,
+            job_id=self.job_id,
+            part=self.part,
+            key=self.prefix,
+            published_at=self.published_at,
+        )
 
 
 def _sha256(path: Path) -> str:

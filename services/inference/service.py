@@ -138,15 +138,7 @@ class Runtime:
 def adapter_version(loaded: LoadedAdapter | None, book_id: str) -> common_pb2.AdapterVersion:
     if loaded is None:
         return common_pb2.AdapterVersion(book_id=book_id, version="base")
-    meta = loaded.meta
-    return common_pb2.AdapterVersion(
-        book_id=meta.book_id,
-        version=meta.version,
-        job_id=meta.job_id,
-        part=meta.part,
-        key=meta.prefix,
-        published_at=meta.published_at,
-    )
+    return loaded.meta.to_proto()
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -245,16 +237,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         rows = self._rt().registry.statuses(book_id.strip() or None)
         response = inference_pb2.ListAdaptersResponse()
         for row in rows:
-            meta = row.meta
             response.adapters.add(
-                version=common_pb2.AdapterVersion(
-                    book_id=meta.book_id,
-                    version=meta.version,
-                    job_id=meta.job_id,
-                    part=meta.part,
-                    key=meta.prefix,
-                    published_at=meta.published_at,
-                ),
+                version=row.meta.to_proto(),
                 loaded=row.state == "loaded",
                 latest=row.latest,
                 loaded_at=row.loaded_at,

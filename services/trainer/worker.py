@@ -406,22 +406,14 @@ class Worker:
             shutil.rmtree(result.adapter_dir, ignore_errors=True)
 
     def _complete(self, lease: jobs_pb2.Lease, result: PartResult) -> bool:
-        meta = result.adapter
-        adapter = common_pb2.AdapterVersion(
-            book_id=meta.book_id,
-            version=meta.version,
-            job_id=meta.job_id,
-            part=meta.part,
-            key=meta.prefix,
-            published_at=meta.published_at,
-        )
+        adapter = result.adapter.to_proto()
         metrics = metrics_proto(result.metrics)
         done = self._retry(
             "complete the part", lambda: self.client.complete(lease, metrics, adapter), patience=300.0
         )
         if done:
             log.info(
-                "part completed", extra=kv(job=lease.job_id, part=lease.part_index, version=meta.version)
+                "part completed", extra=kv(job=lease.job_id, part=lease.part_index, version=adapter.version)
             )
         return done
 
