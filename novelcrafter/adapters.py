@@ -13,7 +13,6 @@ A version is immutable and lives under ``adapters/<book_id>/<version>/``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 
 from novelcrafter import layout
 from novelcrafter.errors import FailedPrecondition, NotFound
-from novelcrafter.store import Store
+from novelcrafter.store import Store, file_sha256
 from novelcrafter.v1 import common_pb2
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -56,14 +55,6 @@ class AdapterMeta:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def publish_adapter(
     store: Store,
     local_dir: Path,
@@ -86,7 +77,7 @@ def publish_adapter(
         path = Path(local_dir) / name
         if not path.exists():
             raise FailedPrecondition(f"adapter directory {local_dir} lacks {name}")
-        meta.files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        meta.files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         store.put_file(meta.prefix + name, path)
     meta.published_at = time.time()
     store.put_json(meta.prefix + META, asdict(meta))
@@ -139,7 +130,7 @@ def download_adapter(store: Store, meta: AdapterMeta, dest: Path, *, verify: boo
         if verify:
             expected = meta.files.get(name, {})
             if expected and (
-                path.stat().st_size != expected.get("size") or _sha256(path) != expected.get("sha256")
+                path.stat().st_size != expected.get("size") or file_sha256(path) != expected.get("sha256")
             ):
                 raise FailedPrecondition(
                     f"adapter {meta.version}: {name} does not match its published checksum"

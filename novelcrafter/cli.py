@@ -29,7 +29,7 @@ app = typer.Typer(
 serve_app = typer.Typer(
     help="Run a service: ingest (with the job coordinator), trainer, inference, or all.", no_args_is_help=True
 )
-model_app = typer.Typer(help="Base models: provision and inspect.", no_args_is_help=True)
+model_app = typer.Typer(help="Base models: provision, or upload to the object store.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 app.add_typer(model_app, name="model")
 
@@ -54,7 +54,9 @@ StoreOpt = Annotated[
 ]
 BaseModelOpt = Annotated[
     str | None,
-    typer.Option("--base-model", help="Base model name, hub id or path [env NOVELCRAFTER_BASE_MODEL]"),
+    typer.Option(
+        "--base-model", help="Base model name, hub id, store:NAME or path [env NOVELCRAFTER_BASE_MODEL]"
+    ),
 ]
 
 
@@ -68,6 +70,30 @@ def model_provision(base_model: BaseModelOpt = None) -> None:
     configure_logging()
     settings = get_settings(base_model=base_model)
     print(provision_base_model(settings.base_model, settings))
+
+
+@model_app.command("upload")
+def model_upload(
+    model_dir: Annotated[str, typer.Argument(help="Model directory: config.json, *.safetensors, tokenizer")],
+    name: Annotated[str, typer.Option("--name", help="Name in the store; use it as --base-model store:NAME")],
+    store: StoreOpt = None,
+) -> None:
+    """Upload a base model directory to the object store, for services that cannot reach the Hub."""
+    from pathlib import Path
+
+    from novelcrafter.config import get_settings
+    from novelcrafter.logs import configure_logging
+    from novelcrafter.models import STORE_SCHEME, upload_base_model
+    from novelcrafter.store import open_store
+
+    configure_logging()
+    settings = get_settings(store=store)
+    manifest = upload_base_model(open_store(settings.store, settings), Path(model_dir), name)
+    size = sum(f["size"] for f in manifest["files"].values()) / 1e6
+    print(
+        f"base model {name}: {len(manifest['files'])} files, {size:.1f} MB in {settings.store}; "
+        f"use it with --base-model {STORE_SCHEME}{name} (NOVELCRAFTER_BASE_MODEL)"
+    )
 
 
 @app.command("version")

@@ -144,3 +144,22 @@ def adapter_prefix(book_id: str, version: str) -> str:
 def latest_key(book_id: str) -> str:
     """The `latest` pointer: JSON naming the newest complete version. Written last."""
     return adapters_prefix(book_id) + "latest"
+
+
+# --- base models -------------------------------------------------------------------------------
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    return _check(name, MODEL_NAME_RE, "model name", "llama-3.2-1b-instruct")
+
+
+def model_prefix(name: str) -> str:
+    """A base model uploaded to the store (``--base-model store:<name>``): its files, flat."""
+    return f"models/{check_model_name(name)}/"
+
+
+def model_manifest_key(name: str) -> str:
+    """The model's file list with sizes and sha256. Written last: the model exists once it does."""
+    return model_prefix(name) + "model.json"

@@ -5,23 +5,29 @@
 and we save a normal safetensors model directory under
 ``$NOVELCRAFTER_HOME/models/<name>`` once. A hub id (e.g.
 ``meta-llama/Llama-3.2-1B-Instruct`` with ``HF_TOKEN``) is downloaded with
-huggingface_hub into the same cache; a local directory is used as it is.
+huggingface_hub into the same cache; ``store:<name>`` is a model directory uploaded to the
+object store (``novelcrafter model upload``), fetched into the cache and checked against its
+checksums; a local directory is used as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from novelcrafter import layout
 from novelcrafter.config import Settings, get_settings
-from novelcrafter.errors import FailedPrecondition, InvalidArgument
+from novelcrafter.errors import FailedPrecondition, InvalidArgument, NotFound
 from novelcrafter.logs import get_logger
+from novelcrafter.store import Store, file_sha256
 
 log = get_logger("novelcrafter.models")
 
@@ -34,6 +40,9 @@ GGUF_MODELS = {
     ),
 }
 COMPLETE_MARK = ".novelcrafter-complete"
+STORE_SCHEME = "store:"
+# What a model directory needs (weights, config, tokenizer, chat template); nothing else is fetched.
+MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja")
 
 
 def _cache_dir(settings: Settings) -> Path:
@@ -81,12 +90,94 @@ def _download_hub(repo_id: str, dest: Path, token: str | None) -> None:
     from huggingface_hub import snapshot_download
 
     log.info("downloading base model from the Hub", extra={"fields": {"model": repo_id}})
-    snapshot_download(
-        repo_id,
-        local_dir=dest,
-        token=token,
-        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+    snapshot_download(repo_id, local_dir=dest, token=token, allow_patterns=list(MODEL_FILE_PATTERNS))
+
+
+# --- base models kept in the object store (``--base-model store:<name>``) ---------------------
+
+
+def _model_files(src: Path) -> list[Path]:
+    manifest = layout.model_manifest_key("x").rsplit("/", 1)[1]  # the store's own file, never uploaded
+    return sorted(
+        p
+        for p in src.iterdir()
+        if p.is_file() and p.name != manifest and any(fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS)
     )
+
+
+def upload_base_model(store: Store, src: Path, name: str) -> dict[str, Any]:
+    """Copy a model directory into the store as ``models/<name>/``, its manifest last.
+
+    Models in the store are immutable (trainers and servers cache them by content): the same
+    files again is a no-op, different files under an existing name are refused.
+    """
+    layout.check_model_name(name)
+    src = Path(src).expanduser()
+    if not (src / "config.json").is_file():
+        raise InvalidArgument(f"{src} is not a model directory: it has no config.json")
+    files = _model_files(src)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise InvalidArgument(f"{src} has no *.safetensors weights (save the model with safe_serialization)")
+    manifest = {
+        "name": name,
+        "files": {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
+    }
+    key = layout.model_manifest_key(name)
+
+    def same_files() -> bool:
+        return store.get_json(key).get("files") == manifest["files"]
+
+    if store.exists(key):
+        if same_files():
+            return store.get_json(key)
+        raise FailedPrecondition(
+            f"base model {name!r} is already in the store with other files; models are immutable, "
+            "upload this one under a new name"
+        )
+    for path in files:
+        store.put_file(layout.model_prefix(name) + path.name, path)
+    manifest["uploaded_at"] = time.time()
+    if not store.put_if_absent(key, json.dumps(manifest, indent=1, sort_keys=True)) and not same_files():
+        raise FailedPrecondition(f"base model {name!r} was uploaded concurrently with other files")
+    log.info("base model uploaded", extra={"fields": {"model": name, "files": len(files)}})
+    return manifest
+
+
+def _store_manifest(name: str, settings: Settings) -> tuple[Store, dict[str, Any]]:
+    from novelcrafter.store import open_store
+
+    store = open_store(settings.store, settings)
+    try:
+        manifest = store.get_json(layout.model_manifest_key(name))
+    except NotFound:
+        raise FailedPrecondition(
+            f"base model store:{name}: no model {name!r} in the store {settings.store}; "
+            f"upload one with: novelcrafter model upload MODEL_DIR --name {name}"
+        ) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (
+        isinstance(files, dict)
+        and any(f.endswith(".safetensors") for f in files)
+        and all(
+            isinstance(f, str)
+            and "/" not in f
+            and any(fnmatch(f, pat) for pat in MODEL_FILE_PATTERNS)
+            and isinstance(v, dict)
+            and isinstance(v.get("size"), int)
+            and isinstance(v.get("sha256"), str)
+            for f, v in files.items()
+        )
+    ):
+        raise FailedPrecondition(f"base model store:{name}: its model.json in the store is malformed")
+    return store, manifest
+
+
+def _download_store(name: str, manifest: dict[str, Any], store: Store, dest: Path) -> None:
+    log.info("downloading base model from the store", extra={"fields": {"model": name}})
+    for filename, expected in manifest["files"].items():
+        path = store.download(layout.model_prefix(name) + filename, dest / filename)
+        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+            raise FailedPrecondition(f"base model store:{name}: {filename} does not match its checksum")
 
 
 def provision_base_model(name: str | None = None, settings: Settings | None = None) -> Path:
@@ -106,7 +197,15 @@ def provision_base_model(name: str | None = None, settings: Settings | None = No
         return local.resolve()
     if name.startswith((".", "/", "~")):
         raise InvalidArgument(f"base model path {name} does not exist")
-    safe = name.replace("/", "--")
+    stored: tuple[Store, dict[str, Any]] | None = None
+    if name.startswith(STORE_SCHEME):
+        model = layout.check_model_name(name.removeprefix(STORE_SCHEME))
+        stored = _store_manifest(model, settings)
+        # Cached by content: a model re-uploaded under a reused name is never mistaken for the old one.
+        digest = hashlib.sha256(json.dumps(stored[1]["files"], sort_keys=True).encode()).hexdigest()
+        safe = f"store--{model}--{digest[:12]}"
+    else:
+        safe = name.replace("/", "--")
     if not all(c.isalnum() or c in "-_." for c in safe) or safe.startswith("."):
         raise InvalidArgument(f"invalid base model name {name!r}")
     cache = _cache_dir(settings)
@@ -119,14 +218,17 @@ def provision_base_model(name: str | None = None, settings: Settings | None = No
             return dest
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{safe}.tmp-"))
         try:
-            if name in GGUF_MODELS:
+            if stored is not None:
+                _download_store(name.removeprefix(STORE_SCHEME), stored[1], stored[0], tmp)
+            elif name in GGUF_MODELS:
                 _convert_gguf(name, tmp)
             elif "/" in name:
                 _download_hub(name, tmp, settings.hf_token)
             else:
                 raise InvalidArgument(
                     f"unknown base model {name!r}: use {', '.join(GGUF_MODELS)}, a hub id "
-                    "(e.g. meta-llama/Llama-3.2-1B-Instruct with HF_TOKEN) or a local directory"
+                    "(e.g. meta-llama/Llama-3.2-1B-Instruct with HF_TOKEN), store:NAME for a model "
+                    "uploaded with `novelcrafter model upload`, or a local directory"
                 )
             (tmp / COMPLETE_MARK).write_text(json.dumps({"name": name, "time": time.time()}))
             if dest.exists():

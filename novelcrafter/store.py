@@ -17,6 +17,7 @@ up to ``retry_seconds``; then a :class:`~novelcrafter.errors.StoreError` says wh
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -36,6 +37,17 @@ from novelcrafter.errors import InvalidArgument, NotFound, StoreError
 from novelcrafter.logs import get_logger
 
 log = get_logger("novelcrafter.store")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks (checksums of what we upload)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 T = TypeVar("T")
 _TMP_MARK = ".nc-tmp-"
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")

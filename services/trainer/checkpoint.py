@@ -30,7 +30,7 @@ from novelcrafter.trainer.training import PartTraining, Progress
 from novelcrafter import layout
 from novelcrafter.errors import NotFound, StoreError
 from novelcrafter.logs import get_logger, kv
-from novelcrafter.store import Store
+from novelcrafter.store import Store, file_sha256
 
 log = get_logger("novelcrafter.trainer.checkpoint")
 
@@ -56,14 +56,6 @@ class Checkpoint:
         shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(**parts: Any) -> str:
     """A stable hash of what a part trains on; checkpoints of anything else are not resumed."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -82,7 +74,7 @@ def save(store: Store, job_id: str, part: int, training: PartTraining, print_: s
         files: dict[str, dict[str, Any]] = {}
         for name in (*ADAPTER_FILES, STATE):
             path = tmp / name
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
             store.put_file(prefix + name, path)
         manifest = {
             "format": FORMAT,
@@ -146,7 +138,7 @@ def load(store: Store, prefix: str, print_: str) -> Checkpoint:
                 path = store.download(prefix + name, tmp / name)
             except NotFound:
                 raise CheckpointInvalid(f"{prefix}{name} is missing")
-            if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
                 raise CheckpointInvalid(f"{prefix}{name} does not match its checksum")
         return Checkpoint(prefix, int(manifest["step"]), Progress.from_dict(manifest["progress"]), tmp)
     except BaseException:
