@@ -141,3 +141,36 @@ def test_cli_upload_then_provision_in_another_process(tiny_llama: Path, tmp_path
         == f"error: {tmp_path} is not a model directory: it has no config.json"
     )
     assert "Traceback" not in wrong.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_inference_server_starts_on_a_base_model_from_the_store(tiny_llama: Path, tmp_path: Path) -> None:
+    """`serve inference` with NOVELCRAFTER_BASE_MODEL=store:NAME: fetched at startup, then served."""
+    from support import Proc, free_port
+
+    from novelcrafter.rpc import connect, wait_for_health
+    from novelcrafter.v1 import inference_pb2, inference_pb2_grpc
+
+    store = tmp_path / "store"
+    upload_base_model(open_store(str(store)), tiny_llama, "tiny-served")
+    address = f"127.0.0.1:{free_port()}"
+    env = base_env(
+        NOVELCRAFTER_BASE_MODEL="store:tiny-served",
+        NOVELCRAFTER_HOME=str(tmp_path / "home"),
+        NOVELCRAFTER_METRICS_LISTEN="off",
+    )
+    proc = Proc(
+        [NOVELCRAFTER, "serve", "inference", "--listen", address, "--store", str(store)],
+        env,
+        tmp_path / "inference.log",
+    )
+    try:
+        wait_for_health(address, timeout=240)
+        request = inference_pb2.GenerateRequest(prompt="The sea", adapter="base", max_new_tokens=4, seed=1)
+        with connect(address) as channel:
+            reply = inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=60)
+        assert reply.adapter.version == "base" and reply.completion_tokens > 0
+        assert "downloading base model from the store" in proc.output()
+    finally:
+        assert proc.stop(30) == 0, proc.output()[-3000:]
