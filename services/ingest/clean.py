@@ -511,9 +511,9 @@ class Vocabulary:
             return True
         if ro.endswith("ed") and len(lo) >= 3 and self.words[lo] and self.knows(ro):
             return False  # compound adjectives: pale-faced, blood-stained, narrow-minded
-        # Two real words the book uses on their own: a compound it happens to use only here
-        # (drawing-room, meeting-place). Anything else is a syllable break.
-        return not (len(lo) >= 3 and len(ro) >= 3 and self.words[lo] >= 2 and self.words[ro] >= 2)
+        # A word the book uses often plus a word (or inflection) it uses at all: a compound it
+        # happens to write only here (drawing-room, brain-attic). Anything else is a syllable break.
+        return not (len(lo) >= 3 and len(ro) >= 3 and self.words[lo] >= 2 and self.knows(ro))
 
 
 @dataclass
