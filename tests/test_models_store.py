@@ -14,13 +14,24 @@ from typing import Any
 
 import pytest
 import torch
+from fault_support import (
+    book_pdf,
+    create_job,
+    ingest_book,
+    start_ingest,
+    start_trainer,
+    tiny_job_config,
+    wait_job,
+)
 from support import NOVELCRAFTER, base_env
 
 from novelcrafter import layout
+from novelcrafter.adapters import list_versions
 from novelcrafter.config import get_settings
 from novelcrafter.errors import FailedPrecondition, InvalidArgument
 from novelcrafter.models import load_base_model, provision_base_model, upload_base_model
 from novelcrafter.store import file_sha256, open_store
+from novelcrafter.v1 import jobs_pb2
 
 
 def _settings(store: str, home: Path) -> Any:
@@ -174,3 +185,31 @@ def test_inference_server_starts_on_a_base_model_from_the_store(tiny_llama: Path
         assert "downloading base model from the store" in proc.output()
     finally:
         assert proc.stop(30) == 0, proc.output()[-3000:]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_job_trains_on_a_base_model_from_the_store(tiny_llama: Path, tmp_path: Path) -> None:
+    """A job naming `store:NAME` as its base model: the worker fetches it and trains every part."""
+    store = str(tmp_path / "store")
+    upload_base_model(open_store(store), tiny_llama, "tiny-trained")
+    env = {"NOVELCRAFTER_HOME": str(tmp_path / "home")}
+    ingest = start_ingest(store, tmp_path)
+    trainer = start_trainer(store, ingest.address, tmp_path, env=env)
+    try:
+        book = ingest_book(ingest.address, book_pdf(60, seed=71), parts=2).manifest.book_id
+        config = tiny_job_config(steps=1)
+        config.base_model = "store:tiny-trained"
+        job = create_job(ingest.address, book, config)
+        done = wait_job(ingest.address, job.job_id, 500, logs=trainer.output)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{done.error}\n{trainer.output()[-3000:]}"
+    finally:
+        trainer.stop()
+        ingest.stop()
+    versions = list_versions(open_store(store), book)
+    assert [(v.part, v.base_model) for v in versions] == [
+        (0, "store:tiny-trained"),
+        (1, "store:tiny-trained"),
+    ]
+    cached = list((tmp_path / "home" / "models").glob("store--tiny-trained--*"))
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
