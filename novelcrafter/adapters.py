@@ -3,7 +3,10 @@
 A version is immutable and lives under ``adapters/<book_id>/<version>/``::
 
     adapter_model.safetensors   PEFT LoRA weights
-    adapter_config.json         PEFT config (base model, rank, target modules)
+    adapter_config.json         PEFT config (rank, target modules; base_model_name_or_path is
+                                the base model's canonical id, never a local path)
+    README.md                   the model card (see novelcrafter.modelcard); versions
+                                published before cards existed have none
     meta.json                   written LAST: marks the version complete; sizes and
                                 sha256 of the files above, job, part, base model, metrics
 
@@ -25,6 +28,8 @@ from novelcrafter.store import Store, file_sha256
 from novelcrafter.v1 import common_pb2
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+CARD = "README.md"
+VERSION_FILES = (*ADAPTER_FILES, CARD)  # what a version publishes besides meta.json
 META = "meta.json"
 
 
@@ -64,19 +69,28 @@ def publish_adapter(
     part: int,
     base_model: str,
     metrics: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    started_from: str = "",
     move_latest: bool = True,
 ) -> AdapterMeta:
     """Upload a saved PEFT adapter directory as an immutable version, then move ``latest``.
 
-    Idempotent for a retried publish of the same (job, part): the files are simply
+    ``local_dir`` is completed first, so that it then holds exactly the published files: its
+    ``adapter_config.json`` gets the canonical base model id and a model card (``README.md``,
+    from the metrics, the book's manifest and the training ``settings``) replaces whatever
+    was there. Idempotent for a retried publish of the same (job, part): the files are simply
     rewritten before ``meta.json``; nobody reads a version before its meta exists.
     """
+    local_dir = Path(local_dir)
     version = layout.adapter_version_id(job_id, part)
     meta = AdapterMeta(book_id, version, job_id, part, base_model, metrics=dict(metrics or {}))
     for name in ADAPTER_FILES:
-        path = Path(local_dir) / name
-        if not path.exists():
+        if not (local_dir / name).exists():
             raise FailedPrecondition(f"adapter directory {local_dir} lacks {name}")
+    config = canonicalize_config(local_dir, base_model)
+    write_card(local_dir, meta, config, read_manifest(store, book_id), settings, started_from)
+    for name in VERSION_FILES:
+        path = local_dir / name
         meta.files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         store.put_file(meta.prefix + name, path)
     meta.published_at = time.time()
@@ -84,6 +98,50 @@ def publish_adapter(
     if move_latest:
         store.put_json(layout.latest_key(book_id), {"version": version, "published_at": meta.published_at})
     return meta
+
+
+def canonicalize_config(adapter_dir: Path, base_model: str) -> dict[str, Any]:
+    """Point ``adapter_config.json`` at the base model's canonical id (PEFT writes the local
+    directory the trainer loaded); returns the config. Only that one field changes."""
+    from novelcrafter.modelcard import canonical_base_model
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise FailedPrecondition(f"{path} is not valid JSON: {exc}")
+    if not isinstance(config, dict):
+        raise FailedPrecondition(f"{path} is not a JSON object")
+    canonical = canonical_base_model(base_model or str(config.get("base_model_name_or_path") or ""))
+    if canonical and config.get("base_model_name_or_path") != canonical:
+        config["base_model_name_or_path"] = canonical
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def read_manifest(store: Store, book_id: str) -> dict[str, Any] | None:
+    """The book's ingest manifest, or None when the store has none (the card then says so)."""
+    try:
+        manifest = store.get_json(layout.manifest_key(book_id))
+    except (NotFound, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def write_card(
+    adapter_dir: Path,
+    meta: AdapterMeta,
+    config: dict[str, Any],
+    manifest: dict[str, Any] | None,
+    settings: dict[str, Any] | None = None,
+    started_from: str = "",
+) -> Path:
+    from novelcrafter.modelcard import build_card
+
+    card = build_card(meta, config, manifest=manifest, settings=settings, started_from=started_from)
+    path = Path(adapter_dir) / CARD
+    path.write_text(str(card), encoding="utf-8")
+    return path
 
 
 def read_meta(store: Store, book_id: str, version: str) -> AdapterMeta:
@@ -123,9 +181,12 @@ def list_books_with_adapters(store: Store) -> list[str]:
 
 
 def download_adapter(store: Store, meta: AdapterMeta, dest: Path, *, verify: bool = True) -> Path:
-    """Fetch a version's files into ``dest``, checking sizes and sha256 against meta.json."""
+    """Fetch a version's files into ``dest``, checking sizes and sha256 against meta.json.
+
+    The model card comes too when the version has one (older versions have none)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
+    names = [*ADAPTER_FILES, *(n for n in VERSION_FILES if n in meta.files and n not in ADAPTER_FILES)]
+    for name in names:
         path = store.download(meta.prefix + name, dest / name)
         if verify:
             expected = meta.files.get(name, {})

@@ -96,6 +96,42 @@ def model_upload(
     )
 
 
+@app.command("export")
+def export(
+    book_id: Annotated[str, typer.Argument(help="The book id (first 16 hex digits of the PDF's sha256)")],
+    dest: Annotated[str, typer.Argument(help="A new (or empty) directory to write")],
+    adapter: Annotated[
+        str, typer.Option("--adapter", help="latest, part-N or a version id like j-0123456789ab-p03")
+    ] = "latest",
+    store: StoreOpt = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="peft (adapter files + model card), gguf (adds adapter.gguf for llama.cpp and an "
+            "Ollama Modelfile), or all",
+        ),
+    ] = "peft",
+) -> None:
+    """Write a published adapter version as a PEFT folder, plus a llama.cpp GGUF LoRA and an Ollama
+    Modelfile with --format gguf|all."""
+    from pathlib import Path
+
+    from novelcrafter.config import get_settings
+    from novelcrafter.export import export_adapter
+    from novelcrafter.logs import configure_logging
+    from novelcrafter.store import open_store
+
+    configure_logging()
+    settings = get_settings(store=store)
+    result = export_adapter(
+        open_store(settings.store, settings), book_id, Path(dest), adapter=adapter, fmt=fmt, settings=settings
+    )
+    print(f"exported {book_id} {result.meta.version} (part {result.meta.part}) to {result.dest}:")
+    for name in result.files:
+        print(f"  {name}")
+
+
 @app.command("version")
 def version() -> None:
     """Print the version."""

@@ -1,10 +1,13 @@
 """Optional push of each part's adapter to the Hugging Face Hub, off the training path.
 
-Only the adapter files (``adapter_model.safetensors``, ``adapter_config.json``) go up —
-never the base model, never checkpoints — each part to its own branch (``part-03``) of
-the job's repo. Pushes run one at a time in a background thread with retries; a push
-that keeps failing is logged and dropped: it never blocks, slows or fails training.
-The endpoint is ``HF_ENDPOINT`` (what huggingface_hub reads), so a test can run its own.
+Only the published version's files (``adapter_model.safetensors``, ``adapter_config.json`` and
+the model card ``README.md``) go up — never the base model, never checkpoints — each part to
+its own branch (``part-03``) of the job's repo, and then to ``main``, so the repo's front page
+shows the newest part. ``main`` never goes back: a push of an older part of the same job than
+the one ``main``'s card names (a retry that finished late) leaves it alone. Pushes run one at
+a time in a background thread with retries; a push that keeps failing is logged and dropped:
+it never blocks, slows or fails training. The endpoint is ``HF_ENDPOINT`` (what
+huggingface_hub reads), so a test can run its own.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from novelcrafter.adapters import ADAPTER_FILES
+from novelcrafter.adapters import ADAPTER_FILES, CARD
 from novelcrafter.logs import get_logger, kv
 
 log = get_logger("novelcrafter.trainer.hub")
@@ -62,10 +66,12 @@ class HubPusher:
         self._thread.start()
 
     def push(self, repo_id: str, part: int, adapter_dir: Path, message: str = "") -> None:
-        """Queue a push of the adapter files (copied now) to branch ``part-NN``; returns at once."""
+        """Queue a push of the version's files (copied now) to branch ``part-NN`` and ``main``;
+        returns at once."""
         folder = Path(tempfile.mkdtemp(prefix="nc-hub-"))
-        for name in ADAPTER_FILES:
-            shutil.copy2(Path(adapter_dir) / name, folder / name)
+        for name in (*ADAPTER_FILES, CARD):
+            if name in ADAPTER_FILES or (Path(adapter_dir) / name).exists():
+                shutil.copy2(Path(adapter_dir) / name, folder / name)
         self._queue.put(PushTask(repo_id, part, folder, message or f"NovelCrafter adapter, part {part:02d}"))
 
     def pending(self) -> int:
@@ -123,9 +129,28 @@ class HubPusher:
         api = HfApi(endpoint=self.endpoint, token=self.token)
         api.create_repo(task.repo_id, private=True, exist_ok=True)
         api.create_branch(task.repo_id, branch=branch, exist_ok=True)
+
+        def files() -> list[CommitOperationAdd]:  # one list per commit: an operation is single-use
+            return [CommitOperationAdd(p.name, str(p)) for p in sorted(task.folder.iterdir())]
+
+        api.create_commit(task.repo_id, operations=files(), commit_message=task.message, revision=branch)
+        if self._newer_on_main(api, task):
+            log.info("main keeps a newer part", extra=kv(repo=task.repo_id, branch=branch))
+            return
         api.create_commit(
-            task.repo_id,
-            operations=[CommitOperationAdd(name, str(task.folder / name)) for name in ADAPTER_FILES],
-            commit_message=task.message,
-            revision=branch,
+            task.repo_id, operations=files(), commit_message=f"{task.message} (latest)", revision="main"
         )
+
+    @staticmethod
+    def _newer_on_main(api: Any, task: PushTask) -> bool:
+        """True when ``main``'s card names a later part of the same job than this push's card."""
+        from huggingface_hub import ModelCard
+
+        from novelcrafter.modelcard import card_version
+
+        card = task.folder / CARD
+        ours = card_version(ModelCard(card.read_text(encoding="utf-8")).data) if card.exists() else {}
+        if not ours:
+            return False
+        theirs = card_version(api.model_info(task.repo_id, revision="main").card_data)
+        return theirs.get("job_id") == ours.get("job_id") and int(theirs.get("part", -1)) > task.part

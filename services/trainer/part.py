@@ -165,6 +165,11 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
             init_dir = _download_init_adapter(store, job.init_adapter_key, workdir / "init")
         set_seed(part_seed(settings.seed, job.part))
         model = attach(base.model, settings.lora, init_dir)
+        if init_dir is not None:
+            # A published config names the canonical hub id; PEFT's save_pretrained would look
+            # that id up on the Hub (embedding-resize check). Saves name the local base, as for a
+            # fresh LoRA; publishing writes the canonical id back.
+            model.peft_config[model.active_adapter].base_model_name_or_path = None
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -177,6 +182,7 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
         model.save_pretrained(str(out))
         hooks.report(_update(training, "publish", "publishing the adapter"), "")
         hooks.before_publish()
+        # The card and canonical config are written into `out`: it then holds the published files.
         meta = adapters.publish_adapter(
             store,
             out,
@@ -185,11 +191,13 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
             part=job.part,
             base_model=job.base_model,
             metrics=metrics,
+            settings=settings.to_dict(),
+            started_from=job.init_adapter_key.rstrip("/").rsplit("/", 1)[-1],
         )
         log.info("part published", extra=kv(job=job.job_id, part=job.part, version=meta.version))
-        # The caller owns the published copy from here (e.g. for a Hub push).
+        # The caller owns the published copy from here (e.g. for a Hub push, card included).
         kept = Path(tempfile.mkdtemp(prefix="nc-adapter-"))
-        for name in adapters.ADAPTER_FILES:
+        for name in adapters.VERSION_FILES:
             shutil.copy2(out / name, kept / name)
         return PartResult(metrics, meta, kept, checkpoint_key)
     finally:
