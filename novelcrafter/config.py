@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 DEFAULT_INGEST_LISTEN = "0.0.0.0:50051"
 DEFAULT_INFERENCE_LISTEN = "0.0.0.0:50052"
+DEFAULT_HTTP_LISTEN = "0.0.0.0:8000"  # the inference service's OpenAI-compatible HTTP API
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DEFAULT_INFERENCE = "127.0.0.1:50052"
 DEFAULT_METRICS = {"ingest": "0.0.0.0:9101", "trainer": "0.0.0.0:9102", "inference": "0.0.0.0:9103"}

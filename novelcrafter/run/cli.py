@@ -85,6 +85,14 @@ def serve_all_command(
     inference_listen: Annotated[
         str, typer.Option("--inference-listen", help="Address of inference")
     ] = "127.0.0.1:50052",
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            "--http-listen",
+            envvar="NOVELCRAFTER_HTTP_LISTEN",
+            help="Address of inference's OpenAI-compatible HTTP API; 'off' disables it",
+        ),
+    ] = "127.0.0.1:8000",
     device: Annotated[str | None, typer.Option("--device", help="Trainer device: cpu or cuda")] = None,
     log_dir: Annotated[
         Path | None, typer.Option("--log-dir", help="One log file per service here (default: stdout)")
@@ -102,6 +110,7 @@ def serve_all_command(
         log_dir=log_dir,
         ingest_listen=ingest_listen,
         inference_listen=inference_listen,
+        http_listen=http_listen,
         device=device,
     )
     serve_forever(services)

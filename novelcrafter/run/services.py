@@ -99,6 +99,7 @@ class LocalServices:
     log_dir: Path | None = None  # None: children write to our stdout/stderr
     ingest_listen: str | None = None
     inference_listen: str | None = None
+    http_listen: str = "off"  # inference's OpenAI-compatible HTTP API (``run`` needs none)
     device: str | None = None
     metrics: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -129,7 +130,11 @@ class LocalServices:
         specs = [
             ("ingest", ["ingest", "--listen", self.ingest_listen, *store], self.coordinator),
             ("trainer", ["trainer", "--coordinator", self.coordinator, *store], ""),
-            ("inference", ["inference", "--listen", self.inference_listen, *store], self.inference),
+            (
+                "inference",
+                ["inference", "--listen", self.inference_listen, "--http-listen", self.http_listen, *store],
+                self.inference,
+            ),
         ]
         if self.device:
             specs[1][1].extend(["--device", self.device])
@@ -300,8 +305,13 @@ def serve_forever(services: LocalServices, out: Callable[[str], None] = _say) ->
         )
         if stop.is_set():
             return
+        http = (
+            ""
+            if services.http_listen == "off"
+            else f" (HTTP http://{_client_address(services.http_listen)}/v1)"
+        )
         out(
-            f"serving: ingest + coordinator {services.coordinator}, inference {services.inference}, "
+            f"serving: ingest + coordinator {services.coordinator}, inference {services.inference}{http}, "
             f"store {services.store}; Ctrl-C stops"
         )
         while not stop.wait(1.0):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from novelcrafter.config import DEFAULT_INFERENCE_LISTEN
+from novelcrafter.config import DEFAULT_HTTP_LISTEN, DEFAULT_INFERENCE_LISTEN
 
 
 def register(app: typer.Typer, serve_app: typer.Typer) -> None:
@@ -27,6 +27,14 @@ def serve_inference(
             help=f"gRPC address to bind [env NOVELCRAFTER_LISTEN, default {DEFAULT_INFERENCE_LISTEN}]"
         ),
     ] = None,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            envvar="NOVELCRAFTER_HTTP_LISTEN",
+            help="Address of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models, /health); 'off' disables it.",
+        ),
+    ] = DEFAULT_HTTP_LISTEN,
     store: Annotated[
         str | None,
         typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
@@ -65,7 +73,7 @@ def serve_inference(
         ),
     ] = "auto",
 ) -> None:
-    """Serve generation over gRPC with hot-loaded per-book adapters."""
+    """Serve generation over gRPC (and an OpenAI-compatible HTTP API) with hot-loaded per-book adapters."""
     from novelcrafter.config import get_settings
     from novelcrafter.errors import InvalidArgument
     from novelcrafter.logs import configure_logging
@@ -80,9 +88,15 @@ def serve_inference(
         raise InvalidArgument("--max-new-tokens-cap and --max-prompt-tokens must be at least 1")
     if not watch_interval > 0:
         raise InvalidArgument("--watch-interval must be positive")
+    http_listen = http_listen.strip()
+    if http_listen.lower() in ("off", "none", ""):
+        http_listen = "off"
+    elif not _is_address(http_listen):
+        raise InvalidArgument(f"--http-listen must be HOST:PORT or off, got {http_listen[:80]!r}")
     settings = get_settings(store=store, base_model=base_model, listen=listen)
     config = InferenceConfig(
         listen=settings.listen or DEFAULT_INFERENCE_LISTEN,
+        http_listen=http_listen,
         store=settings.store,
         base_model=settings.base_model,
         watch_interval=watch_interval,
@@ -94,6 +108,11 @@ def serve_inference(
         dtype=dtype,
     )
     serve(config, settings)
+
+
+def _is_address(listen: str) -> bool:
+    host, sep, port = listen.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) < 65536)
 
 
 def generate(

@@ -16,6 +16,12 @@ REQUESTS = Counter(
     "Generation requests by method, gRPC status, book and adapter version ('base' for the base model).",
     ["method", "status", "book", "adapter"],
 )
+HTTP_REQUESTS = Counter(
+    "novelcrafter_inference_http_requests_total",
+    "Requests to the OpenAI-compatible HTTP API by route and HTTP status "
+    "(499: the client went away before the response was complete).",
+    ["route", "status"],
+)
 TIME_TO_FIRST_TOKEN = Histogram(
     "novelcrafter_inference_time_to_first_token_seconds",
     "From accepting a request to its first generated token.",

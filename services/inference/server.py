@@ -1,4 +1,5 @@
-"""Assemble and run the inference server: gRPC first (NOT_SERVING), then the model, then SERVING."""
+"""Assemble and run the inference server: gRPC (and the OpenAI-compatible HTTP API) first,
+NOT_SERVING; then the model; then SERVING. Both APIs share one scheduler and registry."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ _END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
 @dataclass
 class InferenceConfig:
     listen: str = DEFAULT_INFERENCE_LISTEN
+    # The HTTP API's address. Off unless asked for: the CLI's default is DEFAULT_HTTP_LISTEN, but
+    # programs that embed the server (tests, the benchmark) must not grab a fixed port.
+    http_listen: str = "off"
     store: str | None = None  # None: settings.store
     base_model: str | None = None  # None: settings.base_model
     watch_interval: float = 2.0
@@ -71,6 +75,7 @@ class InferenceServer:
         )
         self.servicer = InferenceServicer(self.limits)
         self.grpc: GrpcServer | None = None
+        self.http: Any = None  # http_api.HttpServer when the HTTP API is on
         self.runtime: Runtime | None = None
         self.engine: Any = None
 
@@ -78,6 +83,11 @@ class InferenceServer:
     def port(self) -> int:
         assert self.grpc is not None
         return self.grpc.port
+
+    @property
+    def http_port(self) -> int:
+        assert self.http is not None
+        return self.http.port
 
     def start(self) -> GrpcServer:
         workers = max(32, 2 * self.config.max_concurrency + 16)
@@ -88,7 +98,27 @@ class InferenceServer:
             serving=False,
             max_workers=workers,
         )
+        if self.config.http_listen.strip().lower() not in ("off", "none", ""):
+            try:
+                self._start_http()
+            except BaseException:
+                self.grpc.stop(0)
+                raise
         return self.grpc
+
+    def _start_http(self) -> None:
+        from .http_api import HttpApi, HttpServer
+
+        api = HttpApi(
+            self.servicer,
+            self.settings,
+            base_model=self.config.base_model or self.settings.base_model,
+            max_concurrency=self.config.max_concurrency,
+        )
+        self.http = HttpServer(api.asgi, self.config.http_listen, self.settings)
+        self.http.start()
+        assert self.grpc is not None
+        self.grpc.on_stop.append(self.http.begin_shutdown)  # both drain at once on SIGTERM
 
     def load(self) -> None:
         """Load the base model once, calibrate, scan adapters, then report SERVING."""
@@ -166,7 +196,13 @@ class InferenceServer:
         """Stop accepting RPCs, let in-flight generations finish, then stop the threads."""
         if self.grpc is not None:
             self.grpc.stop(grace)
+        self.stop_http(grace)
         self.close_runtime()
+
+    def stop_http(self, grace: float | None = None) -> None:
+        """Wait for the HTTP API's in-flight requests (up to the grace period), then stop it."""
+        if self.http is not None:
+            self.http.stop(grace)
 
     def close_runtime(self) -> None:
         if self.runtime is not None:
@@ -207,6 +243,8 @@ def serve(config: InferenceConfig, settings: Settings | None = None) -> None:
         server.load()
     except BaseException:
         grpc_server.stop(0)
+        server.stop_http(0)
         raise
     grpc_server.wait()
+    server.stop_http()
     server.close_runtime()

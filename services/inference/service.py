@@ -111,13 +111,26 @@ class LockedTokenizer:
         self._lock = threading.Lock()
 
     def encode(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
         with self._lock:
-            if chat:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-                )
-                return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation through the base model's chat template, ready for the assistant's turn."""
+        from jinja2 import TemplateError
+
+        with self._lock:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except TemplateError as exc:  # e.g. a template that insists on alternating roles
+                raise InvalidArgument(f"the base model's chat template rejected the messages: {exc}")
+            except ValueError as exc:  # no template at all
+                raise InvalidArgument(f"the base model cannot chat: {exc}")
+            # The template writes the special tokens itself (BOS included): add none.
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         with self._lock:
@@ -146,7 +159,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.limits = limits
         self.runtime: Runtime | None = None  # set once the model is loaded
 
-    def _rt(self) -> Runtime:
+    def require_runtime(self) -> Runtime:
         if self.runtime is None:
             raise Unavailable("the inference server is still loading the base model; retry shortly")
         return self.runtime
@@ -155,11 +168,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def _start(self, request: inference_pb2.GenerateRequest, labels: dict[str, str]) -> tuple[Any, ...]:
         spec = validate_request(request, self.limits)
-        rt = self._rt()
+        loaded, gen = self.start(spec, labels)
+        return spec, loaded, gen
+
+    def start(
+        self, spec: GenerationSpec, labels: dict[str, str], messages: list[dict[str, str]] | None = None
+    ) -> tuple[LoadedAdapter | None, Generation]:
+        """Resolve the adapter, tokenize, check the prompt against the limits and submit: what
+        every API (gRPC here, HTTP in ``http_api``) does with a validated request. ``messages``
+        (a chat conversation) replaces ``spec.prompt`` when given. Fills ``labels`` (book,
+        adapter) for the request counters as soon as the version is known."""
+        rt = self.require_runtime()
         loaded = rt.registry.resolve(spec.book_id, spec.adapter)
         labels["book"] = loaded.book_id if loaded else "base"
         labels["adapter"] = loaded.version if loaded else "base"
-        prompt_ids = rt.tokenizer.encode(spec.prompt, spec.chat)
+        if messages is not None:
+            prompt_ids = rt.tokenizer.encode_messages(messages)
+        else:
+            prompt_ids = rt.tokenizer.encode(spec.prompt, spec.chat)
         limit = min(self.limits.max_prompt_tokens, rt.context - 1)
         if len(prompt_ids) > limit:
             raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; the limit is {limit}")
@@ -169,7 +195,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 f"the model's context of {rt.context} tokens"
             )
         gen = rt.scheduler.submit(Generation(prompt_ids, loaded, spec.params, spec.max_new_tokens, spec.stop))
-        return spec, loaded, gen
+        return loaded, gen
 
     def Generate(self, request: Any, context: grpc.ServicerContext) -> inference_pb2.GenerateResponse:
         labels = {"book": "unknown", "adapter": "unresolved"}
@@ -188,7 +214,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 finish_reason=done.finish_reason,
             )
         except Exception as exc:
-            status = _status_of(exc)
+            status = status_of(exc)
             raise
         finally:
             metrics.REQUESTS.labels("Generate", status, labels["book"], labels["adapter"]).inc()
@@ -224,7 +250,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             status = "CANCELLED"
             raise
         except Exception as exc:
-            status = _status_of(exc)
+            status = status_of(exc)
             raise
         finally:
             if gen is not None:
@@ -234,7 +260,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # --- adapters -------------------------------------------------------------------------------
 
     def _list(self, book_id: str) -> inference_pb2.ListAdaptersResponse:
-        rows = self._rt().registry.statuses(book_id.strip() or None)
+        rows = self.require_runtime().registry.statuses(book_id.strip() or None)
         response = inference_pb2.ListAdaptersResponse()
         for row in rows:
             response.adapters.add(
@@ -255,11 +281,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def ReloadAdapters(
         self, request: Any, context: grpc.ServicerContext
     ) -> inference_pb2.ListAdaptersResponse:
-        self._rt().registry.refresh(request.book_id.strip() or None)
+        self.require_runtime().registry.refresh(request.book_id.strip() or None)
         return self._list(request.book_id)
 
 
-def _status_of(exc: BaseException) -> str:
+def status_of(exc: BaseException) -> str:
     if isinstance(exc, NovelCrafterError):
         return exc.code.name
     return "INTERNAL"

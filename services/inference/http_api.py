@@ -1,0 +1,711 @@
+"""The OpenAI-compatible HTTP API of the inference service, beside gRPC in the same process.
+
+Starlette (routing, requests, streaming responses) served by uvicorn on its own thread and
+event loop. It is a second front door, not a second engine: every generation goes through
+:meth:`InferenceServicer.start` — the same validation, caps and messages, adapter registry
+and scheduler as gRPC — so a seeded request gives the same text over either API. The
+blocking parts (adapter resolution, waiting for tokens) run on worker threads; a client that
+goes away cancels its generation, which frees its slot at the scheduler's next step.
+
+Model ids: ``base``; ``<book_id>`` (its ``latest``); ``<book_id>:part-N``; ``<book_id>:<version>``.
+Every response's ``model`` (and ``system_fingerprint``) is the exact version that produced it,
+``<book_id>:<version>`` or ``base``; the extra ``adapter`` object carries its details.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import grpc
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from novelcrafter import layout
+from novelcrafter.config import Settings
+from novelcrafter.errors import InvalidArgument, NotFound, NovelCrafterError, Unauthenticated
+from novelcrafter.logs import get_logger
+
+from . import metrics
+from .client import build_request
+from .registry import BASE, LATEST, LoadedAdapter
+from .scheduler import Finished, Generation, Piece
+from .service import InferenceServicer, status_of, validate_request
+
+log = get_logger("novelcrafter.inference.http")
+
+OFF = ("off", "none", "")
+OWNER = "novelcrafter"
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions")
+_FINISH = {"length": "length", "stop": "stop", "eos": "stop"}  # ours -> OpenAI's finish_reason
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+# --- errors: the one mapping from domain errors to HTTP ------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    type: str
+    code: str
+
+
+# Keyed by the gRPC status each domain error carries (novelcrafter.errors), so gRPC and HTTP can
+# never disagree about what an error is. Statuses follow Google's gRPC-to-HTTP mapping; types and
+# codes are OpenAI's where OpenAI has one (invalid_api_key, model_not_found).
+ERRORS: dict[grpc.StatusCode, HttpError] = {
+    grpc.StatusCode.INVALID_ARGUMENT: HttpError(400, "invalid_request_error", "invalid_request"),
+    grpc.StatusCode.FAILED_PRECONDITION: HttpError(400, "invalid_request_error", "adapter_rejected"),
+    grpc.StatusCode.UNAUTHENTICATED: HttpError(401, "invalid_request_error", "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: HttpError(403, "permission_error", "permission_denied"),
+    grpc.StatusCode.NOT_FOUND: HttpError(404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.ALREADY_EXISTS: HttpError(409, "invalid_request_error", "already_exists"),
+    grpc.StatusCode.ABORTED: HttpError(409, "invalid_request_error", "aborted"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: HttpError(429, "rate_limit_error", "server_busy"),
+    grpc.StatusCode.UNAVAILABLE: HttpError(503, "server_error", "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: HttpError(504, "server_error", "timeout"),
+}
+INTERNAL = HttpError(500, "server_error", "internal_error")
+UNAUTHORIZED = "missing or invalid bearer token (set NOVELCRAFTER_AUTH_TOKEN)"  # the gRPC wording
+
+
+class BadParameter(InvalidArgument):
+    """A request field this API refuses; ``param`` names it in the error body."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(message: str, kind: HttpError, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind.type, "param": param, "code": kind.code}}
+
+
+def describe_error(exc: BaseException, route: str) -> tuple[HttpError, dict[str, Any]]:
+    """The status and OpenAI error body for ``exc``; unexpected errors are logged with an incident id."""
+    if isinstance(exc, NovelCrafterError):
+        kind = ERRORS.get(exc.code, INTERNAL)
+        log.info(
+            "http error", extra={"fields": {"route": route, "status": kind.status, "error": exc.message}}
+        )
+        return kind, error_body(exc.message, kind, getattr(exc, "param", None))
+    incident = uuid.uuid4().hex[:8]
+    log.error(
+        "unhandled error in http request",
+        exc_info=exc,
+        extra={"fields": {"route": route, "incident": incident}},
+    )
+    return INTERNAL, error_body(f"internal error (incident {incident}; see the server log)", INTERNAL)
+
+
+def error_response(exc: BaseException, route: str) -> JSONResponse:
+    kind, body = describe_error(exc, route)
+    # 429 and 503 are worth retrying: OpenAI clients honour Retry-After.
+    headers = {"retry-after": "1"} if kind.status in (429, 503) else None
+    return JSONResponse(body, kind.status, headers=headers)
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+class _Params(BaseModel):
+    """Fields shared by completions and chat. Unknown fields are ignored, as clients send many."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+    # Extensions (vLLM's names): sampling knobs of the gRPC API that OpenAI's API lacks.
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
+class CompletionRequest(_Params):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class _ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[_ContentPart] | None = None
+
+
+class ChatRequest(_Params):
+    messages: list[_Message]
+    max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+def parse_model(model: str) -> tuple[str, str]:
+    """(book_id, adapter selector) of a model id; NotFound for anything that is not one."""
+    name = model.strip()
+    if name == BASE:
+        return "", BASE
+    book, sep, selector = name.partition(":")
+    selector_ok = (
+        not sep
+        or selector == LATEST
+        or layout.PART_ALIAS_RE.match(selector)
+        or layout.VERSION_RE.match(selector)
+    )
+    if not layout.BOOK_ID_RE.match(book) or not selector_ok:
+        raise NotFound(
+            f"model {name[:100]!r} does not exist: use 'base', '<book_id>', '<book_id>:part-N' or "
+            "'<book_id>:<version>' (GET /v1/models lists them)"
+        )
+    return book, selector or LATEST
+
+
+def model_id(loaded: LoadedAdapter | None) -> str:
+    """The exact model id of a resolved version."""
+    return BASE if loaded is None else f"{loaded.book_id}:{loaded.version}"
+
+
+def adapter_info(loaded: LoadedAdapter | None) -> dict[str, Any]:
+    """The version as gRPC's AdapterVersion names it (``version: base`` for the base model)."""
+    if loaded is None:
+        return {"book_id": "", "version": BASE}
+    meta = loaded.meta
+    return {
+        "book_id": meta.book_id,
+        "version": meta.version,
+        "job_id": meta.job_id,
+        "part": meta.part,
+        "key": meta.prefix,
+        "published_at": meta.published_at,
+    }
+
+
+def _refuse_unsupported(req: _Params) -> None:
+    """400 for features we do not implement, rather than silently ignoring them. Values that
+    mean "off" (n=1, penalties 0, ...) pass, since many clients send them by default."""
+    if req.n not in (None, 1):
+        raise BadParameter("n must be 1: this server returns one choice per request", "n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name) not in (None, 0):
+            raise BadParameter(f"{name} is not supported; use repetition_penalty (an extension)", name)
+    if req.logprobs not in (None, False, 0):
+        raise BadParameter("logprobs are not supported", "logprobs")
+    if req.logit_bias:
+        raise BadParameter("logit_bias is not supported", "logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise BadParameter("echo is not supported", "echo")
+        if req.suffix:
+            raise BadParameter("suffix is not supported", "suffix")
+        if req.best_of not in (None, 1):
+            raise BadParameter("best_of must be 1", "best_of")
+    if isinstance(req, ChatRequest):
+        if req.tools or req.functions or req.tool_choice not in (None, "none"):
+            raise BadParameter("tools and functions are not supported", "tools")
+        if req.top_logprobs:
+            raise BadParameter("logprobs are not supported", "top_logprobs")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise BadParameter("only response_format type 'text' is supported", "response_format")
+
+
+def _prompt(req: CompletionRequest) -> str:
+    if isinstance(req.prompt, str):
+        return req.prompt
+    if len(req.prompt) != 1:
+        raise BadParameter("prompt must be one string: this server returns one choice per request", "prompt")
+    return req.prompt[0]
+
+
+def _messages(req: ChatRequest) -> list[dict[str, str]]:
+    """The conversation for the chat template: system/user/assistant turns of text."""
+    if not req.messages:
+        raise BadParameter("messages must hold at least one message", "messages")
+    out = []
+    for i, message in enumerate(req.messages):
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant"):
+            raise BadParameter(
+                f"messages[{i}].role {message.role!r} is not supported: use system, user or assistant",
+                "messages",
+            )
+        content = message.content
+        if content is None:
+            raise BadParameter(f"messages[{i}].content is required", "messages")
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise BadParameter(f"messages[{i}]: only text content parts are supported", "messages")
+            content = "".join(part.text or "" for part in content)
+        out.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in out):
+        raise BadParameter("the messages hold no text", "messages")
+    return out
+
+
+def _proto(req: _Params, book: str, adapter: str, prompt: str, chat: bool, max_tokens: int | None) -> Any:
+    """The gRPC request this HTTP request means: from here on, both APIs share every rule."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return build_request(
+            prompt,
+            book_id=book,
+            adapter=adapter,
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            seed=req.seed,
+            stop=stop,
+            chat=chat,
+        )
+    except (ValueError, TypeError) as exc:  # e.g. an integer beyond the field's 32/64 bits
+        raise BadParameter(f"a parameter is out of range: {exc}")
+
+
+# --- one generation ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """A submitted generation and what its response chunks repeat."""
+
+    gen: Generation
+    loaded: LoadedAdapter | None
+    chat: bool
+    stream: bool
+    include_usage: bool
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def _envelope(self, object_name: str) -> dict[str, Any]:
+        name = model_id(self.loaded)
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": name,
+            "system_fingerprint": name,
+        }
+
+    @staticmethod
+    def _usage(done: Finished) -> dict[str, int]:
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+
+    def response(self, done: Finished) -> dict[str, Any]:
+        finish = _FINISH.get(done.finish_reason, done.finish_reason)
+        if self.chat:
+            body = self._envelope("chat.completion")
+            message = {"role": "assistant", "content": done.text}
+            body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
+        else:
+            body = self._envelope("text_completion")
+            body["choices"] = [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": finish}]
+        body["usage"] = self._usage(done)
+        body["adapter"] = adapter_info(self.loaded)
+        return body
+
+    def chunk(self, text: str | None = None, done: Finished | None = None, first: bool = False) -> bytes:
+        finish = _FINISH.get(done.finish_reason, done.finish_reason) if done else None
+        if self.chat:
+            body = self._envelope("chat.completion.chunk")
+            delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        else:
+            body = self._envelope("text_completion")
+            body["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        if first:
+            body["adapter"] = adapter_info(self.loaded)
+        return sse(body)
+
+    def usage_chunk(self, done: Finished) -> bytes:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+        body["choices"] = []
+        body["usage"] = self._usage(done)
+        return sse(body)
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+# --- the application -----------------------------------------------------------------------------
+
+
+class HttpApi:
+    """The ASGI application (:attr:`asgi`): bearer auth, request counting, the endpoints."""
+
+    def __init__(
+        self, servicer: InferenceServicer, settings: Settings, *, base_model: str, max_concurrency: int
+    ) -> None:
+        self.servicer = servicer
+        self.base_model = base_model
+        self.created = int(time.time())
+        self._expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
+        # Threads that wait on generations; sized like the gRPC worker pool.
+        self._threads = max(40, 2 * max_concurrency + 16)
+        self._limiter: anyio.CapacityLimiter | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health, methods=["GET"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    # --- middleware: auth and counting, outside everything ------------------------------------
+
+    async def asgi(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        sent: dict[str, Any] = {"status": None, "complete": False}
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent["complete"] = True
+            await send(message)
+
+        try:
+            if route != "/health" and not self._authorized(scope):
+                await error_response(Unauthenticated(UNAUTHORIZED), route)(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            status = sent["status"]
+            label = "500" if status is None else str(status) if sent["complete"] else "499"
+            metrics.HTTP_REQUESTS.labels(route, label).inc()
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        if self._expected is None:
+            return True
+        supplied = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        return hmac.compare_digest(supplied, self._expected)  # constant time; never logged
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = HttpError(exc.status_code, "invalid_request_error", "not_found")
+        if exc.status_code == 405:
+            kind = HttpError(405, "invalid_request_error", "method_not_allowed")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, kind), exc.status_code, headers=exc.headers)
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        """200 once the base model is loaded (probes use it; no token needed), 503 before."""
+        if self.servicer.runtime is None:
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        try:
+            return JSONResponse({"object": "list", "data": self._model_list()})
+        except Exception as exc:
+            return error_response(exc, "/v1/models")
+
+    def _model_list(self) -> list[dict[str, Any]]:
+        """``base``, then per book with a served version: ``<book_id>`` (its latest) and each
+        ``<book_id>:<version>`` that is not rejected."""
+        rt = self.servicer.require_runtime()
+        data: list[dict[str, Any]] = [
+            {
+                "id": BASE,
+                "object": "model",
+                "created": self.created,
+                "owned_by": OWNER,
+                "root": self.base_model,
+                "parent": None,
+            }
+        ]
+        books: dict[str, list[Any]] = {}
+        for row in rt.registry.statuses():
+            if row.state != "rejected":
+                books.setdefault(row.meta.book_id, []).append(row)
+        for book, rows in books.items():
+            latest = [r for r in rows if r.latest]
+            for name, row in [(book, r) for r in latest] + [(f"{book}:{r.meta.version}", r) for r in rows]:
+                meta = row.meta
+                info = {
+                    "book_id": meta.book_id,
+                    "version": meta.version,
+                    "job_id": meta.job_id,
+                    "part": meta.part,
+                    "key": meta.prefix,
+                    "published_at": meta.published_at,
+                    "latest": row.latest,
+                    "state": row.state,
+                }
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": int(meta.published_at),
+                        "owned_by": OWNER,
+                        "root": f"{book}:{meta.version}",
+                        "parent": BASE,
+                        "adapter": info,
+                    }
+                )
+        return data
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generation(request, "/v1/completions", chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generation(request, "/v1/chat/completions", chat=True)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:  # created on the server's event loop
+            self._limiter = anyio.CapacityLimiter(self._threads)
+        return self._limiter
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any, abandon: bool = False) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon, limiter=self.limiter)
+
+    async def _submit(self, request: Request, chat: bool, labels: dict[str, str]) -> _Job:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise BadParameter(f"the request body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            raise BadParameter("the request body must be a JSON object")
+        try:
+            kind: type[_Params] = ChatRequest if chat else CompletionRequest
+            req = kind.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BadParameter(f"{where}: {first['msg']}", str(first["loc"][0]) if first["loc"] else None)
+        book, adapter = parse_model(req.model)
+        _refuse_unsupported(req)
+        messages = None
+        if isinstance(req, ChatRequest):
+            messages = _messages(req)
+            max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+            prompt = "\n".join(m["content"] for m in messages)  # what the prompt caps measure
+        else:
+            max_tokens, prompt = req.max_tokens, _prompt(req)
+        spec = validate_request(_proto(req, book, adapter, prompt, chat, max_tokens), self.servicer.limits)
+        loaded, gen = await self._thread(self.servicer.start, spec, labels, messages)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return _Job(gen, loaded, chat=chat, stream=req.stream, include_usage=include_usage)
+
+    async def _generation(self, request: Request, route: str, chat: bool) -> Response:
+        labels = {"book": "unknown", "adapter": "unresolved"}
+        try:
+            job = await self._submit(request, chat, labels)
+        except Exception as exc:
+            metrics.REQUESTS.labels(route, status_of(exc), labels["book"], labels["adapter"]).inc()
+            return error_response(exc, route)
+        if job.stream:
+            return StreamingResponse(
+                self._events(job, route, labels),
+                media_type="text/event-stream",
+                headers=_SSE_HEADERS,
+                background=BackgroundTask(job.gen.cancel),  # also when the stream never started
+            )
+        status = "OK"
+        try:
+            done = await self._result(request, job.gen)
+            if done.finish_reason == "cancelled":  # the client went away
+                status = "CANCELLED"
+                return Response(status_code=499)
+            return JSONResponse(job.response(done))
+        except Exception as exc:
+            status = status_of(exc)
+            return error_response(exc, route)
+        finally:
+            job.gen.cancel()  # no-op once finished; stops it if we were interrupted
+            metrics.REQUESTS.labels(route, status, labels["book"], labels["adapter"]).inc()
+
+    async def _result(self, request: Request, gen: Generation) -> Finished:
+        """Wait for the whole generation; a client that disconnects meanwhile cancels it."""
+
+        async def watch_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gen.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch_disconnect)
+            try:
+                return await self._thread(gen.result, abandon=True)
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _events(self, job: _Job, route: str, labels: dict[str, str]) -> AsyncIterator[bytes]:
+        """Server-sent events: a chunk per text piece, the finish_reason, usage if asked, [DONE].
+        Starlette cancels this when the client disconnects; ``finally`` then cancels the
+        generation, which leaves the batch at the next step."""
+        status = "OK"
+        events = job.gen.events()
+        try:
+            first = True
+            while True:
+                event = await self._thread(next, events, None, abandon=True)
+                if isinstance(event, Piece):
+                    yield job.chunk(text=event.text, first=first)
+                    first = False
+                elif isinstance(event, Finished):
+                    if event.finish_reason == "cancelled":
+                        status = "CANCELLED"
+                        return
+                    yield job.chunk(done=event, first=first)
+                    if job.include_usage:
+                        yield job.usage_chunk(event)
+                    break
+                else:  # pragma: no cover - events() always ends with Finished
+                    break
+            yield DONE
+        except anyio.get_cancelled_exc_class():
+            status = "CANCELLED"
+            raise
+        except Exception as exc:  # after the 200 went out: the error travels as an event
+            status = status_of(exc)
+            _kind, body = describe_error(exc, route)
+            yield sse(body)
+        finally:
+            job.gen.cancel()
+            metrics.REQUESTS.labels(route, status, labels["book"], labels["adapter"]).inc()
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+def bind(listen: str) -> socket.socket:
+    """A listening socket for ``HOST:PORT`` (``[::]:PORT`` for IPv6), bound now so that a busy
+    port is an error at startup, not a log line in a thread."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        number = int(port)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        raise NovelCrafterError(f"cannot listen on {listen} (HTTP API): {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, number))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise NovelCrafterError(f"cannot listen on {listen} (HTTP API): {exc.strerror or exc}") from exc
+    return sock
+
+
+class HttpServer:
+    """uvicorn on its own thread and event loop, with the gRPC server's TLS settings."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], listen: str, settings: Settings) -> None:
+        import uvicorn
+
+        tls: dict[str, Any] = {}
+        if settings.tls_cert and settings.tls_key:
+            tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+            if settings.tls_client_ca:  # mutual TLS, as on gRPC
+                tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.tls = bool(tls)
+        self.listen = listen
+        self.grace = float(settings.grace_seconds)
+        config = uvicorn.Config(
+            app,
+            interface="asgi3",
+            lifespan="off",
+            http="h11",
+            ws="none",
+            loop="asyncio",
+            log_config=None,  # our logging is already configured
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=self.grace,  # type: ignore[arg-type]
+            **tls,
+        )
+        try:
+            config.load()  # here, so that a bad certificate fails the start
+        except (OSError, ssl.SSLError) as exc:
+            raise NovelCrafterError(f"HTTP API: cannot load the TLS certificate or key: {exc}") from exc
+        self._sock = bind(listen)
+        self.port: int = self._sock.getsockname()[1]
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, name="http-api", daemon=True
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._sock.close()
+                raise NovelCrafterError(f"the HTTP API on {self.listen} did not start (see the log above)")
+            time.sleep(0.01)
+        log.info(
+            "http api listening",
+            extra={"fields": {"listen": self.listen, "port": self.port, "tls": self.tls}},
+        )
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting connections; requests in flight get the grace period to finish."""
+        self.server.should_exit = True
+
+    def stop(self, grace: float | None = None) -> None:
+        self.begin_shutdown()
+        self._thread.join((self.grace if grace is None else grace) + 2.0)
+        if self._thread.is_alive():
+            self.server.force_exit = True
+            self._thread.join(5.0)
