@@ -1,5 +1,6 @@
 """The worker against the real coordinator over gRPC (in this process), and the Hub push
-against a local HTTP server that speaks the Hub endpoints huggingface_hub 2.4 calls."""
+against a local HTTP server that speaks the Hub endpoints huggingface_hub 2.4 calls.
+Every Hub commit carries the version's model card, whose numbers are meta.json's (issue 13)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
 from novelcrafter.trainer.hub import HubPusher
 from novelcrafter.trainer.part import BaseModel
 from novelcrafter.trainer.worker import Worker
@@ -28,7 +31,9 @@ TOKEN = "hf_test_token"
 
 
 class FakeHub:
-    """The Hub endpoints an adapter push uses: create repo, create branch, preupload, commit.
+    """The Hub endpoints an adapter push uses: create repo, create branch, preupload, commit,
+    README metadata validation, and model info (whose ``cardData`` is the parsed metadata of the
+    revision's README.md).
 
     Every file is answered ``uploadMode: regular`` so its bytes arrive base64 in the commit
     (a real Hub may choose LFS for large files; the commit API is the same)."""
@@ -37,7 +42,9 @@ class FakeHub:
         self.repos: set[str] = set()
         self.branches: dict[str, set[str]] = defaultdict(set)
         self.files: dict[tuple[str, str], dict[str, bytes]] = defaultdict(dict)  # (repo, rev) -> files
+        self.commits: list[tuple[str, str, dict[str, bytes]]] = []  # (repo, rev, files of that commit)
         self.auth: set[str] = set()
+        self.validated = 0  # README.md metadata checks passed
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,11 +59,36 @@ class FakeHub:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_GET(self) -> None:
+                hub.auth.add(self.headers.get("authorization", ""))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
+                    repo, rev = f"{parts[2]}/{parts[3]}", "/".join(parts[5:])
+                    if repo not in hub.repos or rev not in hub.branches[repo]:
+                        return self._reply(404, {"error": "Repository or revision not found"})
+                    files = hub.files[(repo, rev)]
+                    body = {"id": repo, "sha": "b" * 40, "siblings": [{"rfilename": f} for f in files]}
+                    if "README.md" in files:
+                        body["cardData"] = ModelCard(files["README.md"].decode()).data.to_dict()
+                    return self._reply(200, body)
+                self._reply(404, {"error": f"no route {self.path}"})
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 hub.auth.add(self.headers.get("authorization", ""))
                 path = self.path.split("?")[0]
                 parts = path.strip("/").split("/")
+                if path == "/api/validate-yaml":
+                    # Like the Hub, for a commit with a README.md: its metadata must parse, and
+                    # its model-index must read back as evaluation results.
+                    try:
+                        data = ModelCard(json.loads(body)["content"]).data.to_dict()
+                        if "model-index" in data:
+                            model_index_to_eval_results(data["model-index"])
+                    except Exception as exc:
+                        return self._reply(400, {"errors": [{"message": str(exc)}], "warnings": []})
+                    hub.validated += 1
+                    return self._reply(200, {"errors": [], "warnings": []})
                 if path == "/api/repos/create":
                     payload = json.loads(body)
                     repo = f"{payload.get('organization') or 'me'}/{payload['name']}"
@@ -90,13 +122,16 @@ class FakeHub:
                             },
                         )
                     if action == "commit":
+                        committed = {}
                         for line in body.splitlines():
                             item = json.loads(line)
                             if item["key"] == "file":
                                 value = item["value"]
-                                hub.files[(repo, rev)][value["path"]] = base64.b64decode(value["content"])
+                                committed[value["path"]] = base64.b64decode(value["content"])
                             elif item["key"] != "header":
                                 return self._reply(400, {"error": f"unexpected {item['key']}"})
+                        hub.files[(repo, rev)].update(committed)
+                        hub.commits.append((repo, rev, committed))
                         return self._reply(
                             200, {"commitUrl": f"{hub.url}/{repo}/commit/x", "commitOid": "a" * 40}
                         )
@@ -149,34 +184,65 @@ def _config(**training) -> common_pb2.JobConfig:
     )
 
 
+def _card_numbers(card: ModelCard) -> dict[tuple[str, str], float]:
+    return {(r.dataset_config, r.metric_name): r.metric_value for r in card.data.eval_results}
+
+
+def _meta_numbers(meta: adapters.AdapterMeta) -> dict[tuple[str, str], float]:
+    """The perplexities of meta.json, keyed as the card's model-index names them."""
+    m, own = meta.metrics, f"part-{meta.part:02d}"
+    numbers = {
+        (own, "Perplexity (adapter)"): m["adapter_perplexity"],
+        (own, "Perplexity (base model)"): m["base_perplexity"],
+    }
+    for part, value in m["earlier_perplexity"].items():
+        numbers[(f"part-{int(part):02d}", "Perplexity (adapter)")] = value
+    return numbers
+
+
 @pytest.mark.timeout(300)
-def test_hub_push_sends_only_adapter_files_per_part_revision(hub: FakeHub, tmp_path: Path, base):
-    """The upload path on its own: two parts' adapters land on branches part-00 and part-01."""
+def test_hub_push_sends_the_version_with_its_card_to_its_branch_and_main(hub: FakeHub, tmp_path: Path, base):
+    """The upload path on its own: each part's published files (card included) land on its branch
+    and on main; a late push of an older part of the job does not take main back."""
     from novelcrafter.trainer.lora import attach, detach
     from novelcrafter.trainer.settings import LoraSettings
 
+    store = open_store(str(tmp_path / "store"))
+    write_book(store, BOOK, parts=2, train_chunks=1, test_chunks=1)
     folders = []
     for part in range(2):
         model = attach(base.model, LoraSettings(r=4 + part))
         folder = tmp_path / f"adapter{part}"
         model.save_pretrained(str(folder))
-        (folder / "README.md").write_text("not an adapter file: must not be pushed")
         base.model = detach(model)
+        metrics = {"base_perplexity": 30.5, "adapter_perplexity": 20.25 - part, "earlier_perplexity": {}}
+        adapters.publish_adapter(
+            store, folder, book_id=BOOK, job_id="j-00000000f00d", part=part,
+            base_model="smollm2-135m-instruct", metrics=metrics,
+        )  # fmt: skip
+        (folder / "notes.txt").write_text("not a file of the version: never pushed")
         folders.append(folder)
     pusher = HubPusher(TOKEN, endpoint=hub.url, retries=2, backoff_seconds=0.1)
-    for part, folder in enumerate(folders):
-        pusher.push("me/austen-lora", part, folder)
+    for part in (0, 1, 0):  # the second push of part 0 stands for a retry that finished late
+        pusher.push("me/austen-lora", part, folders[part])
     pusher.close(timeout=60)
     assert [(o.branch, o.ok, o.error) for o in pusher.outcomes] == [
         ("part-00", True, ""),
         ("part-01", True, ""),
+        ("part-00", True, ""),
     ]
-    assert set(hub.files) == {("me/austen-lora", "part-00"), ("me/austen-lora", "part-01")}
+    repo = "me/austen-lora"
+    assert set(hub.files) == {(repo, "part-00"), (repo, "part-01"), (repo, "main")}
     for part, folder in enumerate(folders):
-        got = hub.files[("me/austen-lora", f"part-{part:02d}")]
-        assert set(got) == set(adapters.ADAPTER_FILES)
-        for name in adapters.ADAPTER_FILES:
+        got = hub.files[(repo, f"part-{part:02d}")]
+        assert set(got) == set(adapters.VERSION_FILES)
+        for name in adapters.VERSION_FILES:
             assert got[name] == (folder / name).read_bytes()
+    assert hub.files[(repo, "main")] == hub.files[(repo, "part-01")]  # the newest part, card and all
+    assert [(rev, sorted(files)) for _, rev, files in hub.commits] == [
+        (rev, sorted(adapters.VERSION_FILES)) for rev in ("part-00", "main", "part-01", "main", "part-00")
+    ]
+    assert hub.validated == len(hub.commits)
     assert hub.auth == {f"Bearer {TOKEN}"}
 
 
@@ -215,14 +281,28 @@ def test_worker_trains_a_job_over_grpc_and_pushes_each_part(coordinator, hub, ba
     phases = {e.progress.phase for e in events if e.HasField("progress")}
     assert {"train", "checkpoint", "eval", "publish"} <= phases
 
-    # The Hub got exactly the published adapter files of each part, on its own branch.
-    assert set(hub.files) == {("me/austen-lora", "part-00"), ("me/austen-lora", "part-01")}
+    # The Hub got exactly the published files of each part (model card included) on its own
+    # branch, and main got the newest part's.
+    repo = "me/austen-lora"
+    assert set(hub.files) == {(repo, "part-00"), (repo, "part-01"), (repo, "main")}
     for index, version in enumerate(versions):
-        got = hub.files[("me/austen-lora", f"part-{index:02d}")]
-        assert set(got) == set(adapters.ADAPTER_FILES)
+        got = hub.files[(repo, f"part-{index:02d}")]
+        assert set(got) == set(adapters.VERSION_FILES)
         meta = adapters.read_meta(server.store, BOOK, version)
-        for name in adapters.ADAPTER_FILES:
+        for name in adapters.VERSION_FILES:
             assert got[name] == server.store.get(meta.prefix + name)
+    assert hub.files[(repo, "main")] == hub.files[(repo, "part-01")]
+    # Every commit carries the card; its numbers are the version's meta.json numbers.
+    assert [rev for _, rev, _ in hub.commits] == ["part-00", "main", "part-01", "main"]
+    for _, rev, files in hub.commits:
+        card = ModelCard(files["README.md"].decode())
+        meta = adapters.read_meta(server.store, BOOK, card.data.to_dict()["novelcrafter"]["version"])
+        assert rev in (f"part-{meta.part:02d}", "main")
+        assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert card.data.library_name == "peft"
+        assert _card_numbers(card) == _meta_numbers(meta)
+        assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == card.data.base_model
+    assert list(adapters.read_meta(server.store, BOOK, versions[1]).metrics["earlier_perplexity"]) == ["0"]
 
 
 @pytest.mark.timeout(600)
