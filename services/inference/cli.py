@@ -78,8 +78,6 @@ def serve_inference(
     from novelcrafter.errors import InvalidArgument
     from novelcrafter.logs import configure_logging
 
-    from .server import InferenceConfig, serve
-
     configure_logging()
     for name, value in (("--max-adapters", max_adapters), ("--max-concurrency", max_concurrency)):
         if value < 1:
@@ -93,6 +91,8 @@ def serve_inference(
         http_listen = "off"
     elif not _is_address(http_listen):
         raise InvalidArgument(f"--http-listen must be HOST:PORT or off, got {http_listen[:80]!r}")
+    from .server import InferenceConfig, serve  # heavy (torch): after the checks of the flags
+
     settings = get_settings(store=store, base_model=base_model, listen=listen)
     config = InferenceConfig(
         listen=settings.listen or DEFAULT_INFERENCE_LISTEN,
