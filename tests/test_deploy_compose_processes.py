@@ -344,6 +344,19 @@ def test_compose_wiring_trains_books_on_both_trainers_and_serves_the_adapter(
     reply = generate_with(inference_address, client, novel.manifest.book_id, latest)
     assert reply.adapter.book_id == novel.manifest.book_id
     assert reply.completion_tokens > 0 and reply.text.strip()
+    # The OpenAI-compatible HTTP API on its published port, behind the same token.
+    import openai
+
+    http = openai.OpenAI(base_url=f"http://{inference.address(8000)}/v1", api_key=token, max_retries=0)
+    completion = http.completions.create(
+        model=novel.manifest.book_id, prompt="Mara carried the lantern", max_tokens=8, temperature=0
+    )
+    assert completion.model == f"{novel.manifest.book_id}:{latest}"
+    assert completion.choices[0].text == reply.text  # the same scheduler and adapter as gRPC
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=f"http://{inference.address(8000)}/v1", api_key="x", max_retries=0
+        ).models.list()
 
     # Every process shuts down cleanly on SIGTERM, as `docker compose down` asks.
     for container in reversed(deployment):

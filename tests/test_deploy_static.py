@@ -321,6 +321,23 @@ def test_grpc_servers_listen_where_probes_and_services_look(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_http_api_listens_where_the_service_and_image_expose_it(overlay: str) -> None:
+    """The OpenAI-compatible HTTP API: its listen address, the container port, the Service port
+    and the image's EXPOSE agree (the CLI default is the same port)."""
+    from novelcrafter.config import DEFAULT_HTTP_LISTEN
+
+    container = app_container(overlay, "inference")
+    _, port = host_port(env_value(overlay, container, "NOVELCRAFTER_HTTP_LISTEN"))
+    assert container_port(container, "http") == port == host_port(DEFAULT_HTTP_LISTEN)[1]
+    service = {p["name"]: p for p in by_name(overlay, "Service", "inference")["spec"]["ports"]}
+    assert service["http"]["port"] == port and service["http"]["targetPort"] == "http"
+    exposed = {
+        int(p) for line in dockerfile_stages(DOCKERFILES["inference"])[-1].all("EXPOSE") for p in line.split()
+    }
+    assert port in exposed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_trainers_reach_the_coordinator_service(overlay: str) -> None:
     trainer = app_container(overlay, "trainer")
     coordinator = flag_value(trainer["args"], "--coordinator")
@@ -436,13 +453,19 @@ def test_compose_credentials_come_from_an_uncommitted_env_file() -> None:
 
 def test_compose_ports_agree_with_commands_and_health_checks() -> None:
     services = load_compose()["services"]
-    for name, grpc_port, metrics_port in (("ingest", 50051, 9101), ("inference", 50052, 9103)):
+    for name, grpc_port, metrics_port, http_port in (
+        ("ingest", 50051, 9101, None),
+        ("inference", 50052, 9103, 8000),  # + the OpenAI-compatible HTTP API
+    ):
         service = services[name]
         _, listen = host_port(flag_value(service["command"], "--listen"))
         assert listen == grpc_port
         assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{grpc_port}"
-        assert [p.rsplit(":", 1)[-1] for p in service["ports"]] == [str(grpc_port)]
+        published = [str(grpc_port)] + ([str(http_port)] if http_port else [])
+        assert [p.rsplit(":", 1)[-1] for p in service["ports"]] == published
         assert service_env(service)["NOVELCRAFTER_METRICS_LISTEN"].endswith(f":{metrics_port}")
+        if http_port:
+            assert host_port(service_env(service)["NOVELCRAFTER_HTTP_LISTEN"])[1] == http_port
     for name in ("trainer", "trainer-gpu"):
         service = services[name]
         coordinator = flag_value(service["command"], "--coordinator")
