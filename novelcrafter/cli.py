@@ -98,8 +98,10 @@ def model_upload(
 
 @app.command("export")
 def export(
-    book_id: Annotated[str, typer.Argument(help="The book id (first 16 hex digits of the PDF's sha256)")],
-    dest: Annotated[str, typer.Argument(help="A new (or empty) directory to write")],
+    book_id: Annotated[
+        str, typer.Argument(metavar="BOOK_ID", help="The book id (first 16 hex digits of the PDF's sha256)")
+    ],
+    dest: Annotated[str, typer.Argument(metavar="DIR", help="A new (or empty) directory to write")],
     adapter: Annotated[
         str, typer.Option("--adapter", help="latest, part-N or a version id like j-0123456789ab-p03")
     ] = "latest",
