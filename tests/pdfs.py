@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ LEADING = 5.6
 INDENT = 6.0
 HEAD_Y = 14.0
 FOLIO_Y = 198.0
+NOTE_PT = 8.5  # footnotes
+NOTE_LEADING = 3.8
+MARK_PT = 6.5  # raised footnote marks
+_MARK_RE = re.compile(r"\[\^([^\]]+)\]")
 
 
 def font_path(style: str = "") -> str:
@@ -42,16 +47,47 @@ class Picture:
 @dataclass
 class Paragraph:
     """Body text. ``lines`` fixes the line breaks exactly (e.g. ``["… ac-", "quaintance …"]``);
-    otherwise ``text`` is wrapped to the frame."""
+    otherwise ``text`` is wrapped to the frame. ``[^1]`` in the text is a footnote mark, set
+    small and raised (or, with ``marks="inline"``, in the body size after a space), whose note
+    ``notes["1"]`` is set small at the foot of the same page. ``size`` sets the whole paragraph
+    smaller (a quotation in small type)."""
 
     text: str = ""
     lines: list[str] | None = None
     indent: bool = True
+    notes: dict[str, str] = field(default_factory=dict)
+    marks: str = "raised"  # raised | inline
+    raised_labels: bool = True  # the notes' labels raised (LaTeX) or set on the line ("1 Text")
+    size: float | None = None
+
+
+@dataclass
+class PageBreak:
+    pass
+
+
+@dataclass
+class LeaderList:
+    """A contents page or a list of illustrations: each entry's lines (a caption may wrap),
+    a dot leader and its page number (or a word, e.g. "Frontispiece")."""
+
+    title: str
+    entries: list[tuple[list[str], str]]
+    column_head: str | None = None
+
+
+@dataclass
+class Columns:
+    """A pronunciation guide or glossary: a title, key lines, then entries set in columns."""
+
+    title: str
+    key: list[str]
+    rows: list[list[str]]
 
 
 @dataclass
 class Book:
-    blocks: list[Heading | Picture | Paragraph]
+    blocks: list[Heading | Picture | Paragraph | PageBreak | LeaderList | Columns]
     title: str = "The Lighthouse Keeper"
     author: str = "A. N. Author"
     running_head: str | None = "THE LIGHTHOUSE KEEPER"
@@ -92,9 +128,36 @@ def book_pdf(book: Book) -> bytes:
     width = PAGE_W - LEFT - RIGHT
     folio = 0
     y = BOTTOM + 1  # forces a first page
+    notes: list[tuple[str, list[str], bool]] = []  # this page's footnotes: label, lines, raised label
+
+    def notes_height(extra: list[tuple[str, list[str], bool]] = ()) -> float:  # type: ignore[assignment]
+        lines = sum(len(n[1]) for n in [*notes, *extra])
+        return 0.0 if not lines else 4.0 + NOTE_LEADING * lines
+
+    def flush_notes() -> None:
+        if not notes:
+            return
+        ny = BOTTOM - NOTE_LEADING * (sum(len(n[1]) for n in notes) - 1)
+        pdf.set_line_width(0.2)
+        pdf.line(LEFT, ny - 5.0, LEFT + 30, ny - 5.0)
+        for label, lines, raised in notes:
+            for n, line in enumerate(lines):
+                x = LEFT + 3.0
+                if n == 0:
+                    if raised:
+                        pdf.set_font("Serif", "", MARK_PT)
+                        pdf.text(x - pdf.get_string_width(label) - 0.4, ny - 1.4, label)
+                    else:
+                        pdf.set_font("Serif", "", NOTE_PT)
+                        pdf.text(LEFT, ny, label)
+                pdf.set_font("Serif", "", NOTE_PT)
+                pdf.text(x, ny, line)
+                ny += NOTE_LEADING
+        notes.clear()
 
     def new_page(chapter_opening: bool = False) -> None:
         nonlocal folio, y
+        flush_notes()
         pdf.add_page()
         folio += 1
         if book.running_head and not chapter_opening:
@@ -126,8 +189,73 @@ def book_pdf(book: Book) -> bytes:
                 pdf.text(x, row_y, ".")
                 x += 2.5
 
+    def draw(x: float, y: float, line: str, paragraph: Paragraph, size: float) -> None:
+        """A body line; ``[^label]`` marks drawn raised and small (or inline)."""
+        for n, piece in enumerate(_MARK_RE.split(line)):
+            if n % 2:
+                if paragraph.marks == "inline":
+                    x += pdf.get_string_width(" ")
+                    pdf.text(x, y, piece)
+                    x += pdf.get_string_width(piece)
+                else:
+                    pdf.set_font("Serif", "", MARK_PT)
+                    pdf.text(x + 0.2, y - 1.8, piece)
+                    x += pdf.get_string_width(piece) + 0.3
+                    pdf.set_font("Serif", "", size)
+            elif piece:
+                text = _ligate(piece) if book.ligatures else piece
+                pdf.text(x, y, text)
+                x += pdf.get_string_width(text)
+
     for block in book.blocks:
-        if isinstance(block, Heading):
+        if isinstance(block, PageBreak):
+            new_page(chapter_opening=True)
+        elif isinstance(block, LeaderList):
+            new_page(chapter_opening=True)
+            pdf.set_font("Serif", "B", 13)
+            pdf.text((PAGE_W - pdf.get_string_width(block.title)) / 2, y + 6, block.title)
+            y += 6 + 3 * LEADING
+            if block.column_head:
+                pdf.set_font("Serif", "", 8)
+                pdf.text(
+                    PAGE_W - RIGHT - pdf.get_string_width(block.column_head), y - LEADING, block.column_head
+                )
+            pdf.set_font("Serif", "", BODY_PT - 1)
+            for lines, number in block.entries:
+                for n, line in enumerate(lines):
+                    if y > BOTTOM:
+                        new_page(chapter_opening=True)
+                        pdf.set_font("Serif", "", BODY_PT - 1)
+                    indent = 0.0 if n == 0 else 4.0
+                    pdf.text(LEFT + indent, y, line)
+                    if n == len(lines) - 1:
+                        right = PAGE_W - RIGHT - pdf.get_string_width(number)
+                        pdf.text(right, y, number)
+                        x = LEFT + indent + pdf.get_string_width(line) + 2
+                        while x < right - 3:
+                            pdf.text(x, y, ".")
+                            x += 2.2
+                    y += LEADING
+                y += 1.5
+        elif isinstance(block, Columns):
+            new_page(chapter_opening=True)
+            pdf.set_font("Serif", "B", 13)
+            pdf.text((PAGE_W - pdf.get_string_width(block.title)) / 2, y + 6, block.title)
+            y += 6 + 2.5 * LEADING
+            pdf.set_font("Serif", "", BODY_PT - 1.5)
+            for key in block.key:
+                pdf.text((PAGE_W - pdf.get_string_width(key)) / 2, y, key)
+                y += LEADING
+            y += LEADING
+            column = width / max(len(r) for r in block.rows)
+            for cells in block.rows:
+                if y > BOTTOM:
+                    new_page()
+                    pdf.set_font("Serif", "", BODY_PT - 1.5)
+                for c, cell in enumerate(cells):
+                    pdf.text(LEFT + c * column, y, cell)
+                y += LEADING
+        elif isinstance(block, Heading):
             if block.new_page or y > BOTTOM - 3 * LEADING:
                 new_page(chapter_opening=True)
                 y = TOP + 20
@@ -150,17 +278,59 @@ def book_pdf(book: Book) -> bytes:
                 y += 4.2
             y += LEADING
         else:
-            pdf.set_font("Serif", "", BODY_PT)
+            size = block.size or BODY_PT
+            leading = LEADING * size / BODY_PT
+            pdf.set_font("Serif", "", size)
             indent = INDENT if block.indent else 0.0
             lines = block.lines or _wrap(pdf, block.text, width, indent)
             for n, line in enumerate(lines):
-                if y > BOTTOM:
+                pending = []
+                for label in _MARK_RE.findall(line):
+                    pdf.set_font("Serif", "", NOTE_PT)
+                    pending.append(
+                        (label, _wrap(pdf, block.notes[label], width - 3.0, 0.0), block.raised_labels)
+                    )
+                    pdf.set_font("Serif", "", size)
+                if y > BOTTOM - notes_height(pending):
                     new_page()
-                    pdf.set_font("Serif", "", BODY_PT)
-                text = _ligate(line) if book.ligatures else line
-                pdf.text(LEFT + (indent if n == 0 else 0.0), y, text)
-                y += LEADING
+                    pdf.set_font("Serif", "", size)
+                notes.extend(pending)
+                draw(LEFT + (indent if n == 0 else 0.0), y, line, block, size)
+                y += leading
+    flush_notes()
     return bytes(pdf.output())
+
+
+def _measure(size: float):  # type: ignore[no-untyped-def]
+    from fpdf import FPDF
+
+    pdf = FPDF(unit="mm", format=(PAGE_W, PAGE_H))
+    pdf.add_font("Serif", "", font_path(""))
+    pdf.set_font("Serif", "", size)
+    return pdf
+
+
+def lines_of(paragraph: Paragraph) -> list[str]:
+    """The lines :func:`book_pdf` sets ``paragraph`` in (marks still in them)."""
+    if paragraph.lines:
+        return list(paragraph.lines)
+    pdf = _measure(paragraph.size or BODY_PT)
+    return _wrap(pdf, paragraph.text, PAGE_W - LEFT - RIGHT, INDENT if paragraph.indent else 0.0)
+
+
+def footnote_lines(paragraph: Paragraph) -> list[str]:
+    """The lines :func:`book_pdf` sets the notes of ``paragraph`` in."""
+    pdf = _measure(NOTE_PT)
+    return [
+        line
+        for text in paragraph.notes.values()
+        for line in _wrap(pdf, text, PAGE_W - LEFT - RIGHT - 3.0, 0.0)
+    ]
+
+
+def unmarked(text: str) -> str:
+    """A paragraph's text as the reader should get it: footnote marks taken out."""
+    return _MARK_RE.sub("", text)
 
 
 SENTENCES = [  # each last word also appears mid-sentence, as in real prose (Punkt learns from it)

@@ -1,7 +1,8 @@
 """The three real books in ../shared/corpus/books: the text that reaches the chunks is prose.
 
-Each book is ingested once per session (module fixture). The oracle is independent of our
-cleaning: plain ``pdfminer.high_level.extract_text`` on a sample of pages.
+Each book is ingested once per session (module fixture). The oracles are independent of our
+cleaning: plain ``pdfminer.high_level.extract_text`` on a sample of pages, and for footnotes
+pdfminer's own characters (size and position) on every page.
 """
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import statistics
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from novelcrafter.ingest.pipeline import ingest
-from support import BOOKS, require_shared
+from support import BOOKS, ROOT, require_shared
 
+sys.path.insert(0, str(ROOT))  # bench/ lives at the repository root, beside tests/
+from bench.ingest import body_kept
 from novelcrafter import layout
 from novelcrafter.store import open_store
 
@@ -168,6 +174,162 @@ def test_parts_follow_the_requested_shape(book: Ingested) -> None:
     for part in manifest["parts"]:
         share = part["test_chunks"] / (part["train_chunks"] + part["test_chunks"])
         assert 0.05 <= share <= 0.15
-    assert manifest["chunks"] == -(-manifest["sentences"] // 10)
+    # Ten sentences a chunk, but a chunk that would end on a lead-in takes the next sentence.
+    joined = manifest["cleaning"]["lead_ins_joined"]
+    assert -(-(manifest["sentences"] - joined) // 10) <= manifest["chunks"] <= -(-manifest["sentences"] // 10)
     summary = f"{manifest['pages']} pages, {manifest['words']} words"
     print(f"\n{manifest['title']}: {summary}, cleaning {manifest['cleaning']}")
+
+
+# Share of the body words kept (bench.ingest.body_kept on the sampled pages) before the
+# cleaning of edition furniture (notices, lists, guides, footnotes, lead-ins) was added,
+# measured with the code of commit ef5a104: it must not fall.
+BODY_KEPT_BEFORE = {
+    "a-study-in-scarlet": (9852, 9852),
+    "pride-and-prejudice": (27008, 27019),
+    "robin-hood": (15631, 15631),
+}
+
+
+def test_body_kept_does_not_fall(book: Ingested) -> None:
+    name = Path(book.manifest["filename"]).stem
+    kept, total = body_kept(book.raw_pages, book.manifest["pages"], book.text)
+    before_kept, before_total = BODY_KEPT_BEFORE[name]
+    print(
+        f"\n{name}: body words kept {kept}/{total} ({kept / total:.4%}), before {before_kept}/{before_total}"
+    )
+    assert total >= 0.9 * before_total  # the oracle itself did not shrink
+    assert kept / total >= before_kept / before_total
+
+
+def _edge_raw_lines(path: Path, pages: int) -> list[str]:
+    """Plain pdfminer text of the first and last pages, where editions put their notices."""
+    from pdfminer.high_level import extract_text
+
+    numbers = sorted(set(range(min(6, pages))) | set(range(max(0, pages - 15), pages)))
+    return [
+        line.strip() for line in extract_text(str(path), page_numbers=numbers).splitlines() if line.strip()
+    ]
+
+
+_ADDRESS = re.compile(r"(?:https?://|www\.)\S+|\S+@\S+\.\w+|\b[a-z][a-z0-9-]+\.(?:org|com|net|edu|de)\b")
+_FIELD = re.compile(r"^[A-Z][\w’' ]{0,30} ?: \S")
+
+
+def test_no_notice_or_list_reaches_the_chunks(book: Ingested) -> None:
+    path = BOOKS / book.manifest["filename"]
+    joined = "\n".join(book.chunks)
+    flat = re.sub(r"\s+", " ", joined)
+    assert not _ADDRESS.search(joined), _ADDRESS.search(joined)
+    assert not re.search(r"(\. ?){4,}\s*\w+", joined)  # dot leaders
+    edge = _edge_raw_lines(path, book.manifest["pages"])
+    addresses = [line for line in edge if _ADDRESS.search(line)]
+    assert addresses, "the oracle found no notice: the sample is wrong"
+    # The publisher's name from its addresses (www.gutenberg.org -> gutenberg) is nowhere.
+    names = {m.group(1).lower() for line in addresses for m in re.finditer(r"(?:www\.|@)([a-z]{4,})\.", line)}
+    for name in names:
+        assert name not in flat.lower(), name
+    # Runs of "Label: value" lines at the edges (Title:, Author:, Revision:, Date: …) are gone.
+    fields = [a for a, b in itertools.pairwise(edge) if _FIELD.match(a) and _FIELD.match(b)]
+    for line in fields:
+        assert line not in flat, line
+    for line in addresses:
+        words = line.split()
+        if len(words) >= 4:
+            assert " ".join(words[1:-1]) not in flat, line
+    cleaning = book.manifest["cleaning"]
+    assert cleaning["boilerplate_lines"] >= len(addresses)
+    for key in ("illustration_list_lines", "glossary_lines"):
+        assert key in cleaning
+
+
+@dataclass
+class SmallPrint:
+    notes: list[str]  # footnote lines
+    marks: list[tuple[str, str]]  # (the word a raised mark follows, the mark)
+
+
+def _char_pages(path: Path) -> list[list]:
+    """pdfminer's characters of every page, without its layout analysis (only positions matter)."""
+    from pdfminer.converter import PDFPageAggregator
+    from pdfminer.layout import LTChar
+    from pdfminer.pdfinterp import PDFPageInterpreter, PDFResourceManager
+    from pdfminer.pdfpage import PDFPage
+
+    manager = PDFResourceManager(caching=True)
+    device = PDFPageAggregator(manager, laparams=None)
+    interpreter = PDFPageInterpreter(manager, device)
+    pages = []
+    with path.open("rb") as fh:
+        for page in PDFPage.get_pages(fh):
+            interpreter.process_page(page)
+            pages.append([o for o in device.get_result() if isinstance(o, LTChar) and o.get_text().strip()])
+    return pages
+
+
+def small_print(path: Path) -> SmallPrint:
+    """Footnotes by their print: lines set smaller than the body below its last line, from the
+    first that starts with a label (a raised small mark beside it, or a leading number or
+    symbol); marks: small digits or symbols raised beside a body-size character."""
+    pages = _char_pages(path)
+    weights = Counter(round(ch.size, 1) for chars in pages for ch in chars)
+    body = weights.most_common(1)[0][0]
+    notes: list[str] = []
+    marks: list[tuple[str, str]] = []
+    for chars in pages:
+        big = [ch for ch in chars if ch.size >= 0.92 * body]
+        small = [ch for ch in chars if ch.size < 0.92 * body]
+        if not big or not small:
+            continue
+        lines: dict[float, list] = {}
+        for ch in small:
+            lines.setdefault(round(ch.y0), []).append(ch)
+        floor = min(ch.y0 for ch in big)
+        labelled = False
+        for y in sorted(lines, reverse=True):
+            line = sorted(lines[y], key=lambda ch: ch.x0)
+            text = "".join(ch.get_text() for ch in line)
+            if y >= floor or re.fullmatch(r"[\divxlc]+", text):
+                continue  # beside the body (a mark, a caption), or a page number
+            size = statistics.median(ch.size for ch in line)
+            raised_label = any(
+                ch.size < 0.85 * size and 0 <= line[0].x0 - ch.x1 < 3 and ch.y0 > line[0].y0 for ch in small
+            )
+            if not labelled and (raised_label or re.match(r"[\d*†‡§]+\S", text)):
+                labelled = True
+            if labelled:
+                notes.append(text)
+        for mark in small:
+            if not (mark.get_text().isdigit() or mark.get_text() in "*†‡"):
+                continue
+            left = [ch for ch in big if abs(ch.x1 - mark.x0) < 2 and ch.y0 < mark.y0 < ch.y1]
+            if left:
+                row = sorted(
+                    (ch for ch in big if abs(ch.y0 - left[0].y0) < 1 and ch.x1 <= left[0].x1 + 0.1),
+                    key=lambda ch: ch.x0,
+                )
+                word = [row[-1]]
+                for ch in reversed(row[:-1]):
+                    if word[0].x0 - ch.x1 > 0.15 * ch.size:
+                        break  # a word space
+                    word.insert(0, ch)
+                marks.append(("".join(ch.get_text() for ch in word), mark.get_text()))
+    return SmallPrint(notes, marks)
+
+
+def test_no_footnote_reaches_the_chunks(book: Ingested) -> None:
+    oracle = small_print(BOOKS / book.manifest["filename"])
+    cleaning = book.manifest["cleaning"]
+    assert cleaning["footnote_lines"] == len(oracle.notes), oracle.notes
+    assert cleaning["footnote_marks"] == len(oracle.marks), oracle.marks
+    flat = re.sub(r"\s+", "", book.text)  # the oracle's characters carry no spaces
+    for note in oracle.notes:
+        assert note.rstrip("-") not in flat, note
+    for word, mark in oracle.marks:
+        assert word in flat and word + mark not in flat, (word, mark)
+
+
+def test_no_chunk_ends_on_a_lead_in(book: Ingested) -> None:
+    ending = [c for c in book.chunks if c.rstrip().endswith(":")]
+    # Only the book's own last sentence may (there is no quotation after it to join).
+    assert not [c[-200:] for c in ending if not book.text.rstrip().endswith(c.rstrip().splitlines()[-1])]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 from novelcrafter.errors import FailedPrecondition
@@ -49,16 +51,33 @@ def _too_little(found: int, needed: int, shape: str, hint: str = "use a smaller 
     )
 
 
-def make_chunks(sentences: list[Sentence], chunk_sentences: int) -> list[str]:
+_LEAD_IN = re.compile(r":\s*$")  # "… and said:", its quotation follows
+
+
+def make_chunks(
+    sentences: list[Sentence], chunk_sentences: int, counts: Counter[str] | None = None
+) -> list[str]:
     """Consecutive groups of ``chunk_sentences`` sentences (the last may be shorter).
 
     Inside a chunk, sentences of one paragraph keep their original spacing (the chunk is a
     verbatim slice of the paragraph) and paragraphs are joined by a newline, so dialogue
-    keeps its shape.
+    keeps its shape. A chunk does not end on a lead-in (a sentence ending in ":"): it takes the
+    sentence that opens the quotation too (up to twice its size), counted as
+    ``lead_ins_joined`` in ``counts``.
     """
     chunks = []
-    for start in range(0, len(sentences), chunk_sentences):
-        group = sentences[start : start + chunk_sentences]
+    start = 0
+    while start < len(sentences):
+        stop = min(start + chunk_sentences, len(sentences))
+        # Bounded, so that a text of nothing but lead-ins still comes in chunks.
+        while stop < min(len(sentences), start + 2 * chunk_sentences) and _LEAD_IN.search(
+            sentences[stop - 1].text
+        ):
+            stop += 1
+            if counts is not None:
+                counts["lead_ins_joined"] += 1
+        group = sentences[start:stop]
+        start = stop
         text = group[0].text
         for prev, sentence in itertools.pairwise(group):
             text += (sentence.before if sentence.paragraph == prev.paragraph else "\n") + sentence.text

@@ -6,7 +6,13 @@ The book itself is the reference for every decision:
   headers, footers and page numbers from the body, whatever their wording;
 * the body font size and line spacing tell headings, captions and paragraph breaks apart;
 * the book's own vocabulary decides whether a line-end hyphen is a syllable break
-  (``ac- quaintance`` -> ``acquaintance``) or a real compound (``good-natured``, ``To-morrow``).
+  (``ac- quaintance`` -> ``acquaintance``) or a real compound (``good-natured``, ``To-morrow``);
+* the furniture of editions is told by its structure, in any language: publisher and
+  transcriber notices by web addresses, the publisher's name taken from those addresses,
+  runs of ``Label: value`` lines and their place before or after the body; lists of
+  illustrations and contents by dot leaders and page numbers; pronunciation guides by columns
+  dense in marks the book's prose does not use; footnotes by marks set small and raised, and
+  bodies set small at the foot of the page, starting with a label the page refers to.
 
 Every removal and change is counted into ``Cleaned.counts`` (the manifest's ``cleaning``).
 """
@@ -21,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .extract import Line, Page
+from .worker import FLAG_DROP_CAP, FLAG_RAISED, RAISED_CLOSE, RAISED_OPEN
 
 # --- characters ------------------------------------------------------------------------------------
 
@@ -91,22 +98,77 @@ class Row:
     text: str
     segments: list[str]
     ink: float = 0.0  # summed width of the segments (a header and its page number are far apart)
-    kind: str = "body"  # body | header | footer | page_number | heading | caption | front | back
+    # body | header | footer | page_number | heading | caption | front | back | toc | boilerplate
+    # | illustration_list | glossary | footnote
+    kind: str = "body"
+    marks: list[str] = field(default_factory=list)  # footnote marks taken out of the text
+    label: str | None = None  # a raised label the row began with (a footnote's "1")
 
     @property
     def width(self) -> float:
         return self.x1 - self.x0
 
 
+_RAISED = re.compile(
+    re.escape(RAISED_OPEN) + "([^" + RAISED_OPEN + RAISED_CLOSE + "]*)" + re.escape(RAISED_CLOSE)
+)
+_MARK = re.compile(r"^[\[(]?(\d{1,3}|[*†‡§¶‖]{1,3})[\])]?\.?$")  # a footnote mark in the text
+_LABEL_MARK = re.compile(r"^[\[(]?(\d{1,3}|[*†‡§¶‖]{1,3}|[a-z])[\])]?\.?$")  # or a note's label
+
+
+_SUPERSCRIPT_DIGITS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def take_raised(text: str) -> tuple[str, str | None, list[str]]:
+    """Superscripts out of a line: (text, label it began with, footnote marks dropped).
+
+    Digits and reference symbols after a word are footnote marks; a raised run at the start
+    of the line labels a footnote; the rest is text set raised (1st, Mlle, x²) and stays.
+    """
+    out: list[str] = []
+    label: str | None = None
+    marks: list[str] = []
+    position = 0
+    last = ""  # the last character written that is not a space
+    for match in _RAISED.finditer(text):
+        between = text[position : match.start()]
+        out.append(between)
+        last = between.rstrip()[-1:] or last
+        position = match.end()
+        content = match.group(1).strip()
+        if not content:
+            continue
+        if not last and label is None and (found := _LABEL_MARK.match(content)):
+            label = found.group(1)
+            continue
+        mark = _MARK.match(content)
+        if mark and not last.isdigit():
+            marks.append(mark.group(1))
+            continue
+        if content.isdigit():
+            content = content.translate(_SUPERSCRIPT_DIGITS)  # an exponent: 10²
+        out.append(content)  # ordinals, abbreviations, exponents: part of the word before
+        last = content[-1]
+    out.append(text[position:])
+    return _SPACE_RUN.sub(" ", "".join(out)).strip(), label, marks
+
+
 def build_rows(page: Page, counts: Counter[str]) -> list[Row]:
     """Merge lines on the same baseline (pdfminer splits justified lines at wide gaps), top to bottom."""
     lines: list[Line] = []
+    notes: dict[int, tuple[str | None, list[str]]] = {}  # per kept line: its label and marks
     for x0, y0, x1, y1, size, text, flags in page.lines:
         text = normalize_chars(text, counts)
+        label, marks = None, []
+        if flags & FLAG_RAISED:
+            text, label, marks = take_raised(text)
+            counts["footnote_marks"] += len(marks)
         text = _SPACE_RUN.sub(" ", text).strip()
         if text:
-            lines.append((x0, y0, x1, y1, size, text, flags))
-            if flags & 1:
+            line = (x0, y0, x1, y1, size, text, flags)
+            lines.append(line)
+            notes[id(line)] = (label, marks)
+            if flags & FLAG_DROP_CAP:
                 counts["drop_caps"] += 1
     lines.sort(key=lambda ln: -ln[1])
     groups: list[list[Line]] = []
@@ -133,6 +195,8 @@ def build_rows(page: Page, counts: Counter[str]) -> list[Row]:
                 text=" ".join(ln[5] for ln in group),
                 segments=[ln[5] for ln in group],
                 ink=sum(ln[2] - ln[0] for ln in group),
+                marks=[m for ln in group for m in notes[id(ln)][1]],
+                label=notes[id(group[0])][0],
             )
         )
     rows.sort(key=lambda r: -r.y0)
@@ -234,11 +298,6 @@ _CHAPTER = re.compile(
 )
 _CONTENTS = re.compile(r"^(table of )?contents\.?$", re.I)
 _TOC_ENTRY = re.compile(r"(\.{3,}|(\. ){3,}|…{2,}|\s\d{1,4}$)")
-_BACK_MATTER = re.compile(
-    r"^(\*+\s*)?(end of (the |this )?project gutenberg|project gutenberg( ebook)? license\b"
-    r"|the full project gutenberg license)",
-    re.I,
-)
 
 
 def is_page_number(text: str) -> bool:
@@ -369,34 +428,56 @@ def _is_toc_page(rows: list[Row]) -> bool:
     return entries >= 0.5 * len(body)
 
 
-def _mark_front_and_back(pages: list[list[Row]], counts: Counter[str]) -> None:
-    """Title page, contents, editions' notes before the first chapter; licences after the end."""
-    n = len(pages)
-    # Front matter lives in the first pages; never more than a small share of the words.
-    limit = min(n - 1, max(3, int(0.15 * n)))
+def _first_chapter(pages: list[list[Row]], limit: int) -> tuple[int, Row] | None:
+    """The first chapter heading within the front pages, if the text before it is front matter."""
     total_words = sum(len(r.text.split()) for rows in pages for r in rows if r.kind == "body") or 1
-    first_chapter = None
-    for index in range(min(limit + 1, n)):
+    for index in range(min(limit + 1, len(pages))):
         for row in pages[index]:
             if row.kind == "heading" and _CHAPTER.match(row.text.strip()):
-                first_chapter = (index, row)
+                before = sum(len(r.text.split()) for rows in pages[:index] for r in rows if r.kind == "body")
+                # Too much text before it: not front matter, keep it.
+                return (index, row) if before <= 0.2 * total_words else None
+    return None
+
+
+def _front_limit(n: int) -> int:
+    """Front matter lives in the first pages."""
+    return min(n - 1, max(3, int(0.15 * n)))
+
+
+_ATTRIBUTION = re.compile(r"^[—–-]{1,2}\s?[^\W\d_]")
+
+
+def _epigraph(rows: list[Row], g: Geometry) -> set[int]:
+    """Rows of epigraphs on a page: a few lines of quotation closed by a dashed attribution."""
+    keep: set[int] = set()
+    for i, row in enumerate(rows):
+        if row.kind != "body" or not _ATTRIBUTION.match(row.text) or len(row.text.split()) > 10:
+            continue
+        block = [row]
+        for above in reversed(rows[:i]):
+            if above.kind != "body" or block[-1].y0 - above.y0 > 1.8 * g.leading or len(block) > 8:
                 break
-        if first_chapter:
-            break
+            block.append(above)
+        if len(block) >= 2:
+            keep.update(id(r) for r in block)
+    return keep
+
+
+def _mark_front_and_back(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
+    """Title page, contents, editions' notes before the first chapter (an epigraph stays)."""
+    n = len(pages)
+    limit = _front_limit(n)
+    first_chapter = _first_chapter(pages, limit)
     front_pages: set[int] = set()
-    if first_chapter is not None:
-        before = sum(
-            len(r.text.split()) for rows in pages[: first_chapter[0]] for r in rows if r.kind == "body"
-        )
-        if before > 0.2 * total_words:
-            first_chapter = None  # too much text before it: not front matter, keep it
     if first_chapter is not None:
         page_index, heading = first_chapter
         front_pages.update(range(page_index))
+        epigraph = _epigraph(pages[page_index], g)
         for row in pages[page_index]:
             if row is heading:
                 break
-            if row.kind == "body":
+            if row.kind == "body" and id(row) not in epigraph:
                 row.kind = "front"
                 counts["front_matter_lines"] += 1
     else:
@@ -412,21 +493,415 @@ def _mark_front_and_back(pages: list[list[Row]], counts: Counter[str]) -> None:
             front_pages.add(index)
     for index in sorted(front_pages):
         is_toc = _is_toc_page(pages[index])
+        epigraph = set() if is_toc else _epigraph(pages[index], g)
         for row in pages[index]:
-            if row.kind in ("body", "heading"):
+            if row.kind in ("body", "heading") and id(row) not in epigraph:
                 counts["toc_lines" if is_toc else "front_matter_lines"] += 1
                 row.kind = "front"
         counts["front_matter_pages"] += 1
-    # Back matter (e.g. a licence appended to the book), only near the end.
-    start = int(0.7 * n)
-    for index in range(start, n):
-        for position, row in enumerate(pages[index]):
-            if row.kind in ("body", "heading") and _BACK_MATTER.match(row.text.strip()):
-                for rest in pages[index][position:] + [r for p in pages[index + 1 :] for r in p]:
-                    if rest.kind in ("body", "heading"):
-                        counts["back_matter_lines"] += 1
-                        rest.kind = "back"
-                return
+
+
+# --- footnotes -------------------------------------------------------------------------------------
+
+_NOTE_LABEL = re.compile(r"^[\[(]?(\d{1,3}|[*†‡§¶‖]{1,3})[\])]?\.?\s+(?=\S)")
+
+
+def _smaller(row: Row, g: Geometry) -> bool:
+    return row.size < 0.92 * g.size
+
+
+def _inline_mark(label: str) -> re.Pattern[str]:
+    """A mark set in the text's own size: glued to a word, or after punctuation and a space."""
+    core = re.escape(label)
+    return re.compile(
+        rf"(?:(?<=[^\W\d_])|(?<=[^\W\d_][.,;:!?”’)]))[\[(]?{core}[\])]?(?=[\s,.;:!?”’)]|$)"
+        rf"|(?<=[.,;:!?”’)—–]) [\[(]?{core}[\])]?(?=\s|$)"
+    )
+
+
+def _mark_footnotes(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
+    """Footnote bodies: set smaller than the body at the foot of the page, the first one
+    labelled with a mark the page refers to (or a raised label); a page that follows a
+    footnote may continue it without a label. Marks set in the text's size are taken out of
+    the text only when such a footnote confirms them."""
+    carried = False
+    for rows in pages:
+        body = [r for r in rows if r.kind == "body"]
+        last = max((i for i, r in enumerate(body) if not _smaller(r, g)), default=-1)
+        tail = body[last + 1 :]
+        above = body[: last + 1]
+        referred = {m for r in above for m in r.marks}
+        start = None
+        inline: dict[str, re.Pattern[str]] = {}
+        for i, row in enumerate(tail):
+            if row.label is not None:
+                start = i
+                break
+            found = _NOTE_LABEL.match(row.text)
+            if found is None:
+                continue
+            label = found.group(1)
+            if label in referred:
+                start = i
+                break
+            pattern = _inline_mark(label)
+            if any(pattern.search(r.text) for r in above):
+                inline[label] = pattern
+                start = i
+                break
+        if start is None and not (carried and tail):
+            carried = False
+            continue
+        notes = tail if carried else tail[start:]
+        for row in notes:
+            row.kind = "footnote"
+            counts["footnote_lines"] += 1
+            found = _NOTE_LABEL.match(row.text)
+            if found and found.group(1) not in inline and found.group(1) not in referred:
+                pattern = _inline_mark(found.group(1))
+                if any(pattern.search(r.text) for r in above):
+                    inline[found.group(1)] = pattern
+        for pattern in inline.values():
+            for row in above:
+                if pattern.search(row.text):
+                    row.text = _SPACE_RUN.sub(" ", pattern.sub("", row.text, count=1)).strip()
+                    counts["footnote_marks"] += 1
+                    break
+        carried = True
+
+
+# --- lists with dot leaders ------------------------------------------------------------------------
+
+_LEADER = r"(?:(?:\.\s?){4,}|(?:·\s?){4,}|…{2,}|(?:_\s?){4,})"
+_LEADER_ENTRY = re.compile(rf"{_LEADER}\s*[\[(]?(\d{{1,4}}|[ivxlcdm]{{1,8}})[\])]?\.?\s*$", re.I)
+_LEADER_WORD = re.compile(rf"{_LEADER}\s*[^\W\d_]+\.?\s*$")  # "Frontispiece", "facing"
+
+
+def _page_value(text: str) -> int | None:
+    text = text.lower()
+    if text.isdigit():
+        return int(text)
+    return None
+
+
+def _mark_leader_lists(pages: list[list[Row]], headings: list[str], counts: Counter[str]) -> None:
+    """Contents and lists of illustrations: entries of a title or caption, a dot leader and a
+    page number, with the lines of an entry that wraps and the list's title. In the body of
+    the book a list needs three entries whose page numbers do not fall."""
+    n = len(pages)
+    known = {re.sub(r"\W+", " ", h).strip().lower() for h in headings}
+    open_kind: str | None = None  # the kind of a list running on from the previous page
+    for index, rows in enumerate(pages):
+        live = [r for r in rows if r.kind in ("body", "heading")]
+        # Only a line's end is searched: a hostile line of dots must not make this quadratic.
+        entries = [i for i, r in enumerate(live) if _LEADER_ENTRY.search(r.text[-200:])]
+        words = [i for i, r in enumerate(live) if _LEADER_WORD.search(r.text[-200:])]
+        edge = index < _front_limit(n) or index >= int(0.85 * n)
+        numbers = [_page_value(_LEADER_ENTRY.search(live[i].text[-200:]).group(1)) for i in entries]  # type: ignore[union-attr]
+        values = [v for v in numbers if v is not None]
+        ordered = all(a <= b for a, b in itertools.pairwise(values))
+        enough = len(entries) >= (2 if edge else 3) or (open_kind is not None and entries)
+        if not enough or not (edge or ordered):
+            open_kind = None
+            continue
+        marked = sorted(set(entries) | set(words))
+        first, last = marked[0], marked[-1]
+        if first > 1:
+            open_kind = None  # rows above the first entry: a new list with its own title
+        span = list(range(first, last + 1))
+        if len(marked) < 0.34 * len(span):
+            span = marked  # scattered entries: only they are the list
+        title: list[int] = []
+        if open_kind is None:
+            for i in range(first - 1, max(-1, first - 4), -1):
+                row = live[i]
+                if len(row.text.split()) > 8 or (re.search(r"[.!?]$", row.text) and row.kind != "heading"):
+                    break
+                title.insert(0, i)
+        kind = open_kind
+        if kind is None:
+            entries_text = [_LEADER_ENTRY.sub("", live[i].text[-200:]) for i in entries]
+            by_heading = sum(
+                1
+                for t in entries_text
+                if _CHAPTER.match(t) or re.sub(r"\W+", " ", t).strip().lower() in known
+            )
+            is_contents = any(_CONTENTS.match(live[i].text.strip()) for i in title)
+            kind = "toc" if is_contents or by_heading >= 0.5 * max(1, len(entries)) else "illustration_list"
+        for i in title + span:
+            live[i].kind = kind
+            counts["toc_lines" if kind == "toc" else "illustration_list_lines"] += 1
+        open_kind = kind if last == len(live) - 1 or last >= len(live) - 2 else None
+
+
+# --- publisher and transcriber notices -------------------------------------------------------------
+
+# Quantifiers are bounded: a hostile line of dots or letters must not make these quadratic.
+_URL = re.compile(
+    r"(?:https?://|\bwww\.)[^\s)>\]]{1,200}|\b[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,4}"
+    r"|\b[a-z0-9][a-z0-9-]{2,62}(?:\.[a-z0-9-]{1,63}){0,3}\.[a-z]{2,4}(?:/[^\s)>\]]{0,200})?(?![\w-])",
+    re.I,
+)
+_FIELD = re.compile(r"^([^\W\d_][\w'’.&-]*(?:\s[\w'’.&-]+){0,3})\s?:\s+\S")
+_BANNER = re.compile(r"^\W{0,5}\*{3,}[^*]{0,100}[^\W\d_][^*]{0,100}\*{3,}\W{0,5}$")
+_NUMBERED_CLAUSE = re.compile(r"^\d{1,2}\.[A-Z](?:\.\d{1,2})*\.?\s")
+_NUMERIC_DATE = re.compile(r"\b\d{1,4}[/.-]\d{1,2}[/.-]\d{2,4}\b|#\d{2,}")
+_URL_NOISE = {"www", "http", "https", "mail", "email", "html", "htm", "index", "home", "ftp", "files"}
+
+
+def _blocks(pages: list[list[Row]], g: Geometry) -> list[list[Row]]:
+    """Paragraph-like blocks of the rows still counted as text; a block never spans pages."""
+    blocks: list[list[Row]] = []
+    prev: Row | None = None
+    for rows in pages:
+        for row in rows:
+            if row.kind not in ("body", "heading"):
+                continue
+            if (
+                prev is None
+                or row.page != prev.page
+                or "heading" in (row.kind, prev.kind)
+                or _starts_paragraph(prev, row, g)
+            ):
+                blocks.append([row])
+            else:
+                blocks[-1].append(row)
+            prev = row
+    return blocks
+
+
+def _publisher_terms(rows: Iterable[Row]) -> set[str]:
+    """Names taken from the web and mail addresses of the edition (www.name.org -> "name")."""
+    terms: set[str] = set()
+    for row in rows:
+        for found in _URL.finditer(row.text):
+            address = found.group(0).lower()
+            host = address.split("//")[-1].split("/")[0].split("@")[-1]
+            labels = host.split(".")[:-1]  # without the top-level domain
+            terms.update(x for x in labels if len(x) >= 4 and x.isalpha() and x not in _URL_NOISE)
+    return terms
+
+
+class _Evidence:
+    """What marks a row or a block as the edition's rather than the author's."""
+
+    def __init__(self, rows: list[Row], g: Geometry, terms: set[str]) -> None:
+        self.g = g
+        self.term = (
+            re.compile(r"\b(" + "|".join(map(re.escape, sorted(terms))) + r")", re.I) if terms else None
+        )
+        self.fields: set[int] = set()
+        # Runs of at least two short "Label: value" lines (Title:, Author:, Release Date: …).
+        field_rows = [self._field(r) for r in rows]
+        for i, is_field in enumerate(field_rows):
+            near = (i > 0 and field_rows[i - 1] and rows[i - 1].page == rows[i].page) or (
+                i + 1 < len(rows) and field_rows[i + 1] and rows[i + 1].page == rows[i].page
+            )
+            if is_field and near:
+                self.fields.add(id(rows[i]))
+
+    def _field(self, row: Row) -> bool:
+        found = _FIELD.match(row.text)
+        if not found or row.text.rstrip().endswith(":"):
+            return False
+        left, right = self.g.margin(row)
+        value = row.text[found.end() - 1 :]
+        return row.ink < 0.8 * max(1.0, right - left) and len(value.split()) <= 10
+
+    def strong(self, row: Row) -> bool:
+        text = row.text
+        return bool(
+            id(row) in self.fields
+            or _URL.search(text)
+            or _BANNER.match(text)
+            or (self.term is not None and self.term.search(text))
+        )
+
+    def weak(self, row: Row) -> bool:
+        return bool(_NUMBERED_CLAUSE.match(row.text) or _NUMERIC_DATE.search(row.text))
+
+    def labelled(self, block: list[Row]) -> bool:
+        """A block that opens with a short label and a colon: "Transcriber's Note: …"."""
+        found = _FIELD.match(block[0].text) or re.match(
+            r"^[^\W\d_][\w'’.&-]*(?:\s[\w'’.&-]+){0,3}\s?:$", block[0].text
+        )
+        return bool(found)
+
+
+def _short_block(block: list[Row]) -> bool:
+    words = sum(len(r.text.split()) for r in block)
+    return len(block) <= 2 and words <= 12 and not re.search(r"[.!?]$", block[-1].text)
+
+
+def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
+    """Publisher and transcriber notices before the body and after it, by their evidence.
+
+    Front: within the front pages (up to the first chapter heading, or the first page that
+    carries a full page of unmarked prose), blocks with an address, the publisher's name, a
+    run of fields or a banner; around them, on the same page, labelled notes, dates and short
+    lines (the title repeated in the notice). Back: the first marked block near the end after
+    which most of the text is marked (a licence) starts a notice that runs to the end.
+    """
+    n = len(pages)
+    if n == 0:
+        return
+    limit = _front_limit(n)
+    chapter = _first_chapter(pages, limit)
+    back_start = int(0.7 * n)
+    edge_rows = [r for rows in pages[: limit + 1] + pages[back_start:] for r in rows]
+    live = [r for rows in pages for r in rows if r.kind in ("body", "heading")]
+    evidence = _Evidence(live, g, _publisher_terms(edge_rows))
+    contents = {
+        i for i in range(min(limit + 1, n)) if _is_toc_page(pages[i])
+    }  # a contents entry is no notice
+    blocks = [b for b in _blocks(pages, g) if b[0].page not in contents]
+    strong = [any(evidence.strong(r) for r in b) for b in blocks]
+    weak = [any(evidence.weak(r) for r in b) or evidence.labelled(b) for b in blocks]
+
+    def mark(block: list[Row]) -> None:
+        for row in block:
+            if row.kind in ("body", "heading"):
+                row.kind = "boilerplate"
+                counts["boilerplate_lines"] += 1
+
+    # The front: up to the first chapter, or to the first page of plain prose.
+    front: list[int] = []
+    unmarked_words: Counter[int] = Counter()
+    for i, block in enumerate(blocks):
+        page = block[0].page
+        if page > limit:
+            break
+        if chapter is not None and (
+            page > chapter[0] or (page == chapter[0] and block[0].y0 <= chapter[1].y0)
+        ):
+            break
+        if not strong[i]:
+            unmarked_words[page] += sum(len(r.text.split()) for r in block)
+            if unmarked_words[page] >= 200:
+                front = [j for j in front if blocks[j][0].page < page]
+                break
+        front.append(i)
+    notice = {i for i in front if strong[i]}
+    per_page = Counter(blocks[i][0].page for i in front)
+    for i in front:  # a labelled note alone on its page
+        if per_page[blocks[i][0].page] == 1 and evidence.labelled(blocks[i]):
+            notice.add(i)
+    # Grow along the page around what is marked: labelled notes, dates, short lines. One pass
+    # each way follows every chain.
+    for order in (front, front[::-1]):
+        for i in order:
+            near = any(j in notice and blocks[j][0].page == blocks[i][0].page for j in (i - 1, i + 1))
+            if i not in notice and near and (weak[i] or _short_block(blocks[i])):
+                notice.add(i)
+    for i in sorted(notice):
+        mark(blocks[i])
+
+    # The back: a notice that, once begun, is most of what follows.
+    words = [sum(len(r.text.split()) for r in b) for b in blocks]
+    marked_after = 0
+    total_after = 0
+    start = None
+    for i in range(len(blocks) - 1, -1, -1):
+        if blocks[i][0].page < back_start:
+            break
+        total_after += words[i]
+        marked_after += words[i] if (strong[i] or weak[i]) else 0
+        if strong[i] and marked_after >= 0.5 * total_after:
+            start = i
+    if start is None:
+        return
+    while (
+        start > 0 and blocks[start - 1][0].page >= back_start and (weak[start - 1] and not strong[start - 1])
+    ):
+        start -= 1  # a transcriber's note or a dated line just before it
+    for block in blocks[start:]:
+        mark(block)
+
+
+# --- pronunciation guides and glossaries -----------------------------------------------------------
+
+_KEY_MARKS = {"\u0306", "\u0304", "\u0307", "\u0323", "\u0331"}  # breve, macron, dots, line below
+_PRIMES = set("′″‴ˈˌ´")
+# Respellings: "[+a]", "(hăr′ald)".
+_RESPELLING = re.compile(r"\[[^\]\s\w]{1,2}[^\W\d_]{1,3}\]|\([^)\s]{0,20}[′ˈ´'][^)\s]{0,20}\)")
+
+
+def _key_candidate(ch: str) -> bool:
+    """Characters of pronunciation keys: stress marks, breves and macrons, loose accents."""
+    if ch in _PRIMES or unicodedata.category(ch) in ("Mn", "Sk", "Lm"):
+        return True
+    decomposition = unicodedata.decomposition(ch).split()
+    return any(chr(int(code, 16)) in _KEY_MARKS for code in decomposition[1:] if len(code) == 4)
+
+
+def _list_like(row: Row, g: Geometry) -> bool:
+    left, right = g.margin(row)
+    return len(row.segments) >= 2 or row.ink < 0.65 * max(1.0, right - left)
+
+
+def _mark_glossaries(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
+    """Pronunciation guides and name glossaries: runs of short or columned rows dense in
+    pronunciation marks (or respellings) that the book's prose itself does not use."""
+    rows = [r for page in pages for r in page if r.kind in ("body", "heading")]
+    inside: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for row in rows:
+        listed = _list_like(row, g)
+        for ch in row.text:
+            if ord(ch) > 0x7F and _key_candidate(ch):
+                total[ch] += 1
+                inside[ch] += listed
+    # A mark the prose uses (a language's own accents) is no evidence of a key.
+    keys = {ch for ch, count in total.items() if inside[ch] >= 0.6 * count}
+    if not keys and not any(_RESPELLING.search(r.text) for r in rows):
+        return
+
+    def flagged(row: Row) -> bool:
+        letters = sum(1 for ch in row.text if ch.isalpha())
+        marks = sum(1 for ch in row.text if ch in keys)
+        return (letters > 0 and marks >= max(1, 0.06 * letters)) or bool(_RESPELLING.search(row.text))
+
+    flags = [flagged(r) for r in rows]
+    listed = [_list_like(r, g) for r in rows]
+
+    def take(first: int, last: int) -> None:
+        run = rows[first : last + 1]
+        # The guide's title just above it, on its page.
+        k = first - 1
+        while (
+            k >= 0 and first - k <= 2 and rows[k].page == rows[first].page and len(rows[k].text.split()) <= 12
+        ):
+            if rows[k].kind != "heading" and not listed[k]:
+                break
+            run.insert(0, rows[k])
+            k -= 1
+        for row in run:
+            if row.kind != "glossary":
+                row.kind = "glossary"
+                counts["glossary_lines"] += 1
+
+    i = 0
+    while i < len(rows):
+        if not flags[i]:
+            i += 1
+            continue
+        # A run: rows of marks, and short or columned rows between them; no running prose.
+        hits = [i]
+        j = i + 1
+        while j < len(rows) and j - hits[-1] <= 6 and (flags[j] or listed[j]):
+            if flags[j]:
+                hits.append(j)
+            j += 1
+        if len(hits) >= 4 and len(hits) >= 0.4 * (hits[-1] - i + 1):
+            take(i, hits[-1])
+        else:  # a sparse run may still hold a dense guide: clusters of marked rows
+            start = 0
+            for k in range(1, len(hits) + 1):
+                if k == len(hits) or hits[k] - hits[k - 1] > 2:
+                    if k - start >= 4:
+                        take(hits[start], hits[k - 1])
+                    start = k
+        i = max(j, i + 1)
 
 
 # --- reflow ----------------------------------------------------------------------------------------
@@ -593,9 +1068,19 @@ def _join(current: str, text: str, vocabulary: Vocabulary, counts: Counter[str],
 # --- entry point -----------------------------------------------------------------------------------
 
 
+# Counted in every manifest, zero included, so that a change shows as a number.
+FURNITURE = (
+    "boilerplate_lines",
+    "illustration_list_lines",
+    "glossary_lines",
+    "footnote_marks",
+    "footnote_lines",
+)
+
+
 def clean_pages(pages: list[Page]) -> Cleaned:
     """The book's prose as paragraphs, plus counts of everything removed or changed."""
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter({key: 0 for key in FURNITURE})
     page_rows = [build_rows(page, counts) for page in pages]
     geometry = measure(page_rows)
     for page, rows in zip(pages, page_rows, strict=True):
@@ -606,9 +1091,16 @@ def clean_pages(pages: list[Page]) -> Cleaned:
         _mark_repeated(page_rows, counts)
         for rows in page_rows:
             _mark_lone_head(rows, geometry, counts)
+    _mark_footnotes(page_rows, geometry, counts)
     for rows in page_rows:
         _mark_headings(rows, geometry, counts)
-    _mark_front_and_back(page_rows, counts)
+    headings = [r.text for rows in page_rows for r in rows if r.kind == "heading"]
+    _mark_leader_lists(page_rows, headings, counts)
+    _mark_boilerplate(page_rows, geometry, counts)
+    _mark_glossaries(page_rows, geometry, counts)
+    _mark_front_and_back(page_rows, geometry, counts)
+    # A raised label on a row that turned out not to be a footnote was a mark all the same.
+    counts["footnote_marks"] += sum(1 for rows in page_rows for r in rows if r.label and r.kind != "footnote")
     body = [r for rows in page_rows for r in rows if r.kind == "body"]
     paragraphs = reflow(body, geometry, counts)
     counts["paragraphs"] = len(paragraphs)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -117,7 +118,9 @@ def ingest(
         warnings.append(
             f"too little text for {params.parts} parts: reduced to {parts_count} (--auto-reduce-parts)"
         )
-    chunks = make_chunks(sentences, params.chunk_sentences)
+    cleaning = Counter(cleaned.counts)
+    cleaning["lead_ins_joined"] += 0  # counted in every manifest, zero included
+    chunks = make_chunks(sentences, params.chunk_sentences, cleaning)
     parts = split_parts(chunks, parts_count, params)
     text = cleaned.text + "\n"
 
@@ -138,7 +141,7 @@ def ingest(
         "words": len(_WORDS.findall(cleaned.text)),
         "extracted_words": raw_words,  # before cleaning: words / extracted_words = what was kept
         "params": {**params.to_dict(), "parts": parts_count, "requested_parts": params.parts},
-        "cleaning": cleaned.counts,
+        "cleaning": dict(sorted(cleaning.items())),
         "parts": [
             {
                 "index": part.index,

@@ -7,7 +7,9 @@ content-stream loop ends in that worker, never in the service that started it.
 Protocol (JSON lines): stdin gets the job spec, then ``{"block": [start, stop]}`` commands;
 stdout answers ``meta`` (page count, title), one ``page`` per page read, ``ready`` after each
 block, or one ``error`` (kind, message) before exiting. A line is
-``[x0, y0, x1, y1, size, text, flags]`` in PDF points (origin bottom-left).
+``[x0, y0, x1, y1, size, text, flags]`` in PDF points (origin bottom-left). With
+``FLAG_RAISED`` set, runs of the text between ``RAISED_OPEN`` and ``RAISED_CLOSE`` were set
+smaller and above the line's baseline (superscripts: footnote marks, ordinals, "Mlle").
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from pdfminer.psexceptions import PSException
 from pdfminer.utils import apply_matrix_rect, decode_text, mult_matrix
 
 FLAG_DROP_CAP = 1  # the line began with a large initial letter, joined to its word
+FLAG_RAISED = 2  # the text holds superscript runs, delimited as below
+RAISED_OPEN, RAISED_CLOSE = "\x02", "\x03"  # control characters: stripped from the PDF's own text
+# A superscript: at most this share of its line's size, its baseline lifted by a share of that size.
+SUPERSCRIPT_SIZE = 0.85
+SUPERSCRIPT_RISE = (0.12, 0.75)
 # Grouping characters into lines (multiples of the character size): wider gaps than
 # CHAR_MARGIN split a line (columns, far-apart running-head parts), wider than WORD_GAP
 # are a word space the PDF did not draw.
@@ -272,21 +279,79 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def _line(chars: list[Char], flags: int = 0) -> tuple:
-    """One line tuple from characters sorted left to right: spaces where the PDF left gaps."""
-    size = _median([ch[5] for ch in chars])
+_MARKERS = str.maketrans("", "", RAISED_OPEN + RAISED_CLOSE)
+
+
+def _line(chars: list[Char], flags: int = 0, raised: set[int] | frozenset[int] = frozenset()) -> tuple:
+    """One line tuple from characters sorted left to right: spaces where the PDF left gaps.
+
+    Characters whose ``id`` is in ``raised`` are superscripts: they are delimited in the text
+    and do not count towards the line's size and vertical extent.
+    """
+    plain = [ch for ch in chars if id(ch) not in raised] or chars
+    size = _median([ch[5] for ch in plain])
     gap = WORD_GAP * size
-    parts = [chars[0][6]]
-    prev = chars[0]
-    for ch in chars[1:]:
-        if ch[0] - prev[1] > gap and prev[6] != " " and ch[6] != " ":
-            parts.append(" ")
-        parts.append(ch[6])
+    parts: list[str] = []
+    prev: Char | None = None
+    inside = False
+    for ch in chars:
+        up = id(ch) in raised
+        if prev is not None and ch[0] - prev[1] > gap and prev[6] != " " and ch[6] != " ":
+            parts.append(RAISED_CLOSE + " " if inside and not up else " ")
+            inside = inside and up
+        if up != inside:
+            parts.append(RAISED_OPEN if up else RAISED_CLOSE)
+            inside = up
+        parts.append(ch[6].translate(_MARKERS))
         prev = ch
+    if inside:
+        parts.append(RAISED_CLOSE)
     text = "".join(parts).encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
-    bottom = _median([ch[2] for ch in chars])
-    top = _median([ch[3] for ch in chars])
+    if raised and any(id(ch) in raised for ch in chars):
+        flags |= FLAG_RAISED
+    bottom = _median([ch[2] for ch in plain])
+    top = _median([ch[3] for ch in plain])
     return (chars[0][0], bottom, max(ch[1] for ch in chars), top, round(size, 2), text, flags)
+
+
+def _raised_chars(groups: list[list[Char]]) -> set[int]:
+    """Superscripts, merged into the line they belong to (``groups`` changes in place).
+
+    A run set smaller and lifted above its neighbours' baseline, either inside a baseline
+    group (a small rise) or as a group of its own just above a larger line (the usual footnote
+    mark), whose characters all sit within that line's horizontal span.
+    """
+    raised: set[int] = set()
+    stats = [(_median([ch[5] for ch in g]), _median([ch[4] for ch in g])) for g in groups]
+    for group, (size, base) in zip(groups, stats, strict=True):
+        for ch in group:
+            if ch[5] <= SUPERSCRIPT_SIZE * size and ch[4] - base >= SUPERSCRIPT_RISE[0] * size:
+                raised.add(id(ch))
+    low, high = SUPERSCRIPT_RISE
+    merged: set[int] = set()
+    for i, (group, (size, base)) in enumerate(zip(groups, stats, strict=True)):
+        if len(group) > 24:
+            continue  # a line of text, not a few marks
+        best = None
+        # Groups are sorted by falling baseline: the line a mark sits on follows closely.
+        for j in range(i + 1, min(len(groups), i + 8)):
+            other_size, other_base = stats[j]
+            rise = base - other_base
+            if size > SUPERSCRIPT_SIZE * other_size:
+                continue
+            if not low * other_size <= rise <= high * other_size:
+                continue
+            left = min(ch[0] for ch in groups[j]) - other_size
+            right = max(ch[1] for ch in groups[j]) + other_size
+            if all(left <= ch[0] and ch[1] <= right for ch in group):
+                best = j
+                break
+        if best is not None:
+            groups[best].extend(group)
+            raised.update(id(ch) for ch in group)
+            merged.add(i)
+    groups[:] = [g for k, g in enumerate(groups) if k not in merged]
+    return raised
 
 
 def group_lines(chars: list[Char]) -> list[tuple]:
@@ -322,15 +387,16 @@ def group_lines(chars: list[Char]) -> list[tuple]:
             groups[-1].append(ch)
         else:
             groups.append([ch])
+    raised = _raised_chars(groups)
     lines: list[tuple] = []
     for group in groups:
         group.sort(key=lambda ch: ch[0])
         start = 0
         for i in range(1, len(group)):
             if group[i][0] - group[i - 1][1] > CHAR_MARGIN * max(group[i][5], group[i - 1][5]):
-                lines.append(_line(group[start:i]))
+                lines.append(_line(group[start:i], raised=raised))
                 start = i
-        lines.append(_line(group[start:]))
+        lines.append(_line(group[start:], raised=raised))
     for cap in drop_caps:
         x0, x1, y0, y1, _, size, letter = cap
         beside = [
