@@ -19,6 +19,7 @@ Every removal and change is counted into ``Cleaned.counts`` (the manifest's ``cl
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import unicodedata
@@ -459,7 +460,13 @@ def _epigraph(rows: list[Row], g: Geometry) -> set[int]:
             if above.kind != "body" or block[-1].y0 - above.y0 > 1.8 * g.leading or len(block) > 8:
                 break
             block.append(above)
-        if len(block) >= 2:
+        quote = block[1:]  # read upwards: quote[0] is the line just above the attribution
+        # A quotation, not a title page ("THE KEEPER" / "— a novel —"): words, and punctuation.
+        if (
+            quote
+            and sum(len(r.text.split()) for r in quote) >= 6
+            and re.search(r"[.,;:!?”’\"']$", quote[0].text)
+        ):
             keep.update(id(r) for r in block)
     return keep
 
@@ -574,6 +581,7 @@ def _mark_footnotes(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -
 
 _LEADER = r"(?:(?:\.\s?){4,}|(?:·\s?){4,}|…{2,}|(?:_\s?){4,})"
 _LEADER_ENTRY = re.compile(rf"{_LEADER}\s*[\[(]?(\d{{1,4}}|[ivxlcdm]{{1,8}})[\])]?\.?\s*$", re.I)
+_MAY_LEAD = re.compile(r"\.\s?\.|·|…|_")  # cheap test before the leader patterns
 _LEADER_WORD = re.compile(rf"{_LEADER}\s*[^\W\d_]+\.?\s*$")  # "Frontispiece", "facing"
 
 
@@ -594,8 +602,9 @@ def _mark_leader_lists(pages: list[list[Row]], headings: list[str], counts: Coun
     for index, rows in enumerate(pages):
         live = [r for r in rows if r.kind in ("body", "heading")]
         # Only a line's end is searched: a hostile line of dots must not make this quadratic.
-        entries = [i for i, r in enumerate(live) if _LEADER_ENTRY.search(r.text[-200:])]
-        words = [i for i, r in enumerate(live) if _LEADER_WORD.search(r.text[-200:])]
+        ends = [(i, r.text[-200:]) for i, r in enumerate(live) if _MAY_LEAD.search(r.text[-200:])]
+        entries = [i for i, end in ends if _LEADER_ENTRY.search(end)]
+        words = [i for i, end in ends if _LEADER_WORD.search(end)]
         edge = index < _front_limit(n) or index >= int(0.85 * n)
         numbers = [_page_value(_LEADER_ENTRY.search(live[i].text[-200:]).group(1)) for i in entries]  # type: ignore[union-attr]
         values = [v for v in numbers if v is not None]
@@ -642,6 +651,7 @@ _URL = re.compile(
     r"|\b[a-z0-9][a-z0-9-]{2,62}(?:\.[a-z0-9-]{1,63}){0,3}\.[a-z]{2,4}(?:/[^\s)>\]]{0,200})?(?![\w-])",
     re.I,
 )
+_MAY_ADDRESS = re.compile(r"[A-Za-z0-9-]\.[A-Za-z]|@|://")  # cheap test before _URL
 _FIELD = re.compile(r"^([^\W\d_][\w'’.&-]*(?:\s[\w'’.&-]+){0,3})\s?:\s+\S")
 _BANNER = re.compile(r"^\W{0,5}\*{3,}[^*]{0,100}[^\W\d_][^*]{0,100}\*{3,}\W{0,5}$")
 _NUMBERED_CLAUSE = re.compile(r"^\d{1,2}\.[A-Z](?:\.\d{1,2})*\.?\s")
@@ -670,16 +680,32 @@ def _blocks(pages: list[list[Row]], g: Geometry) -> list[list[Row]]:
     return blocks
 
 
-def _publisher_terms(rows: Iterable[Row]) -> set[str]:
-    """Names taken from the web and mail addresses of the edition (www.name.org -> "name")."""
-    terms: set[str] = set()
-    for row in rows:
+_COMBINING = re.compile("[\u0300-\u036f]")
+
+
+def _fold(text: str) -> str:
+    """Without accents: "Bibliothèque" is the "bibliotheque" of an address."""
+    return text if text.isascii() else _COMBINING.sub("", unicodedata.normalize("NFKD", text))
+
+
+def _publisher_terms(edge: Iterable[Row], middle: Iterable[Row]) -> set[str]:
+    """Names taken from the web and mail addresses of the edition (www.name.org -> "name"),
+    unless the body of the book uses the word itself."""
+    candidates: set[str] = set()
+    for row in edge:
+        if not _MAY_ADDRESS.search(row.text):
+            continue
         for found in _URL.finditer(row.text):
             address = found.group(0).lower()
             host = address.split("//")[-1].split("/")[0].split("@")[-1]
-            labels = host.split(".")[:-1]  # without the top-level domain
-            terms.update(x for x in labels if len(x) >= 4 and x.isalpha() and x not in _URL_NOISE)
-    return terms
+            for label in host.split(".")[:-1]:  # without the top-level domain
+                parts = label.split("-")
+                candidates.update(x for x in parts if len(x) >= 4 and x.isalpha() and x not in _URL_NOISE)
+    if not candidates:
+        return set()
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(candidates))) + r")\b", re.I)
+    used = Counter(m.group(1).lower() for m in pattern.finditer(_fold("\n".join(r.text for r in middle))))
+    return {term for term in candidates if used[term] <= 2}
 
 
 class _Evidence:
@@ -712,9 +738,9 @@ class _Evidence:
         text = row.text
         return bool(
             id(row) in self.fields
-            or _URL.search(text)
+            or (_MAY_ADDRESS.search(text) and _URL.search(text))
             or _BANNER.match(text)
-            or (self.term is not None and self.term.search(text))
+            or (self.term is not None and self.term.search(_fold(text)))
         )
 
     def weak(self, row: Row) -> bool:
@@ -747,16 +773,21 @@ def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str])
         return
     limit = _front_limit(n)
     chapter = _first_chapter(pages, limit)
-    back_start = int(0.7 * n)
-    edge_rows = [r for rows in pages[: limit + 1] + pages[back_start:] for r in rows]
-    live = [r for rows in pages for r in rows if r.kind in ("body", "heading")]
-    evidence = _Evidence(live, g, _publisher_terms(edge_rows))
-    contents = {
-        i for i in range(min(limit + 1, n)) if _is_toc_page(pages[i])
-    }  # a contents entry is no notice
-    blocks = [b for b in _blocks(pages, g) if b[0].page not in contents]
-    strong = [any(evidence.strong(r) for r in b) for b in blocks]
-    weak = [any(evidence.weak(r) for r in b) or evidence.labelled(b) for b in blocks]
+    back_start = max(limit + 1, int(0.7 * n))
+    edge_pages = pages[: limit + 1] + pages[back_start:]  # the body's pages are never looked at
+    edge_rows = [r for rows in edge_pages for r in rows if r.kind in ("body", "heading")]
+    middle_rows = (r for rows in pages[limit + 1 : back_start] for r in rows if r.kind == "body")
+    evidence = _Evidence(edge_rows, g, _publisher_terms(edge_rows, middle_rows))
+    contents = {i for i in range(min(limit + 1, n)) if _is_toc_page(pages[i])}  # its entries are no notice
+    blocks = [b for b in _blocks(edge_pages, g) if b[0].page not in contents]
+
+    @functools.cache
+    def strong(i: int) -> bool:
+        return any(evidence.strong(r) for r in blocks[i])
+
+    @functools.cache
+    def weak(i: int) -> bool:
+        return any(evidence.weak(r) for r in blocks[i]) or evidence.labelled(blocks[i])
 
     def mark(block: list[Row]) -> None:
         for row in block:
@@ -775,13 +806,13 @@ def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str])
             page > chapter[0] or (page == chapter[0] and block[0].y0 <= chapter[1].y0)
         ):
             break
-        if not strong[i]:
+        if not strong(i):
             unmarked_words[page] += sum(len(r.text.split()) for r in block)
             if unmarked_words[page] >= 200:
                 front = [j for j in front if blocks[j][0].page < page]
                 break
         front.append(i)
-    notice = {i for i in front if strong[i]}
+    notice = {i for i in front if strong(i)}
     per_page = Counter(blocks[i][0].page for i in front)
     for i in front:  # a labelled note alone on its page
         if per_page[blocks[i][0].page] == 1 and evidence.labelled(blocks[i]):
@@ -791,28 +822,27 @@ def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str])
     for order in (front, front[::-1]):
         for i in order:
             near = any(j in notice and blocks[j][0].page == blocks[i][0].page for j in (i - 1, i + 1))
-            if i not in notice and near and (weak[i] or _short_block(blocks[i])):
+            if i not in notice and near and (weak(i) or _short_block(blocks[i])):
                 notice.add(i)
     for i in sorted(notice):
         mark(blocks[i])
 
-    # The back: a notice that, once begun, is most of what follows.
-    words = [sum(len(r.text.split()) for r in b) for b in blocks]
+    # The back: a notice that, once begun, is most of what follows. Read from the end; once
+    # unmarked prose far outweighs what was marked, this is the body: stop.
     marked_after = 0
     total_after = 0
     start = None
     for i in range(len(blocks) - 1, -1, -1):
-        if blocks[i][0].page < back_start:
+        if blocks[i][0].page < back_start or total_after > 2 * marked_after + 2000:
             break
-        total_after += words[i]
-        marked_after += words[i] if (strong[i] or weak[i]) else 0
-        if strong[i] and marked_after >= 0.5 * total_after:
+        words = sum(len(r.text.split()) for r in blocks[i])
+        total_after += words
+        marked_after += words if (strong(i) or weak(i)) else 0
+        if strong(i) and marked_after >= 0.5 * total_after:
             start = i
     if start is None:
         return
-    while (
-        start > 0 and blocks[start - 1][0].page >= back_start and (weak[start - 1] and not strong[start - 1])
-    ):
+    while start > 0 and blocks[start - 1][0].page >= back_start and weak(start - 1) and not strong(start - 1):
         start -= 1  # a transcriber's note or a dated line just before it
     for block in blocks[start:]:
         mark(block)
@@ -846,6 +876,8 @@ def _mark_glossaries(pages: list[list[Row]], g: Geometry, counts: Counter[str]) 
     inside: Counter[str] = Counter()
     total: Counter[str] = Counter()
     for row in rows:
+        if row.text.isascii():
+            continue
         listed = _list_like(row, g)
         for ch in row.text:
             if ord(ch) > 0x7F and _key_candidate(ch):
@@ -857,6 +889,8 @@ def _mark_glossaries(pages: list[list[Row]], g: Geometry, counts: Counter[str]) 
         return
 
     def flagged(row: Row) -> bool:
+        if row.text.isascii():
+            return bool(_RESPELLING.search(row.text))
         letters = sum(1 for ch in row.text if ch.isalpha())
         marks = sum(1 for ch in row.text if ch in keys)
         return (letters > 0 and marks >= max(1, 0.06 * letters)) or bool(_RESPELLING.search(row.text))
