@@ -513,6 +513,25 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server) -> 
     cancelled = {"method": "/v1/completions", "status": "CANCELLED", "book": "base", "adapter": "base"}
     assert sample(after, "novelcrafter_inference_requests_total", **cancelled) >= 1
 
+    # Waiting for a whole (non-streamed) answer: hanging up cancels it just the same.
+    body = {"model": "base", "prompt": "Once upon a time", "max_tokens": CAP, "temperature": 1.0}
+    body |= {"seed": 6, "repetition_penalty": 1.0}
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        wait_until(lambda: sample(server.metrics(), "novelcrafter_inference_active_generations") == 1)
+    wait_until(lambda: sample(server.metrics(), "novelcrafter_inference_active_generations") == 0)
+    final = server.metrics()
+    produced = sample(final, tokens[0], **tokens[1]) - sample(after, tokens[0], **tokens[1])
+    assert 0 <= produced < CAP, produced
+    assert sample(final, "novelcrafter_inference_requests_total", **cancelled) == (
+        sample(after, "novelcrafter_inference_requests_total", **cancelled) + 1
+    )
+
 
 def test_an_unreadable_store_is_503(server: Server) -> None:
     """A book whose objects cannot be read (a symlink loop stands in for a broken disk or

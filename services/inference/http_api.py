@@ -29,7 +29,6 @@ import anyio
 import grpc
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -368,6 +367,21 @@ class _Job:
         return sse(body)
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events that cancel their generation however the response ends, even when
+    the client left before the first byte (and the event generator never started)."""
+
+    def __init__(self, gen: Generation, events: AsyncIterator[bytes]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._gen = gen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._gen.cancel()  # a no-op once finished
+
+
 def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
@@ -553,12 +567,7 @@ class HttpApi:
             metrics.REQUESTS.labels(route, status_of(exc), labels["book"], labels["adapter"]).inc()
             return error_response(exc, route)
         if job.stream:
-            return StreamingResponse(
-                self._events(job, route, labels),
-                media_type="text/event-stream",
-                headers=_SSE_HEADERS,
-                background=BackgroundTask(job.gen.cancel),  # also when the stream never started
-            )
+            return _EventStream(job.gen, self._events(job, route, labels))
         status = "OK"
         try:
             done = await self._result(request, job.gen)
