@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from test_trainer_helpers import chunks, one_torch_thread, write_book  # noqa: F
 
 from novelcrafter import adapters, layout
 from novelcrafter.cli import main as cli_main
-from novelcrafter.store import open_store
+from novelcrafter.store import file_sha256, open_store
 
 BOOK = "7e8f9a0b1c2d3e4f"
 JOB = "j-0000000000e1"
@@ -55,7 +56,7 @@ def published(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 base_model="smollm2-135m-instruct", metrics=metrics,
             )
         )  # fmt: skip
-    return {"store": store, "url": str(root / "store"), "metas": metas, "root": root}
+    return {"store": store, "url": str(root / "store"), "metas": metas, "root": root, "model": model}
 
 
 def _export(
@@ -245,8 +246,6 @@ def test_a_version_published_before_cards_exports_with_a_card_and_canonical_conf
     config["base_model_name_or_path"] = "/root/.cache/novelcrafter/models/smollm2-135m-instruct"
     (source / "adapter_config.json").write_text(json.dumps(config))
     meta = adapters.AdapterMeta(book, "j-0000000000e3-p00", "j-0000000000e3", 0, "smollm2-135m-instruct")
-    from novelcrafter.store import file_sha256
-
     for name in adapters.ADAPTER_FILES:
         meta.files[name] = {"size": (source / name).stat().st_size, "sha256": file_sha256(source / name)}
         store.put_file(meta.prefix + name, source / name)
@@ -271,3 +270,62 @@ def test_a_version_published_before_cards_exports_with_a_card_and_canonical_conf
     card = ModelCard.load(dest / "README.md")
     assert card.data.base_model == CANONICAL and "Pride and Prejudice" in card.text
     assert os.access(dest / "README.md", os.R_OK)
+
+
+@pytest.mark.timeout(600)
+def test_parts_continue_from_canonical_and_from_older_path_versions(
+    published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resume/continue: a part trained on top of a published version (canonical id) or of an older
+    one (a local path) trains, and publishes a canonical config and a card. PEFT never looks the
+    canonical id up on the Hub while the trainer saves (its embedding-resize check would)."""
+    import peft.utils.save_and_load as peft_save
+    from novelcrafter.trainer.part import BaseModel, PartJob, run_part
+    from novelcrafter.trainer.settings import TrainSettings
+
+    from novelcrafter.models import load_tokenizer, provision_base_model
+
+    lookups: list[str] = []  # what PEFT would look up on the Hub (recorded, not fetched)
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda repo, *a, **k: lookups.append(repo))
+    store = published["store"]
+    canonical_version = published["metas"][0]
+    # An older version of the same adapter: no card, the trainer's cache path in its config.
+    old = adapters.AdapterMeta(BOOK, "j-0000000000e4-p00", "j-0000000000e4", 0, "smollm2-135m-instruct")
+    source = adapters.download_adapter(store, canonical_version, tmp_path / "src")
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/root/.cache/novelcrafter/models/smollm2-135m-instruct"
+    (source / "adapter_config.json").write_text(json.dumps(config))
+    for name in adapters.ADAPTER_FILES:
+        old.files[name] = {"size": (source / name).stat().st_size, "sha256": file_sha256(source / name)}
+        store.put_file(old.prefix + name, source / name)
+    store.put_json(old.prefix + adapters.META, old.__dict__)
+
+    base_dir = provision_base_model("smollm2-135m-instruct")
+    base = BaseModel(published["model"], load_tokenizer(base_dir), "smollm2-135m-instruct", "cpu")
+    settings = TrainSettings(
+        epochs=1, grad_accum=1, max_length=64, max_steps_per_part=1, checkpoint_every=1, eval_max_chunks=1
+    )
+    for job_id, start in (("j-0000000000e5", canonical_version), ("j-0000000000e6", old)):
+        job = PartJob(
+            job_id=job_id,
+            book_id=BOOK,
+            part=1,
+            num_parts=2,
+            train_key=layout.part_train_key(BOOK, 1),
+            test_key=layout.part_test_key(BOOK, 1),
+            settings=settings,
+            base_model="smollm2-135m-instruct",
+            init_adapter_key=start.prefix,
+        )
+        result = run_part(store, base, job)
+        try:
+            meta = result.adapter
+            assert set(meta.files) == set(adapters.VERSION_FILES)
+            stored = json.loads(store.get(meta.prefix + "adapter_config.json"))
+            assert stored["base_model_name_or_path"] == CANONICAL
+            card = ModelCard(store.get(meta.prefix + adapters.CARD).decode())
+            assert start.version in card.text  # the card names the version it continued
+            assert sorted(p.name for p in result.adapter_dir.iterdir()) == sorted(adapters.VERSION_FILES)
+        finally:
+            shutil.rmtree(result.adapter_dir, ignore_errors=True)
+    assert CANONICAL not in lookups
