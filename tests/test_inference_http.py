@@ -616,6 +616,7 @@ def loading_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[I
         tls_client_ca=str(pki.ca),
         metrics_listen="off",
         grace_seconds=1,
+        max_message_mb=1,
     )
     config = InferenceConfig(
         listen="127.0.0.1:0", http_listen="127.0.0.1:0", store=str(tmp_path_factory.mktemp("s"))
@@ -657,6 +658,10 @@ def test_tls_with_the_grpc_settings_and_503_while_loading(
         err = api_error(call, openai.InternalServerError)
         assert (err.status_code, err.code) == (503, "service_unavailable")
         assert "still loading the base model" in err.body["message"]
+    err = api_error(  # a body over the message limit is refused before it is parsed
+        lambda: client.completions.create(model="base", prompt="x" * (1 << 20)), openai.BadRequestError
+    )
+    assert "over 1 MB (NOVELCRAFTER_MAX_MESSAGE_MB)" in err.body["message"]
 
     for refused in (
         openai.DefaultHttpxClient(verify=tls_context(pki, client_cert=False)),  # no client certificate

@@ -402,6 +402,7 @@ class HttpApi:
         self.base_model = base_model
         self.created = int(time.time())
         self._expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
+        self._max_body = int(settings.max_message_mb) * 1024 * 1024  # gRPC's message limit
         # Threads that wait on generations; sized like the gRPC worker pool.
         self._threads = max(40, 2 * max_concurrency + 16)
         self._limiter: anyio.CapacityLimiter | None = None
@@ -531,9 +532,21 @@ class HttpApi:
     async def _thread(self, fn: Callable[..., Any], *args: Any, abandon: bool = False) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon, limiter=self.limiter)
 
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (before it is all in memory) beyond the message limit."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self._max_body:
+                raise BadParameter(
+                    f"the request body is over {self._max_body >> 20} MB (NOVELCRAFTER_MAX_MESSAGE_MB)"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _submit(self, request: Request, chat: bool, labels: dict[str, str]) -> _Job:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await self._body(request))
         except ValueError as exc:
             raise BadParameter(f"the request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
