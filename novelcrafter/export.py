@@ -258,9 +258,11 @@ def write_gguf(
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
         writer.add_name(f"NovelCrafter {meta.book_id} {meta.version}")
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        base = str(config.get("base_model_name_or_path") or canonical_base_model(meta.base_model))
         writer.add_base_model_count(1)
-        writer.add_base_model_repo_url(0, f"https://huggingface.co/{canonical_base_model(meta.base_model)}")
-        writer.add_base_model_name(0, canonical_base_model(meta.base_model))
+        writer.add_base_model_name(0, base)
+        if "/" in base:  # a hub id (a store: model's name is only known to its store)
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{base}")
         for tensor in tensors:
             writer.add_tensor(tensor.name, tensor.array)
         writer.write_header_to_file()
@@ -275,6 +277,11 @@ def modelfile_text(meta: adapters.AdapterMeta, config: dict[str, Any]) -> str:
     """An Ollama Modelfile: the base model in GGUF (how to get it is in the comments) + the adapter."""
     base = str(config.get("base_model_name_or_path") or meta.base_model)
     local = meta.base_model or base
+    hub = (
+        f"# or from the Hub: hf download {base} --local-dir base-hf\n# and convert base-hf the same way.\n"
+        if "/" in base
+        else ""
+    )
     return f"""# Ollama Modelfile for NovelCrafter adapter {meta.version} of book {meta.book_id}.
 #
 # The adapter works only on the base model it was trained on:
@@ -285,9 +292,7 @@ def modelfile_text(meta: adapters.AdapterMeta, config: dict[str, Any]) -> str:
 #   python llama.cpp/convert_hf_to_gguf.py "$(novelcrafter model provision --base-model {local})" \\
 #       --outtype f16 --outfile base.gguf
 #
-# or from the Hub: hf download {base} --local-dir base-hf
-# and convert base-hf the same way.
-# Then:
+{hub}# Then:
 #
 #   ollama create novelcrafter-{meta.book_id} -f Modelfile
 #   ollama run novelcrafter-{meta.book_id}

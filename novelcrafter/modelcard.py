@@ -242,8 +242,9 @@ TEMPLATE = """---
 
 # {{ title }}: NovelCrafter LoRA adapter, part {{ "%02d" | format(meta.part) }}
 
-A LoRA adapter for [{{ base }}](https://huggingface.co/{{ base }}) that makes it write in the \
-style of *{{ title }}*. NovelCrafter trains a book part after part; this adapter has seen \
+A LoRA adapter for {% if "/" in base %}[{{ base }}](https://huggingface.co/{{ base }}){% else %}\
+`{{ base }}`{% endif %} that makes it write in the style of *{{ title }}*. NovelCrafter trains a book \
+part after part; this adapter has seen \
 {% if num_parts %}parts 00-{{ "%02d" | format(meta.part) }} of {{ num_parts }}{% else %}the book up \
 to part {{ "%02d" | format(meta.part) }}{% endif %}{% if started_from %} (it continued training \
 version `{{ started_from }}`){% endif %}.

@@ -171,6 +171,7 @@ def test_card_shows_book_so_far_and_judgements_when_measured_and_skips_what_is_n
 def test_store_and_local_models_name_no_license_they_cannot_know() -> None:
     card = ModelCard(str(build_card(_meta(base="store:my-llama"), LORA, manifest=MANIFEST)))
     assert card.data.base_model == "my-llama" and card.data.license is None
+    assert "huggingface.co/my-llama" not in str(card)  # a store model has no Hub page
     llama = ModelCard(str(build_card(_meta(base="meta-llama/Llama-3.2-1B-Instruct"), LORA)))
     assert llama.data.license == "llama3.2"
 

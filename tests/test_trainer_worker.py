@@ -66,7 +66,7 @@ class FakeHub:
                     repo, rev = f"{parts[2]}/{parts[3]}", "/".join(parts[5:])
                     if repo not in hub.repos or rev not in hub.branches[repo]:
                         return self._reply(404, {"error": "Repository or revision not found"})
-                    files = hub.files[(repo, rev)]
+                    files = hub.files.get((repo, rev), {})
                     body = {"id": repo, "sha": "b" * 40, "siblings": [{"rfilename": f} for f in files]}
                     if "README.md" in files:
                         body["cardData"] = ModelCard(files["README.md"].decode()).data.to_dict()
