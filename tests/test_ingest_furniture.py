@@ -401,3 +401,18 @@ def test_a_list_with_leaders_inside_the_story_needs_rising_page_numbers(tmp_path
     text = store.get_text(layout.text_key(manifest["book_id"]))
     assert manifest["cleaning"]["illustration_list_lines"] == 0
     assert all(_words(p.lines[0]) in _words(text) for p in bill if p.lines)
+
+
+def test_an_address_in_the_story_is_the_authors(tmp_path: Path) -> None:
+    """A web address in the last paragraph of a story, or a missing space after a full stop,
+    is no publisher's notice: the paragraph stays."""
+    ending = Paragraph(
+        "She typed the address of the harbour office, www.saltmarrow-harbour.org, and waited "
+        "for the page to load. Nothing came.The line was down again."
+    )
+    book = Book([Heading("CHAPTER I"), *prose(30), ending])
+    store = open_store(str(tmp_path / "store"))
+    manifest = ingest(store, book_pdf(book), params=IngestParams(chunk_sentences=2, parts=2)).manifest
+    text = store.get_text(layout.text_key(manifest["book_id"]))
+    assert manifest["cleaning"]["boilerplate_lines"] == 0
+    assert _words(ending.text) in _words(text)

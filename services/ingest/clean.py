@@ -457,7 +457,7 @@ def _epigraph(rows: list[Row], g: Geometry) -> set[int]:
             continue
         block = [row]
         for above in reversed(rows[:i]):
-            if above.kind != "body" or block[-1].y0 - above.y0 > 1.8 * g.leading or len(block) > 8:
+            if above.kind != "body" or above.y0 - block[-1].y0 > 1.8 * g.leading or len(block) > 8:
                 break
             block.append(above)
         quote = block[1:]  # read upwards: quote[0] is the line just above the attribution
@@ -471,7 +471,7 @@ def _epigraph(rows: list[Row], g: Geometry) -> set[int]:
     return keep
 
 
-def _mark_front_and_back(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
+def _mark_front_matter(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
     """Title page, contents, editions' notes before the first chapter (an epigraph stays)."""
     n = len(pages)
     limit = _front_limit(n)
@@ -529,8 +529,8 @@ def _inline_mark(label: str) -> re.Pattern[str]:
 def _mark_footnotes(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -> None:
     """Footnote bodies: set smaller than the body at the foot of the page, the first one
     labelled with a mark the page refers to (or a raised label); a page that follows a
-    footnote may continue it without a label. Marks set in the text's size are taken out of
-    the text only when such a footnote confirms them."""
+    footnote that broke off mid-sentence may continue it without a label. Marks set in the
+    text's size are taken out of the text only when such a footnote confirms them."""
     carried = False
     for rows in pages:
         body = [r for r in rows if r.kind == "body"]
@@ -574,7 +574,7 @@ def _mark_footnotes(pages: list[list[Row]], g: Geometry, counts: Counter[str]) -
                     row.text = _SPACE_RUN.sub(" ", pattern.sub("", row.text, count=1)).strip()
                     counts["footnote_marks"] += 1
                     break
-        carried = True
+        carried = bool(notes) and not _TERMINAL.search(notes[-1].text)
 
 
 # --- lists with dot leaders ------------------------------------------------------------------------
@@ -586,10 +586,7 @@ _LEADER_WORD = re.compile(rf"{_LEADER}\s*[^\W\d_]+\.?\s*$")  # "Frontispiece", "
 
 
 def _page_value(text: str) -> int | None:
-    text = text.lower()
-    if text.isdigit():
-        return int(text)
-    return None
+    return int(text) if text.isdigit() else None  # roman numbers are not compared
 
 
 def _mark_leader_lists(pages: list[list[Row]], headings: list[str], counts: Counter[str]) -> None:
@@ -603,20 +600,21 @@ def _mark_leader_lists(pages: list[list[Row]], headings: list[str], counts: Coun
         live = [r for r in rows if r.kind in ("body", "heading")]
         # Only a line's end is searched: a hostile line of dots must not make this quadratic.
         ends = [(i, r.text[-200:]) for i, r in enumerate(live) if _MAY_LEAD.search(r.text[-200:])]
-        entries = [i for i, end in ends if _LEADER_ENTRY.search(end)]
-        words = [i for i, end in ends if _LEADER_WORD.search(end)]
-        edge = index < _front_limit(n) or index >= int(0.85 * n)
-        numbers = [_page_value(_LEADER_ENTRY.search(live[i].text[-200:]).group(1)) for i in entries]  # type: ignore[union-attr]
-        values = [v for v in numbers if v is not None]
+        found = [(i, m) for i, end in ends if (m := _LEADER_ENTRY.search(end))]
+        entries = [i for i, _ in found]
+        marked = sorted({*entries, *(i for i, end in ends if _LEADER_WORD.search(end))})
+        values = [v for _, m in found if (v := _page_value(m.group(1))) is not None]
         ordered = all(a <= b for a, b in itertools.pairwise(values))
-        enough = len(entries) >= (2 if edge else 3) or (open_kind is not None and entries)
+        edge = index < _front_limit(n) or index >= int(0.85 * n)
+        # A list running on from the previous page starts at the top of this one.
+        continued = open_kind is not None and bool(marked) and marked[0] <= 1
+        enough = len(entries) >= (2 if edge else 3) or (continued and bool(entries))
         if not enough or not (edge or ordered):
             open_kind = None
             continue
-        marked = sorted(set(entries) | set(words))
+        if not continued:
+            open_kind = None  # a new list, with its own title
         first, last = marked[0], marked[-1]
-        if first > 1:
-            open_kind = None  # rows above the first entry: a new list with its own title
         span = list(range(first, last + 1))
         if len(marked) < 0.34 * len(span):
             span = marked  # scattered entries: only they are the list
@@ -648,7 +646,8 @@ def _mark_leader_lists(pages: list[list[Row]], headings: list[str], counts: Coun
 # Quantifiers are bounded: a hostile line of dots or letters must not make these quadratic.
 _URL = re.compile(
     r"(?:https?://|\bwww\.)[^\s)>\]]{1,200}|\b[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,4}"
-    r"|\b[a-z0-9][a-z0-9-]{2,62}(?:\.[a-z0-9-]{1,63}){0,3}\.[a-z]{2,4}(?:/[^\s)>\]]{0,200})?(?![\w-])",
+    # A bare domain in lower case only: "day.The" is a missing space, not an address.
+    r"|(?-i:\b[a-z0-9][a-z0-9-]{2,62}(?:\.[a-z0-9-]{1,63}){0,3}\.[a-z]{2,4}(?:/[^\s)>\]]{0,200})?(?![\w-]))",
     re.I,
 )
 _MAY_ADDRESS = re.compile(r"[A-Za-z0-9-]\.[A-Za-z]|@|://")  # cheap test before _URL
@@ -688,9 +687,12 @@ def _fold(text: str) -> str:
     return text if text.isascii() else _COMBINING.sub("", unicodedata.normalize("NFKD", text))
 
 
-def _publisher_terms(edge: Iterable[Row], middle: Iterable[Row]) -> set[str]:
-    """Names taken from the web and mail addresses of the edition (www.name.org -> "name"),
-    unless the body of the book uses the word itself."""
+def _publisher_terms(edge: list[Row], middle: list[Row]) -> set[str]:
+    """Names taken from the web and mail addresses of the edition (www.name.org -> "name").
+
+    A name is written as one (capitalized: "Project Gutenberg", "Bibliothèque Lumière") and the
+    body of the book hardly uses it; a common word in an address ("harbour") is no evidence.
+    """
     candidates: set[str] = set()
     for row in edge:
         if not _MAY_ADDRESS.search(row.text):
@@ -704,8 +706,17 @@ def _publisher_terms(edge: Iterable[Row], middle: Iterable[Row]) -> set[str]:
     if not candidates:
         return set()
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(candidates))) + r")\b", re.I)
-    used = Counter(m.group(1).lower() for m in pattern.finditer(_fold("\n".join(r.text for r in middle))))
-    return {term for term in candidates if used[term] <= 2}
+
+    def words(rows: list[Row]) -> list[str]:  # the name as written, outside the addresses
+        text = "\n".join(_URL.sub(" ", r.text) if _MAY_ADDRESS.search(r.text) else r.text for r in rows)
+        return [m.group(1) for m in pattern.finditer(_fold(text))]
+
+    body = words(middle)
+    in_body = Counter(w.lower() for w in body)
+    written = body + words(edge)
+    names = Counter(w.lower() for w in written if w[0].isupper())
+    every = Counter(w.lower() for w in written)
+    return {t for t in candidates if in_body[t] <= 2 and names[t] >= 0.9 * every[t]}
 
 
 class _Evidence:
@@ -776,7 +787,7 @@ def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str])
     back_start = max(limit + 1, int(0.7 * n))
     edge_pages = pages[: limit + 1] + pages[back_start:]  # the body's pages are never looked at
     edge_rows = [r for rows in edge_pages for r in rows if r.kind in ("body", "heading")]
-    middle_rows = (r for rows in pages[limit + 1 : back_start] for r in rows if r.kind == "body")
+    middle_rows = [r for rows in pages[limit + 1 : back_start] for r in rows if r.kind == "body"]
     evidence = _Evidence(edge_rows, g, _publisher_terms(edge_rows, middle_rows))
     contents = {i for i in range(min(limit + 1, n)) if _is_toc_page(pages[i])}  # its entries are no notice
     blocks = [b for b in _blocks(edge_pages, g) if b[0].page not in contents]
@@ -840,6 +851,12 @@ def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str])
         marked_after += words if (strong(i) or weak(i)) else 0
         if strong(i) and marked_after >= 0.5 * total_after:
             start = i
+    # One marked paragraph closing the book is a notice only when set apart (a page or a
+    # heading of its own): a stray address in the last paragraph of a story is not.
+    if start is not None and sum(1 for i in range(start, len(blocks)) if strong(i)) < 2:
+        prev = blocks[start - 1][-1] if start > 0 else None
+        if prev is not None and prev.page == blocks[start][0].page and prev.kind != "heading":
+            start = None
     if start is None:
         return
     while start > 0 and blocks[start - 1][0].page >= back_start and weak(start - 1) and not strong(start - 1):
@@ -1132,7 +1149,7 @@ def clean_pages(pages: list[Page]) -> Cleaned:
     _mark_leader_lists(page_rows, headings, counts)
     _mark_boilerplate(page_rows, geometry, counts)
     _mark_glossaries(page_rows, geometry, counts)
-    _mark_front_and_back(page_rows, geometry, counts)
+    _mark_front_matter(page_rows, geometry, counts)
     # A raised label on a row that turned out not to be a footnote was a mark all the same.
     counts["footnote_marks"] += sum(1 for rows in page_rows for r in rows if r.label and r.kind != "footnote")
     body = [r for rows in page_rows for r in rows if r.kind == "body"]
