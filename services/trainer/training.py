@@ -58,7 +58,26 @@ def precision_name(dtype: Any) -> str:
 
 
 def batch_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
-    """Summed next-token NLL of a (packed) batch; positions whose target is IGNORE do not count."""
+    """Summed next-token NLL of a (packed) batch; positions whose target is IGNORE do not count.
+
+    Llama-architecture models with vanilla LoRA take :mod:`packed_forward` (fused projections,
+    per-chunk attention, blockwise linear + cross-entropy); anything else the reference path.
+    """
+    from novelcrafter.trainer import packed_forward
+
+    if not packed_forward.supports(model):
+        return reference_nll(model, batch, device, dtype)
+    import torch
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return packed_forward.packed_nll(
+            model, batch.input_ids.to(device), batch.position_ids.to(device), batch.labels.to(device), dtype
+        )
+
+
+def reference_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
+    """:func:`batch_nll` through the model's own (transformers + PEFT) forward: the reference."""
     import torch
     import torch.nn.functional as F
 
