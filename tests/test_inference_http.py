@@ -312,14 +312,14 @@ def test_seeded_requests_give_grpcs_text_alone_and_under_concurrent_load(server:
         ({"book_id": BOOK, "adapter": "part-0", "seed": 1, "temperature": 1.2}, f"{BOOK}:part-0"),
         ({"book_id": BOOK, "adapter": p.part1, "seed": 4, "top_k": 0, "top_p": 0.8}, f"{BOOK}:{p.part1}"),
     ]
-    alone = [server.grpc_generate(max_new_tokens=16, **fields).text for fields, _model in specs]
+    alone = [server.grpc_generate(max_new_tokens=12, **fields).text for fields, _model in specs]
 
     def over_http(i: int, stream: bool) -> str:
         fields, model = specs[i]
         extra = {k: fields[k] for k in ("top_k",) if k in fields}  # an extension: not in OpenAI's API
         kwargs = {k: fields[k] for k in ("seed", "temperature", "top_p") if k in fields}
         reply = client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=16, stream=stream, extra_body=extra, **kwargs
+            model=model, prompt=PROMPT, max_tokens=12, stream=stream, extra_body=extra, **kwargs
         )
         if stream:
             return "".join(c.choices[0].text for c in reply if c.choices)
@@ -338,7 +338,7 @@ def test_seeded_requests_give_grpcs_text_alone_and_under_concurrent_load(server:
             results[kind] = (
                 over_http(i, stream)
                 if kind == "http"
-                else server.grpc_generate(max_new_tokens=16, **other).text
+                else server.grpc_generate(max_new_tokens=12, **other).text
             )
 
         threads = [threading.Thread(target=run, args=(kind,)) for kind in ("http", "grpc")]
@@ -554,7 +554,7 @@ def test_an_unreadable_store_is_503(server: Server) -> None:
 def test_a_request_keeps_its_version_across_a_hot_swap(server: Server) -> None:
     p = server.published
     client = server.client()
-    stream = client.completions.create(model=SWAP, prompt=PROMPT, max_tokens=48, seed=11, stream=True)
+    stream = client.completions.create(model=SWAP, prompt=PROMPT, max_tokens=32, seed=11, stream=True)
     chunks = iter(stream)
     first = next(chunks)  # resolved and generating
     assert first.model == f"{SWAP}:{p.swap0}"
@@ -570,7 +570,7 @@ def test_a_request_keeps_its_version_across_a_hot_swap(server: Server) -> None:
     rest = list(chunks)
     assert {c.model for c in rest} == {f"{SWAP}:{p.swap0}"}  # ...this request stays on its own
     text = "".join(c.choices[0].text for c in [first, *rest] if c.choices)
-    pinned = server.grpc_generate(book_id=SWAP, adapter=p.swap0, max_new_tokens=48, seed=11)
+    pinned = server.grpc_generate(book_id=SWAP, adapter=p.swap0, max_new_tokens=32, seed=11)
     assert text == pinned.text
     again = client.completions.create(model=SWAP, prompt=PROMPT, max_tokens=2, seed=11)
     assert again.model == f"{SWAP}:{newer}"
