@@ -246,7 +246,7 @@ def write_gguf(
     adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``) and the LoRA tensors in f32."""
     import gguf
 
-    from novelcrafter.modelcard import canonical_base_model
+    from novelcrafter.modelcard import base_model_license, canonical_base_model
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = gguf_tensors(adapter_dir, base_config)
@@ -263,6 +263,8 @@ def write_gguf(
         writer.add_base_model_name(0, base)
         if "/" in base:  # a hub id (a store: model's name is only known to its store)
             writer.add_base_model_repo_url(0, f"https://huggingface.co/{base}")
+        if base_model_license(base):
+            writer.add_license(base_model_license(base))
         for tensor in tensors:
             writer.add_tensor(tensor.name, tensor.array)
         writer.write_header_to_file()

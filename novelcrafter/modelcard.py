@@ -29,7 +29,7 @@ PROVENANCE = {
     "(Q4_1 GGUF, dequantized to fp32 once by NovelCrafter)"
 }
 STORE_SCHEME = "store:"
-TAGS = ("lora", "peft", "novelcrafter", "text-generation")
+TAGS = ("lora", "peft", "novelcrafter")  # the Hub adds pipeline_tag and base_model tags itself
 # The card's extra metadata key: which version it describes (the Hub push reads it on `main`).
 META_KEY = "novelcrafter"
 
