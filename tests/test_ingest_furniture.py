@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from novelcrafter.ingest.chunking import make_chunks
-from novelcrafter.ingest.clean import take_raised
+from novelcrafter.ingest.clean import clean_pages, take_raised
+from novelcrafter.ingest.extract import Page
 from novelcrafter.ingest.params import IngestParams
 from novelcrafter.ingest.pipeline import ingest
 from novelcrafter.ingest.sentences import Sentence
-from novelcrafter.ingest.worker import RAISED_CLOSE, RAISED_OPEN
+from novelcrafter.ingest.worker import FLAG_RAISED, RAISED_CLOSE, RAISED_OPEN
 from pdfs import (
     Book,
     Columns,
@@ -416,3 +417,52 @@ def test_an_address_in_the_story_is_the_authors(tmp_path: Path) -> None:
     text = store.get_text(layout.text_key(manifest["book_id"]))
     assert manifest["cleaning"]["boilerplate_lines"] == 0
     assert _words(ending.text) in _words(text)
+
+
+def _page(index: int, body: list[str], small: list[tuple[str, int]] = ()) -> Page:  # type: ignore[assignment]
+    """A page as the extraction workers report it: a running head, full body lines at 11 pt
+    from the top of the frame, ``small`` rows (text, flags) at 8.5 pt at its foot, a folio."""
+    lines = [(170.0, 560.0, 250.0, 568.0, 8.5, "THE LIGHTHOUSE KEEPER", 0)]
+    for n, text in enumerate(body):
+        y = 520.0 - 16.0 * n
+        lines.append((57.0, y, 343.0, y + 11.0, 11.0, text, FLAG_RAISED if RAISED_OPEN in text else 0))
+    for n, (text, flags) in enumerate(small):
+        y = 116.0 - 11.0 * n
+        lines.append((57.0, y, 300.0, y + 8.5, 8.5, text, flags))
+    lines.append((205.0, 40.0, 215.0, 49.0, 9.0, str(index + 1), 0))
+    return Page(index, 420.0, 595.0, lines, [])
+
+
+def test_a_footnote_broken_off_mid_sentence_continues_on_the_next_page() -> None:
+    """Built from the worker's own line tuples (the geometry of a real page): a footnote that
+    runs over to the next page goes whole; small print under a note that ended stays."""
+    words = " ".join(sentences(400)).split()
+    chunks = [" ".join(words[i : i + 9]) for i in range(0, len(words), 9)]
+    pages = []
+    for index in range(8):
+        body = chunks[index * 26 : index * 26 + 26]
+        small: list[tuple[str, int]] = []
+        if index == 2:
+            body[3] = f"and the keeper wrote it in the ledger,{RAISED_OPEN}1{RAISED_CLOSE} as his father did"
+            body = body[:-2]
+            small = [
+                (
+                    f"{RAISED_OPEN}1{RAISED_CLOSE}The ledger is kept in the harbour office, where the",
+                    FLAG_RAISED,
+                ),
+                ("clerk keeps it in the back room beside the", 0),
+            ]
+        elif index == 3:
+            body = body[:-1]
+            small = [("great iron stove of the office.", 0)]
+        elif index == 4:
+            body = body[:-2]
+            small = [("“Qui mare tenet, eum necesse est rerum potiri,”", 0), ("as the old book says.", 0)]
+        pages.append(_page(index, body, small))
+    cleaned = clean_pages(pages)
+    text = _words(cleaned.text)
+    assert cleaned.counts["footnote_lines"] == 3 and cleaned.counts["footnote_marks"] == 1
+    assert "the ledger, as his father did" in text
+    for note in ("harbour office, where", "back room beside", "great iron stove"):
+        assert note not in text
+    assert "Qui mare tenet, eum necesse est rerum potiri,” as the old book says." in text
