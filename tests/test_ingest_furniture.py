@@ -466,3 +466,18 @@ def test_a_footnote_broken_off_mid_sentence_continues_on_the_next_page() -> None
     for note in ("harbour office, where", "back room beside", "great iron stove"):
         assert note not in text
     assert "Qui mare tenet, eum necesse est rerum potiri,” as the old book says." in text
+
+
+def test_a_transcribers_note_closing_the_book_on_its_own_page_goes(tmp_path: Path) -> None:
+    note = Paragraph(
+        "Transcriber’s Notes: Punctuation has been made consistent. Variations in spelling and "
+        "hyphenation were retained as they appear in the original publication.",
+        indent=False,
+    )
+    book = Book([Heading("CHAPTER I"), *prose(30), PageBreak(), note])
+    store = open_store(str(tmp_path / "store"))
+    manifest = ingest(store, book_pdf(book), params=IngestParams(chunk_sentences=2, parts=2)).manifest
+    text = store.get_text(layout.text_key(manifest["book_id"]))
+    assert manifest["cleaning"]["boilerplate_lines"] == len(lines_of(note))
+    assert "Punctuation has been" not in text
+    assert all(p.text in text for p in prose(30))

@@ -851,12 +851,20 @@ def _mark_boilerplate(pages: list[list[Row]], g: Geometry, counts: Counter[str])
         marked_after += words if (strong(i) or weak(i)) else 0
         if strong(i) and marked_after >= 0.5 * total_after:
             start = i
-    # One marked paragraph closing the book is a notice only when set apart (a page or a
-    # heading of its own): a stray address in the last paragraph of a story is not.
-    if start is not None and sum(1 for i in range(start, len(blocks)) if strong(i)) < 2:
-        prev = blocks[start - 1][-1] if start > 0 else None
-        if prev is not None and prev.page == blocks[start][0].page and prev.kind != "heading":
-            start = None
+
+    def apart(i: int) -> bool:  # on a page of its own, or under a heading
+        prev = blocks[i - 1][-1] if i > 0 else None
+        return prev is None or prev.page != blocks[i][0].page or prev.kind == "heading"
+
+    # One marked paragraph closing the book is a notice only when set apart: a stray address
+    # in the last paragraph of a story is not.
+    if start is not None and sum(1 for i in range(start, len(blocks)) if strong(i)) < 2 and not apart(start):
+        start = None
+    # "Transcriber's Note: …" closing the book on a page of its own.
+    last = len(blocks) - 1
+    closing = last >= 0 and blocks[last][0].page >= back_start and apart(last)
+    if start is None and closing and evidence.labelled(blocks[last]):
+        start = last
     if start is None:
         return
     while start > 0 and blocks[start - 1][0].page >= back_start and weak(start - 1) and not strong(start - 1):
