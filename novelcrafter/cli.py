@@ -117,6 +117,7 @@ def export(
 ) -> None:
     """Write a published adapter version as a PEFT folder, plus a llama.cpp GGUF LoRA and an Ollama
     Modelfile with --format gguf|all."""
+    import logging
     from pathlib import Path
 
     from novelcrafter.config import get_settings
@@ -125,6 +126,7 @@ def export(
     from novelcrafter.store import open_store
 
     configure_logging()
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     settings = get_settings(store=store)
     result = export_adapter(
         open_store(settings.store, settings), book_id, Path(dest), adapter=adapter, fmt=fmt, settings=settings
