@@ -26,8 +26,30 @@ def test_model_shapes_match_llama_3_2(shape: str, params: int):
     assert bench.count_params(model) == params
 
 
-def test_mfu_is_reported_only_for_a_gpu_with_a_known_peak():
-    assert bench.mfu(1000.0, 10**9, "cpu") == (None, "cpu")
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.2-3b"])
+def test_the_peak_is_measured_on_every_dense_weight_of_the_model(shape: str):
+    """The matmuls timed for the peak are exactly the model's weights (4·N counts the same N):
+    every parameter but the norms' is in one of them, the tied embedding once as the lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**bench.LLAMA_COMMON, **bench.MODEL_SHAPES[shape])
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert sum(k * n for k, n in bench.layer_shapes(config)) == bench.count_params(model) - norms
+
+
+def test_measured_peak_and_mfu_formula():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    peak = bench.measure_peak(config, rows=32, dtype=torch.float32, device="cpu", repeats=1)
+    assert 0 < peak < float("inf")
+    assert bench.model_flops(100.0, 10**6) == 4 * 10**6 * 100.0
+    assert bench.datasheet_peak("cpu") == (None, "cpu")  # no datasheet MFU off CUDA
 
 
 def test_bench_skips_with_a_reason_when_the_book_is_absent(tmp_path, capsys):
