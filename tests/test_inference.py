@@ -148,6 +148,7 @@ def served(store_dir: Path) -> Iterator[Served]:
         watch_interval=0.3,
         max_adapters=3,
         max_concurrency=8,
+        max_queued=2,
         max_new_tokens_cap=256,
         max_prompt_tokens=200,
     )
@@ -305,21 +306,30 @@ def test_stream_matches_unary_and_cancel_stops_generation(served: Served) -> Non
     assert 2 <= produced < 250
 
 
-def test_more_than_max_concurrency_is_refused_not_queued(served: Served) -> None:
+def test_beyond_the_slots_requests_wait_and_only_a_full_queue_is_refused(served: Served) -> None:
+    """All 8 slots busy: two more requests wait (max_queued=2) instead of failing, the next one is
+    RESOURCE_EXHAUSTED, and once the slots free the waiting ones get their seeded text."""
+    waiting = [{"adapter": "base", "max_new_tokens": 4, "seed": 30 + i} for i in range(2)]
+    alone = [served.generate(**fields).text for fields in waiting]
     streams = [
         served.stream(adapter="base", max_new_tokens=250, temperature=1.0, repetition_penalty=1.0, seed=i)
         for i in range(8)
     ]
+    queued: list[Any] = []
     try:
         for call in streams:
             next(call)  # all eight are generating now
+        queued = [served.stream(**fields) for fields in waiting]
+        wait_until(lambda: served.scheduler.queued == 2)
         err = rpc_error(lambda: served.generate(adapter="base", max_new_tokens=2))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "server busy" in err.details()
+        assert "server busy" in err.details() and "the queue is full (2 waiting" in err.details()
+        assert (served.scheduler.in_flight, served.scheduler.queued) == (8, 2)
     finally:
         for call in streams:
             call.cancel()
-    wait_until(lambda: served.scheduler.in_flight == 0, timeout=30)
+    assert ["".join(m.text for m in call) for call in queued] == alone
+    wait_until(lambda: served.scheduler.in_flight == 0 and served.scheduler.queued == 0, timeout=30)
     assert served.generate(adapter="base", max_new_tokens=2).completion_tokens >= 1
 
 

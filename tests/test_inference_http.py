@@ -2,8 +2,9 @@
 `openai` Python client (issue 14).
 
 One real `serve inference` process serves the module, with gRPC and HTTP on one scheduler,
-an auth token, two generation slots and real LoRAs trained here and published to its store:
-models, completions and chat (streamed or not) from `base` and a book's adapters, seeded
+an auth token, two generation slots (sixteen requests may wait for them) and real LoRAs
+trained here and published to its store: a burst of clients that waits instead of being
+refused, models, completions and chat (streamed or not) from `base` and a book's adapters, seeded
 determinism equal to gRPC (alone and under concurrent load), every error status with OpenAI's
 error body, auth, a client that disconnects mid-stream, version pinning across a hot swap and
 the request counters on /metrics. TLS (mutual) and the 503 of a server still loading use an
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ BROKEN = "d140000000000003"  # its store objects fail to read
 TOKEN = "http-T0ken-for-tests-only-4c1e9b"  # distinctive, so a leak into the log is easy to find
 PROMPT = "The night was long and"
 CAP = 256
+SLOTS, QUEUE = 2, 16  # the server's --max-concurrency and --max-queued
 
 SEA = (
     "The sea rose grey under the storm and the ship rolled hard to port. The captain lashed "
@@ -157,7 +160,8 @@ def server(published: Published, tmp_path_factory: pytest.TempPathFactory) -> It
         NOVELCRAFTER_WATCH_INTERVAL="0.3",
     )
     argv = [NOVELCRAFTER, "serve", "inference", "--listen", f"127.0.0.1:{grpc_port}"]
-    argv += ["--store", str(published.store), "--max-concurrency", "2", "--max-new-tokens-cap", str(CAP)]
+    argv += ["--store", str(published.store), "--max-concurrency", str(SLOTS), "--max-queued", str(QUEUE)]
+    argv += ["--max-new-tokens-cap", str(CAP)]
     proc = Proc(argv, env, tmp_path_factory.mktemp("http-log") / "inference.log")
     try:
         wait_for_health(f"127.0.0.1:{grpc_port}", timeout=240, settings=Settings())
@@ -476,24 +480,70 @@ def busy_stream(client: openai.OpenAI, seed: int) -> Any:
     return stream
 
 
-def test_all_slots_busy_is_429_and_disconnects_free_them(server: Server) -> None:
+def test_a_burst_of_16_clients_waits_for_the_slots_and_only_a_full_queue_is_429(server: Server) -> None:
+    """Both slots busy: a waiting client that hangs up leaves the queue; then 16 clients at once
+    (gRPC and HTTP, streamed or not) all wait, a 17th is refused (429 / RESOURCE_EXHAUSTED), and
+    once the slots free every one of the 16 is served with exactly the text it gets alone."""
+    p = server.published
     client = server.client()
+    specs = [
+        {"book_id": BOOK, "adapter": p.part0, "seed": i} if i % 2 else {"adapter": "base", "seed": i}
+        for i in range(QUEUE)
+    ]
+    alone = [server.grpc_generate(max_new_tokens=4, **fields).text for fields in specs]
+
+    def ask(i: int) -> str:
+        fields = specs[i]
+        if i % 4 == 0:
+            return server.grpc_generate(max_new_tokens=4, **fields).text
+        model = f"{BOOK}:{p.part0}" if "book_id" in fields else "base"
+        reply = client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=4, seed=fields["seed"], stream=i % 4 == 1
+        )
+        if isinstance(reply, openai.Stream):
+            return "".join(c.choices[0].text for c in reply if c.choices)
+        return reply.choices[0].text
+
+    def depth() -> float:
+        return sample(server.metrics(), "novelcrafter_inference_queue_depth")
+
+    before = server.metrics()
     streams = [busy_stream(client, seed) for seed in (1, 2)]
     try:
-        for call in (
-            lambda: client.completions.create(model="base", prompt=PROMPT, max_tokens=2),
-            lambda: client.chat.completions.create(
-                model="base", messages=[{"role": "user", "content": "Hi"}]
-            ),
-        ):
-            err = api_error(call, openai.RateLimitError)
-            assert (err.status_code, err.code) == (429, "server_busy")
-            assert "server busy" in err.body["message"] and err.response.headers["retry-after"] == "1"
+        waiting = client.completions.create(model="base", prompt=PROMPT, max_tokens=2, stream=True)
+        wait_until(lambda: depth() == 1)
+        waiting.close()  # hangs up while queued
+        wait_until(lambda: depth() == 0)
+        assert sample(server.metrics(), "novelcrafter_inference_active_generations") == SLOTS
+        with ThreadPoolExecutor(QUEUE) as pool:
+            burst = [pool.submit(ask, i) for i in range(QUEUE)]
+            wait_until(lambda: depth() == QUEUE)
+            for call in (
+                lambda: client.completions.create(model="base", prompt=PROMPT, max_tokens=2),
+                lambda: client.chat.completions.create(
+                    model="base", messages=[{"role": "user", "content": "Hi"}]
+                ),
+            ):
+                err = api_error(call, openai.RateLimitError)
+                assert (err.status_code, err.code) == (429, "server_busy")
+                assert f"the queue is full ({QUEUE} waiting" in err.body["message"], err.body
+                assert err.response.headers["retry-after"] == "1"
+            with pytest.raises(grpc.RpcError) as info:
+                server.grpc_generate(adapter="base", max_new_tokens=2)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for stream in streams:
+                stream.close()  # the slots free: the queue drains
+            served = [future.result(timeout=300) for future in burst]
     finally:
         for stream in streams:
             stream.close()
+    assert served == alone
     wait_until(lambda: sample(server.metrics(), "novelcrafter_inference_active_generations") == 0)
-    assert client.completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+    after = server.metrics()
+    waits = "novelcrafter_inference_queue_wait_seconds_count"
+    # A slot went to the two busy streams and the sixteen, never to the one that hung up.
+    assert sample(after, waits) - sample(before, waits) == SLOTS + QUEUE
+    assert depth() == 0
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: Server) -> None:

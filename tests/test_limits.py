@@ -357,13 +357,14 @@ class Inference:
 
 @pytest.fixture(scope="module")
 def limited_inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inference]:
-    """An inference server that runs ONE generation at a time, with small caps."""
+    """An inference server that runs ONE generation at a time with TWO waiting, with small caps."""
     root = tmp_path_factory.mktemp("limits-inference")
     (root / "secret").mkdir()
     (root / "secret" / "adapter_model.safetensors").write_bytes(b"not yours")
     metrics_port = free_port()
     env = {
         "NOVELCRAFTER_MAX_CONCURRENCY": "1",
+        "NOVELCRAFTER_MAX_QUEUED": "2",
         "NOVELCRAFTER_MAX_NEW_TOKENS_CAP": str(CAP_NEW_TOKENS),
         "NOVELCRAFTER_MAX_PROMPT_TOKENS": str(CAP_PROMPT_TOKENS),
         "NOVELCRAFTER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
@@ -407,20 +408,117 @@ def test_prompt_length_and_max_new_tokens_caps(limited_inference: Inference) -> 
         assert stub.Generate(_request(max_new_tokens=3), timeout=120).completion_tokens >= 1
 
 
+QUEUE_DEPTH = "novelcrafter_inference_queue_depth"
+ACTIVE = "novelcrafter_inference_active_generations"
+WAIT = "novelcrafter_inference_queue_wait_seconds"
+
+
 @pytest.mark.timeout(180)
-def test_generations_beyond_the_cap_are_refused_not_queued(limited_inference: Inference) -> None:
-    with connect(limited_inference.service.address, client_settings()) as channel:
-        stub = limited_inference.stub(channel)
+def test_generations_beyond_the_slot_wait_in_arrival_order_and_a_full_queue_is_refused(
+    limited_inference: Inference,
+) -> None:
+    inf = limited_inference
+    waits, waited = inf.metric(f"{WAIT}_count"), inf.metric(f"{WAIT}_sum")
+    found_free = inf.metric(f"{WAIT}_bucket", le="0.0")
+    with connect(inf.service.address, client_settings()) as channel:
+        stub = inf.stub(channel)
         running = stub.GenerateStream(_request(seed=3, **LONG), timeout=300)
-        next(running)  # the one allowed generation is producing tokens now
+        next(running)  # the one slot is producing tokens now
+        calls = [running]
         try:
+            for depth, seed in ((1, 5), (2, 6)):  # one after the other: a known arrival order
+                calls.append(stub.GenerateStream(_request(seed=seed, **LONG), timeout=300))
+                wait_for("the request to queue", lambda d=depth: inf.metric(QUEUE_DEPTH) == d, 60)
+            first, second = calls[1:]
             code, message = _code(lambda: stub.Generate(_request(max_new_tokens=2), timeout=60))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in message, message
+            assert "the queue is full (2 waiting, NOVELCRAFTER_MAX_QUEUED=2)" in message, message
             code, _ = _code(lambda: list(stub.GenerateStream(_request(max_new_tokens=2), timeout=60)))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The slot frees: the request that came first takes it, the other keeps waiting.
+            running.cancel()
+            next(first)  # generating
+            assert (inf.metric(QUEUE_DEPTH), inf.metric(ACTIVE)) == (1, 1)
+            first.cancel()
+            next(second)
+            assert inf.metric(QUEUE_DEPTH) == 0
+        finally:
+            for call in calls:
+                call.cancel()
+        # Three requests got the slot: one found it free, two waited for it.
+        assert inf.metric(f"{WAIT}_count") - waits == 3
+        assert inf.metric(f"{WAIT}_bucket", le="0.0") - found_free == 1
+        assert inf.metric(f"{WAIT}_sum") > waited
+        wait_for("the slot to be free", lambda: stub.Generate(_request(max_new_tokens=2), timeout=60), 120)
+
+
+@pytest.mark.timeout(180)
+def test_a_queued_request_whose_deadline_passes_leaves_the_queue(limited_inference: Inference) -> None:
+    """DEADLINE_EXCEEDED (also in the server's own count), out of the queue, and it never took
+    the slot: the running generation keeps it."""
+    inf = limited_inference
+    labels = {"method": "Generate", "status": "DEADLINE_EXCEEDED", "book": "base", "adapter": "base"}
+    expired, waits = (
+        inf.metric("novelcrafter_inference_requests_total", **labels),
+        inf.metric(f"{WAIT}_count"),
+    )
+    with connect(inf.service.address, client_settings()) as channel:
+        stub = inf.stub(channel)
+        running = stub.GenerateStream(_request(seed=7, **LONG), timeout=300)
+        try:
+            next(running)
+            code, _ = _code(lambda: stub.Generate(_request(max_new_tokens=2), timeout=1.0))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for(
+                "the server to drop the expired request",
+                lambda: (
+                    inf.metric("novelcrafter_inference_requests_total", **labels) > expired
+                    and inf.metric(QUEUE_DEPTH) == 0
+                ),
+                60,
+                logs=inf.service.output,
+            )
+            assert inf.metric(ACTIVE) == 1
+            next(running)  # still generating
+            assert inf.metric(f"{WAIT}_count") - waits == 1  # only the running one got a slot
         finally:
             running.cancel()
         wait_for("the slot to be free", lambda: stub.Generate(_request(max_new_tokens=2), timeout=60), 120)
+
+
+@pytest.mark.timeout(180)
+def test_a_cancelled_queued_request_leaves_the_queue_and_frees_nothing(limited_inference: Inference) -> None:
+    inf = limited_inference
+    labels = {"method": "GenerateStream", "status": "CANCELLED", "book": "base", "adapter": "base"}
+    cancelled = inf.metric("novelcrafter_inference_requests_total", **labels)
+    with connect(inf.service.address, client_settings()) as channel:
+        stub = inf.stub(channel)
+        running = stub.GenerateStream(_request(seed=8, **LONG), timeout=300)
+        calls = [running]
+        try:
+            next(running)
+            calls.append(stub.GenerateStream(_request(seed=9, max_new_tokens=2), timeout=300))
+            wait_for("the request to queue", lambda: inf.metric(QUEUE_DEPTH) == 1, 60)
+            calls[1].cancel()
+            wait_for(
+                "the cancelled request to leave the queue",
+                lambda: (
+                    inf.metric("novelcrafter_inference_requests_total", **labels) > cancelled
+                    and inf.metric(QUEUE_DEPTH) == 0
+                ),
+                60,
+            )
+            # It held no slot, so it gave none back: the next request waits as well.
+            assert inf.metric(ACTIVE) == 1
+            calls.append(stub.GenerateStream(_request(seed=10, max_new_tokens=2), timeout=300))
+            wait_for("the next request to queue", lambda: inf.metric(QUEUE_DEPTH) == 1, 60)
+            assert inf.metric(ACTIVE) == 1
+            next(running)  # still generating
+            running.cancel()
+            assert [m.finish_reason for m in calls[2]][-1] in ("length", "eos")  # served after all
+        finally:
+            for call in calls:
+                call.cancel()
 
 
 @pytest.mark.timeout(180)

@@ -55,9 +55,17 @@ def serve_inference(
         int,
         typer.Option(
             envvar="NOVELCRAFTER_MAX_CONCURRENCY",
-            help="Generations running at once (batched together); more get RESOURCE_EXHAUSTED.",
+            help="Generations running at once (batched together); more wait in the queue.",
         ),
     ] = 8,
+    max_queued: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NOVELCRAFTER_MAX_QUEUED",
+            help="Requests that wait (in arrival order) for a busy slot; beyond them RESOURCE_EXHAUSTED. "
+            "Default 4 x --max-concurrency; 0 refuses at once when every slot is busy.",
+        ),
+    ] = None,
     max_new_tokens_cap: Annotated[
         int, typer.Option(envvar="NOVELCRAFTER_MAX_NEW_TOKENS_CAP", help="Largest max_new_tokens accepted.")
     ] = 1024,
@@ -82,6 +90,8 @@ def serve_inference(
     for name, value in (("--max-adapters", max_adapters), ("--max-concurrency", max_concurrency)):
         if value < 1:
             raise InvalidArgument(f"{name} must be at least 1")
+    if max_queued is not None and max_queued < 0:
+        raise InvalidArgument("--max-queued must be 0 (no queue) or more")
     if max_new_tokens_cap < 1 or max_prompt_tokens < 1:
         raise InvalidArgument("--max-new-tokens-cap and --max-prompt-tokens must be at least 1")
     if not watch_interval > 0:
@@ -102,6 +112,7 @@ def serve_inference(
         watch_interval=watch_interval,
         max_adapters=max_adapters,
         max_concurrency=max_concurrency,
+        max_queued=max_queued,
         max_new_tokens_cap=max_new_tokens_cap,
         max_prompt_tokens=max_prompt_tokens,
         device=device,

@@ -5,7 +5,8 @@ event loop. It is a second front door, not a second engine: every generation goe
 :meth:`InferenceServicer.start` — the same validation, caps and messages, adapter registry
 and scheduler as gRPC — so a seeded request gives the same text over either API. The
 blocking parts (adapter resolution, waiting for tokens) run on worker threads; a client that
-goes away cancels its generation, which frees its slot at the scheduler's next step.
+goes away cancels its generation, which frees its slot (or its place in the queue) at the
+scheduler's next step.
 
 Model ids: ``base``; ``<book_id>`` (its ``latest``); ``<book_id>:part-N``; ``<book_id>:<version>``.
 Every response's ``model`` (and ``system_fingerprint``) is the exact version that produced it,
@@ -396,15 +397,16 @@ class HttpApi:
     """The ASGI application (:attr:`asgi`): bearer auth, request counting, the endpoints."""
 
     def __init__(
-        self, servicer: InferenceServicer, settings: Settings, *, base_model: str, max_concurrency: int
+        self, servicer: InferenceServicer, settings: Settings, *, base_model: str, max_requests: int
     ) -> None:
         self.servicer = servicer
         self.base_model = base_model
         self.created = int(time.time())
         self._expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
         self._max_body = int(settings.max_message_mb) * 1024 * 1024  # gRPC's message limit
-        # Threads that wait on generations; sized like the gRPC worker pool.
-        self._threads = max(40, 2 * max_concurrency + 16)
+        # Threads that wait on generations, running or queued (max_requests of them at once);
+        # sized like the gRPC worker pool.
+        self._threads = max(40, 2 * max_requests + 16)
         self._limiter: anyio.CapacityLimiter | None = None
         self.app = Starlette(
             routes=[

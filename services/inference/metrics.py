@@ -56,7 +56,18 @@ ADAPTER_SWAPS = Counter(
 )
 ADAPTER_EVICTIONS = Counter("novelcrafter_inference_adapter_evictions_total", "LRU evictions of versions.")
 VERSIONS_HELD = Gauge("novelcrafter_inference_adapter_versions_held", "Adapter versions held in memory.")
-ACTIVE_GENERATIONS = Gauge("novelcrafter_inference_active_generations", "Generations in flight.")
+ACTIVE_GENERATIONS = Gauge(
+    "novelcrafter_inference_active_generations", "Generations holding a slot (--max-concurrency)."
+)
+QUEUE_DEPTH = Gauge(
+    "novelcrafter_inference_queue_depth", "Requests waiting for a generation slot (at most --max-queued)."
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "novelcrafter_inference_queue_wait_seconds",
+    "From accepting a request to its getting a generation slot (0 when one was free); requests "
+    "that leave the queue without a slot (cancelled, deadline passed) are not counted.",
+    buckets=(0.0, *_LATENCY_BUCKETS),
+)
 BATCH_SIZE = Histogram(
     "novelcrafter_inference_batch_size",
     "Sequences per decode step.",

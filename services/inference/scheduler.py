@@ -1,8 +1,11 @@
 """Continuous batching: one thread owns the model and steps every active generation together.
 
-Requests are admitted between steps (each prompt is prefilled alone, then joins the batch),
-leave the batch as soon as they finish or are cancelled, and never wait in an unbounded
-queue: ``submit`` refuses work beyond ``max_concurrency`` with RESOURCE_EXHAUSTED.
+Requests are admitted between steps (each prompt is prefilled alone, then joins the batch) and
+leave the batch as soon as they finish or are cancelled. At most ``max_concurrency`` hold a
+generation slot; a request beyond them waits in a bounded FIFO queue (``max_queued``) until a
+slot frees, its deadline passes (DEADLINE_EXCEEDED) or it is cancelled, and only a request
+that finds the queue full is refused (RESOURCE_EXHAUSTED). A queued request holds nothing but
+its place: no KV cache, no slot.
 Each request holds a strong reference to the adapter version it resolved, so a version
 swapped out or evicted meanwhile stays alive exactly until its last request finishes.
 """
@@ -12,13 +15,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from novelcrafter.errors import NovelCrafterError, ResourceExhausted, Unavailable
+from novelcrafter.errors import DeadlineExceeded, NovelCrafterError, ResourceExhausted, Unavailable
 from novelcrafter.logs import get_logger
 
 from .engine import Engine, KVCache
@@ -54,6 +58,10 @@ class Generation:
     max_new_tokens: int
     stop: list[str]
     submitted: float = field(default_factory=time.monotonic)
+    # time.monotonic() after which the caller no longer wants an answer (its gRPC deadline):
+    # a request still queued then leaves the queue with DEADLINE_EXCEEDED.
+    deadline: float | None = None
+    admitted: float | None = None  # when it got a generation slot
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -104,16 +112,21 @@ class Scheduler:
         eos_ids: set[int],
         *,
         max_concurrency: int,
+        max_queued: int = 0,
         on_finish: Callable[[Generation, Finished], None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        on_slot: Callable[[float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_concurrency = max_concurrency
+        self.max_queued = max_queued
         self.on_finish = on_finish
         self.on_step = on_step
-        self._pending: list[Generation] = []
+        self.on_slot = on_slot  # called with the seconds each request waited for its slot
+        self._waiting: deque[Generation] = deque()  # arrival order; no slot yet
+        self._pending: list[Generation] = []  # hold a slot, not yet prefilled
         self._active: list[_Active] = []
         self._in_flight = 0
         self._cond = threading.Condition()
@@ -126,23 +139,40 @@ class Scheduler:
     # --- API ------------------------------------------------------------------------------------
 
     def submit(self, gen: Generation) -> Generation:
+        """Give ``gen`` a free slot, or queue it behind the requests already waiting (FIFO);
+        RESOURCE_EXHAUSTED only when the queue is full too."""
         with self._cond:
             if self._stopping:
                 raise Unavailable("the inference server is shutting down")
-            if self._in_flight >= self.max_concurrency:
-                raise ResourceExhausted(
-                    f"server busy: {self._in_flight} generations in flight (max {self.max_concurrency}); "
-                    "retry shortly"
+            gen.submitted = time.monotonic()  # accepted now: queue wait and latencies count from here
+            if self._in_flight < self.max_concurrency and not self._waiting:
+                self._grant_slot(gen, gen.submitted)  # a wait of exactly 0
+            elif len(self._waiting) < self.max_queued:
+                self._waiting.append(gen)
+            else:
+                queue = (
+                    f"the queue is full ({len(self._waiting)} waiting, "
+                    if self.max_queued
+                    else "queueing is off ("
                 )
-            self._in_flight += 1
-            self._pending.append(gen)
+                raise ResourceExhausted(
+                    f"server busy: all {self.max_concurrency} generation slots are taken and {queue}"
+                    f"NOVELCRAFTER_MAX_QUEUED={self.max_queued}); retry shortly"
+                )
             self._cond.notify()
         return gen
 
     @property
     def in_flight(self) -> int:
+        """Generations holding a slot (prefilling or decoding)."""
         with self._cond:
             return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        with self._cond:
+            return len(self._waiting)
 
     def close(self, timeout: float = 30.0) -> None:
         """Refuse new work, let running generations finish (up to ``timeout``), then stop."""
@@ -157,23 +187,69 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._pending and not self._active and not self._stopping:
+                while not (self._pending or self._active or self._waiting or self._stopping):
                     self._cond.wait()
-                if self._stopping and not self._pending and not self._active:
+                # Between steps: queued requests that were cancelled or ran out of time leave
+                # the queue, then freed slots go to the oldest waiting ones. While anything
+                # waits, every slot is taken, so this loop keeps stepping and keeps checking.
+                left = self._drop_from_queue(time.monotonic())
+                while self._waiting and self._in_flight < self.max_concurrency:
+                    self._grant_slot(self._waiting.popleft(), time.monotonic())
+                if self._stopping and not (self._pending or self._active or self._waiting or left):
                     return
                 admitted, self._pending = self._pending, []
+            for gen, outcome in left:
+                self._deliver(gen, outcome, observe=False)  # never ran: nothing to observe
             for gen in admitted:
                 self._admit(gen)
             if self._active:
                 self._step()
 
+    def _grant_slot(self, gen: Generation, now: float) -> None:
+        """Under the lock: ``gen`` holds a slot from now on, until :meth:`_finish`."""
+        gen.admitted = now
+        self._in_flight += 1
+        self._pending.append(gen)
+        if self.on_slot is not None:
+            self.on_slot(gen.admitted - gen.submitted)
+
+    def _drop_from_queue(self, now: float) -> list[tuple[Generation, Finished | BaseException]]:
+        """Under the lock: take the cancelled and the expired requests out of the queue."""
+        if not self._waiting:
+            return []
+        left: list[tuple[Generation, Finished | BaseException]] = []
+        kept: deque[Generation] = deque()
+        for gen in self._waiting:
+            # The deadline first: gRPC also cancels a call when its deadline passes.
+            if gen.deadline is not None and now >= gen.deadline:
+                waited = now - gen.submitted
+                left.append(
+                    (
+                        gen,
+                        DeadlineExceeded(
+                            f"the deadline passed after {waited:.1f}s waiting for one of the "
+                            f"{self.max_concurrency} generation slots"
+                        ),
+                    )
+                )
+            elif gen.cancelled:
+                left.append((gen, _cancelled_result(gen)))
+            else:
+                kept.append(gen)
+        self._waiting = kept
+        return left
+
     def _finish(self, active: _Active | None, gen: Generation, outcome: Finished | BaseException) -> None:
+        """``gen`` is done and gives its slot back."""
         if active is not None:
             active.cache = None  # type: ignore[assignment]  # free the KV cache now
             active.weights = None
         with self._cond:
             self._in_flight -= 1
-        if isinstance(outcome, Finished) and self.on_finish is not None:
+        self._deliver(gen, outcome)
+
+    def _deliver(self, gen: Generation, outcome: Finished | BaseException, *, observe: bool = True) -> None:
+        if observe and isinstance(outcome, Finished) and self.on_finish is not None:
             try:
                 self.on_finish(gen, outcome)
             except Exception:

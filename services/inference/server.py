@@ -23,6 +23,7 @@ from .service import InferenceServicer, Limits, LockedTokenizer, Runtime
 log = get_logger("novelcrafter.inference.server")
 
 SERVICE_NAME = "novelcrafter.v1.InferenceService"
+QUEUE_PER_SLOT = 4  # the default --max-queued: this many waiting requests per generation slot
 _CALIBRATION_TEXTS = (
     "It was a bright cold day in April, and the clocks were striking",
     "Call me",
@@ -44,6 +45,7 @@ class InferenceConfig:
     watch_interval: float = 2.0
     max_adapters: int = 8
     max_concurrency: int = 8
+    max_queued: int | None = None  # None: QUEUE_PER_SLOT x max_concurrency; 0: no queue
     max_new_tokens_cap: int = 1024
     max_prompt_tokens: int = 4096
     device: str = "auto"
@@ -74,6 +76,9 @@ class InferenceServer:
             max_new_tokens_cap=config.max_new_tokens_cap, max_prompt_tokens=config.max_prompt_tokens
         )
         self.servicer = InferenceServicer(self.limits)
+        self.max_queued = (
+            QUEUE_PER_SLOT * config.max_concurrency if config.max_queued is None else config.max_queued
+        )
         self.grpc: GrpcServer | None = None
         self.http: Any = None  # http_api.HttpServer when the HTTP API is on
         self.runtime: Runtime | None = None
@@ -89,8 +94,15 @@ class InferenceServer:
         assert self.http is not None
         return self.http.port
 
+    @property
+    def max_requests(self) -> int:
+        """Generation requests the server holds at once: running plus queued."""
+        return self.config.max_concurrency + self.max_queued
+
     def start(self) -> GrpcServer:
-        workers = max(32, 2 * self.config.max_concurrency + 16)
+        # Every running or queued Generate blocks a worker thread: size the pool for all of
+        # them, or requests would wait unbounded in the pool instead of in the scheduler.
+        workers = max(32, 2 * self.max_requests + 16)
         self.grpc = start_server(
             [Service(SERVICE_NAME, self.servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)],
             self.config.listen,
@@ -113,7 +125,7 @@ class InferenceServer:
             self.servicer,
             self.settings,
             base_model=self.config.base_model or self.settings.base_model,
-            max_concurrency=self.config.max_concurrency,
+            max_requests=self.max_requests,
         )
         self.http = HttpServer(api.asgi, self.config.http_listen, self.settings)
         self.http.start()
@@ -150,8 +162,10 @@ class InferenceServer:
             locked,
             end_token_ids(tokenizer, model),
             max_concurrency=config.max_concurrency,
+            max_queued=self.max_queued,
             on_finish=_observe_finished,
             on_step=metrics.BATCH_SIZE.observe,
+            on_slot=metrics.QUEUE_WAIT_SECONDS.observe,
         )
 
         def load_adapter(path: Path, meta: AdapterMeta) -> Any:
@@ -173,6 +187,7 @@ class InferenceServer:
             ),
         )
         metrics.ACTIVE_GENERATIONS.set_function(lambda: scheduler.in_flight)
+        metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queued)
         registry.start()
         context = engine.context
         self.runtime = Runtime(locked, scheduler, registry, context, {"model_dir": str(model_dir)})
@@ -187,6 +202,8 @@ class InferenceServer:
                     "device": device,
                     "dtype": str(dtype).replace("torch.", ""),
                     "store": store.url,
+                    "slots": config.max_concurrency,
+                    "max_queued": self.max_queued,
                     "seconds": round(time.monotonic() - started, 1),
                 }
             },
@@ -209,6 +226,7 @@ class InferenceServer:
             self.runtime.scheduler.close()
             self.runtime.registry.close()
             metrics.ACTIVE_GENERATIONS.set_function(lambda: 0)  # drop the reference to the scheduler
+            metrics.QUEUE_DEPTH.set_function(lambda: 0)
 
 
 def _observe_finished(gen: Generation, done: Finished) -> None:

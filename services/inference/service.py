@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,18 +167,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # --- generation -----------------------------------------------------------------------------
 
-    def _start(self, request: inference_pb2.GenerateRequest, labels: dict[str, str]) -> tuple[Any, ...]:
+    def _start(
+        self, request: inference_pb2.GenerateRequest, labels: dict[str, str], context: grpc.ServicerContext
+    ) -> tuple[Any, ...]:
+        now = time.monotonic()  # read first, so that our deadline is never later than gRPC's
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else now + remaining
         spec = validate_request(request, self.limits)
-        loaded, gen = self.start(spec, labels)
+        loaded, gen = self.start(spec, labels, deadline=deadline)
         return spec, loaded, gen
 
     def start(
-        self, spec: GenerationSpec, labels: dict[str, str], messages: list[dict[str, str]] | None = None
+        self,
+        spec: GenerationSpec,
+        labels: dict[str, str],
+        messages: list[dict[str, str]] | None = None,
+        deadline: float | None = None,
     ) -> tuple[LoadedAdapter | None, Generation]:
         """Resolve the adapter, tokenize, check the prompt against the limits and submit: what
         every API (gRPC here, HTTP in ``http_api``) does with a validated request. ``messages``
-        (a chat conversation) replaces ``spec.prompt`` when given. Fills ``labels`` (book,
-        adapter) for the request counters as soon as the version is known."""
+        (a chat conversation) replaces ``spec.prompt`` when given; ``deadline``
+        (``time.monotonic()``) ends a wait in the queue. Fills ``labels`` (book, adapter) for
+        the request counters as soon as the version is known."""
         rt = self.require_runtime()
         loaded = rt.registry.resolve(spec.book_id, spec.adapter)
         labels["book"] = loaded.book_id if loaded else "base"
@@ -194,15 +205,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({spec.max_new_tokens}) exceeds "
                 f"the model's context of {rt.context} tokens"
             )
-        gen = rt.scheduler.submit(Generation(prompt_ids, loaded, spec.params, spec.max_new_tokens, spec.stop))
+        gen = Generation(prompt_ids, loaded, spec.params, spec.max_new_tokens, spec.stop, deadline=deadline)
+        rt.scheduler.submit(gen)
         return loaded, gen
 
     def Generate(self, request: Any, context: grpc.ServicerContext) -> inference_pb2.GenerateResponse:
         labels = {"book": "unknown", "adapter": "unresolved"}
         status = "OK"
         try:
-            spec, loaded, gen = self._start(request, labels)
-            context.add_callback(gen.cancel)
+            spec, loaded, gen = self._start(request, labels, context)
+            if not context.add_callback(gen.cancel):  # the call already ended: nobody waits
+                gen.cancel()
             done = gen.result()
             if done.finish_reason == "cancelled":
                 status = "CANCELLED"
@@ -224,8 +237,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         status = "OK"
         gen: Generation | None = None
         try:
-            spec, loaded, gen = self._start(request, labels)
-            context.add_callback(gen.cancel)
+            spec, loaded, gen = self._start(request, labels, context)
+            if not context.add_callback(gen.cancel):  # the call already ended: nobody waits
+                gen.cancel()
             version = adapter_version(loaded, spec.book_id)
             first = True
             for event in gen.events():
