@@ -65,3 +65,52 @@ def without_adapter(model: Any) -> Any:
     """Context in which a PeftModel computes as its base model."""
     disable = getattr(model, "disable_adapter", None)
     return disable() if disable is not None else contextlib.nullcontext()
+
+
+def continue_tokens(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    *,
+    device: str,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_k: int = 50,
+    seed: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[list[int]]:
+    """``new_tokens`` generated after each prompt (all prompts the same length: no padding).
+
+    Greedy when ``temperature`` is 0, else seeded top-k sampling. A plain loop over the KV
+    cache rather than ``model.generate``: no early stop at EOS (every continuation has the
+    same length) and no generation config of the checkpoint sneaking in sampling settings.
+    """
+    import torch
+
+    if not prompts or new_tokens <= 0:
+        return [[] for _ in prompts]
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("continue_tokens needs prompts of one length")
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    out: list[list[int]] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            ids = torch.tensor([list(p) for p in prompts[start : start + batch_size]], device=device)
+            generated: list[Any] = []
+            cache = None
+            for _ in range(new_tokens):
+                if should_stop():
+                    raise EvalInterrupted("stop requested during evaluation")
+                result = model(input_ids=ids, cache=cache, use_cache=True)
+                cache = result.cache
+                logits = result.logits[:, -1, :].float()
+                if generator is None:
+                    ids = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    top = torch.topk(logits / temperature, min(top_k, logits.shape[-1]), dim=-1)
+                    pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+                    ids = top.indices.gather(-1, pick)
+                generated.append(ids)
+            out.extend(torch.cat(generated, dim=1).tolist())
+    return out

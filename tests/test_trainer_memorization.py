@@ -1,0 +1,126 @@
+"""Verbatim extraction on a constructed case: a LoRA trained hard on one chunk recites it.
+
+The memorized chunk is from the project's own story (novelcrafter/run/saltmarrow.txt), which no
+pretraining corpus holds, so the base model cannot extract it; a chunk the adapter never saw is
+the control.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from novelcrafter.trainer.evaluation import continue_tokens, without_adapter
+from novelcrafter.trainer.lora import attach, detach
+from novelcrafter.trainer.memorization import (
+    PROMPT_TOKENS,
+    choose,
+    eligible_chunks,
+    extracted,
+    longest_run,
+    memorization,
+)
+from novelcrafter.trainer.settings import LoraSettings
+from test_trainer_helpers import one_torch_thread  # noqa: F401 (autouse)
+
+STORY = Path(__file__).resolve().parent.parent / "novelcrafter" / "run" / "saltmarrow.txt"
+
+
+def _paragraphs() -> list[str]:
+    lines = STORY.read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith(("%", "#"))]
+
+
+def test_longest_run_counts_aligned_positions_anywhere() -> None:
+    assert longest_run([1, 2, 3, 4], [1, 2, 3, 4]) == 4
+    assert longest_run([9, 2, 3, 9, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]) == 3  # not only a prefix
+    assert longest_run([2, 3, 4], [1, 2, 3]) == 0  # shifted text is not copied position by position
+    assert longest_run([], [1]) == 0
+
+
+def test_extracted_needs_the_first_k_tokens_exactly() -> None:
+    truth = list(range(40))
+    assert extracted(truth, truth, 32)
+    assert extracted(truth[:32] + [-1] * 8, truth, 32)  # the first 32 are what counts
+    assert not extracted([-1, *truth[1:]], truth, 32)  # a miss at the first token is no extraction
+    assert not extracted(truth[:31], truth[:31], 32)  # too short a truth can never be extracted
+
+
+def test_choose_is_seeded_and_keeps_order() -> None:
+    items = list(range(50))
+    assert choose(items, 5, seed=1) == choose(items, 5, seed=1)
+    assert choose(items, 5, seed=1) != choose(items, 5, seed=2)
+    assert choose(items, 5, seed=1) == sorted(choose(items, 5, seed=1))
+    assert choose(items, 80, seed=1) == items
+
+
+def test_short_chunks_are_skipped(base_model) -> None:
+    _, tokenizer = base_model
+    long, short = _paragraphs()[0], "A short line of text."
+    kept = eligible_chunks(tokenizer, [short, long], prompt_tokens=32, extracted_tokens=32, max_length=1024)
+    assert len(kept) == 1 and len(kept[0]) >= 64
+
+
+def test_greedy_continuation_matches_generate(base_model) -> None:
+    """Our KV-cache loop decodes what transformers' own greedy ``generate`` decodes."""
+    model, tokenizer = base_model
+    prompts = [
+        ids[:PROMPT_TOKENS]
+        for ids in eligible_chunks(
+            tokenizer, _paragraphs()[:2], prompt_tokens=32, extracted_tokens=32, max_length=1024
+        )
+    ]
+    ours = continue_tokens(model, prompts, 12, device="cpu")
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        theirs = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )
+    assert ours == theirs[:, PROMPT_TOKENS:].tolist()
+
+
+@pytest.fixture(scope="module")
+def memorized(base_model_dir: Path):
+    """A private base with a LoRA trained on one chunk until it recites it (loss near 0)."""
+    from novelcrafter.models import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(base_model_dir)
+    base = load_base_model(base_model_dir)
+    chunk = _paragraphs()[1]
+    torch.manual_seed(0)
+    model = attach(base, LoraSettings(r=16, alpha=32, dropout=0.0))
+    ids = torch.tensor([tokenizer(chunk, add_special_tokens=False)["input_ids"][:96]])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    yield model, tokenizer, chunk
+    detach(model)
+
+
+def test_a_memorized_chunk_is_extracted_and_the_control_is_not(memorized) -> None:
+    model, tokenizer, chunk = memorized
+    control = max(_paragraphs()[2:], key=len)  # a long paragraph the adapter never saw
+    trained = memorization(model, tokenizer, [chunk], device="cpu", new_tokens=48)
+    assert trained.prompts == 1
+    assert trained.extraction_rate == 1.0
+    assert trained.longest_copied_tokens >= 32
+    held_out = memorization(model, tokenizer, [control], device="cpu")
+    assert held_out.prompts == 1 and held_out.extraction_rate == 0.0
+    with without_adapter(model):
+        base = memorization(model, tokenizer, [chunk], device="cpu")
+    assert base.extraction_rate == 0.0
+    assert base.longest_copied_tokens < trained.longest_copied_tokens
+
+
+def test_no_eligible_chunk_gives_no_prompts(base_model) -> None:
+    model, tokenizer = base_model
+    result = memorization(model, tokenizer, ["Too short."], device="cpu")
+    assert result.prompts == 0 and result.extraction_rate != result.extraction_rate  # NaN
