@@ -150,3 +150,23 @@ def test_bf16_autocast_stays_within_bf16_precision_of_fp32():
     fast_loss, fast_grads = _loss_and_grads(model, batch_nll, [collate([sequence], 0)], dtype=torch.bfloat16)
     assert fast_loss == pytest.approx(ref_loss, rel=1e-2)
     assert _min_cosine(ref_grads, fast_grads) >= 0.99
+
+
+def test_a_disabled_adapter_computes_the_base_model(base_model_dir, packed):
+    """Base perplexity is measured on the PeftModel with its adapter disabled: the optimized
+    path must then leave every LoRA out, as PEFT does."""
+    from novelcrafter.trainer.evaluation import without_adapter
+
+    from novelcrafter.models import load_base_model
+
+    _chunks, sequence, pad = packed
+    batch = collate([sequence], pad)
+    model = _lora_model(load_base_model(base_model_dir), dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        adapted = float(batch_nll(model, batch, "cpu", None))
+        with without_adapter(model):
+            base = float(batch_nll(model, batch, "cpu", None))
+            reference = float(reference_nll(model, batch, "cpu", None))
+    assert base == pytest.approx(reference, rel=1e-5)
+    assert abs(adapted - base) / base > 1e-3  # the adapter does change the loss when enabled
