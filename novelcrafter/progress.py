@@ -248,6 +248,26 @@ def describe_event(event: jobs_pb2.JobEvent) -> str:
     return ""
 
 
+def judged_bits(metrics: jobs_pb2.PartMetrics) -> list[str]:
+    """Memorization and style of a part, when they were measured."""
+    bits = []
+    if metrics.HasField("memorization"):
+        m = metrics.memorization
+
+        def extraction(e: jobs_pb2.Extraction) -> str:
+            return f"{e.extraction_rate:.0%} extracted (longest run {e.longest_copied_tokens})"
+
+        line = f"memorization on {m.prompts} training prompts base {extraction(m.base)}"
+        line += f" → adapter {extraction(m.adapter)}"
+        if m.control_prompts:
+            line += f", held-out control adapter {extraction(m.control_adapter)}"
+        bits.append(line)
+    if metrics.HasField("style"):
+        st = metrics.style
+        bits.append(f"style {st.metric} base {st.base:.3f} → adapter {st.adapter:.3f} (lower = closer)")
+    return bits
+
+
 def format_metrics(metrics: jobs_pb2.PartMetrics) -> str:
     """``train loss 2.3142 · perplexity base 35.20 → adapter 28.10 · earlier p00 30.12 · …``"""
     bits = []
@@ -260,6 +280,7 @@ def format_metrics(metrics: jobs_pb2.PartMetrics) -> str:
     if metrics.earlier_perplexity:
         earlier = " ".join(f"p{k:02d} {v:.2f}" for k, v in sorted(metrics.earlier_perplexity.items()))
         bits.append(f"earlier parts {earlier}")
+    bits += judged_bits(metrics)
     if metrics.steps:
         bits.append(f"{metrics.steps} steps")
     if metrics.train_tokens:
@@ -374,6 +395,7 @@ def format_job(job: jobs_pb2.Job) -> str:
         if p.metrics.earlier_perplexity:
             earlier = ", ".join(f"p{k:02d} {v:.2f}" for k, v in sorted(p.metrics.earlier_perplexity.items()))
             lines.append(f"part {p.index:02d} adapter perplexity on earlier parts: {earlier}")
+        lines += [f"part {p.index:02d} {bit}" for bit in judged_bits(p.metrics)]
         if p.error and p.state != jobs_pb2.PART_STATE_SUCCEEDED:
             lines.append(f"part {p.index:02d} last error: {p.error}")
     return "\n".join(lines)

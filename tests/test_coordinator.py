@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from novelcrafter.trainer.settings import TrainSettings
 from prometheus_client import REGISTRY
 from test_coordinator_helpers import (
     TEST_SETTINGS,
@@ -66,6 +67,8 @@ def test_create_job_fills_model_card_defaults_and_persists(server: CoordinatorSe
         0.01,
     )
     assert (tr.warmup_steps, tr.max_length, tr.checkpoint_every, tr.seed) == (100, 1024, 50, 0)
+    judging = (tr.memorization_prompts, tr.memorization_new_tokens, tr.style_prompts, tr.style_new_tokens)
+    assert judging == (16, 48, 8, 64)
     assert cfg.max_attempts == 3 and cfg.base_model == "smollm2-135m-instruct"
     assert job.state == J.JOB_STATE_PENDING and job.book_id == book
     assert [p.state for p in job.parts] == [J.PART_STATE_READY, J.PART_STATE_PENDING, J.PART_STATE_PENDING]
@@ -85,6 +88,20 @@ def test_create_job_fills_model_card_defaults_and_persists(server: CoordinatorSe
     assert not server.stub.ListJobs(J.ListJobsRequest(book_id="0" * 16)).jobs
 
 
+def test_memorization_and_style_settings_default_and_zero_turns_off(
+    server: CoordinatorServer, store: Store
+) -> None:
+    """Optional fields: unset gets the default, an explicit 0 (off) is kept and reaches the worker."""
+    book = make_book(store, parts=2)
+    cfg = server.create(book).config
+    assert TrainSettings.from_job_config(cfg).memorization_prompts == 16
+    off = server.create(book, training={"memorization_prompts": 0, "style_prompts": 0}).config
+    assert (off.training.memorization_prompts, off.training.style_prompts) == (0, 0)
+    assert (off.training.memorization_new_tokens, off.training.style_new_tokens) == (48, 64)
+    settings = TrainSettings.from_job_config(off)
+    assert (settings.memorization_prompts, settings.style_prompts) == (0, 0)
+
+
 def test_bad_requests_are_clear_errors_and_write_nothing(server: CoordinatorServer, store: Store) -> None:
     book = make_book(store, parts=2)
     stub = server.stub
@@ -101,6 +118,11 @@ def test_bad_requests_are_clear_errors_and_write_nothing(server: CoordinatorServ
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     for needle in ("lora.r", "training.learning_rate", "training.epochs", "device"):
         assert needle in err.details()
+    err = create(book, training={"memorization_prompts": -1, "memorization_new_tokens": 8})
+    assert (
+        "training.memorization_prompts" in err.details()
+        and "training.memorization_new_tokens" in err.details()
+    )
     err = create(book, init_adapter=f"{book}/j-0123456789ab-p00")
     assert err.code() == grpc.StatusCode.NOT_FOUND
     err = create(book, init_adapter=f"{book}/latest")

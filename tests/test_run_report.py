@@ -42,6 +42,16 @@ def _job() -> jobs_pb2.Job:
                 loss_curve=[4.0 - i, 3.8 - i, 3.6 - i, 3.5 - i],
             )
         )
+    # Part 0 was judged for memorization and style (as the trainer reports it).
+    m = job.parts[0].metrics
+    m.memorization.prompts = 16
+    m.memorization.base.CopyFrom(jobs_pb2.Extraction(extraction_rate=0.0, longest_copied_tokens=3))
+    m.memorization.adapter.CopyFrom(jobs_pb2.Extraction(extraction_rate=0.25, longest_copied_tokens=48))
+    m.memorization.control_prompts = 4
+    m.memorization.control_adapter.CopyFrom(jobs_pb2.Extraction(extraction_rate=0.0, longest_copied_tokens=5))
+    m.style.CopyFrom(
+        jobs_pb2.Style(metric="burrows_delta_mfw100+punct+sentlen", base=0.9, adapter=0.6, prompts=8)
+    )
     job.parts.add(index=2, state=jobs_pb2.PART_STATE_PENDING)  # not trained (e.g. a failed job)
     return job
 
@@ -74,7 +84,9 @@ def test_plain_and_markdown_tables() -> None:
     assert table[-1].startswith("book")
     md = markdown_table(rows)
     assert md.splitlines()[0].startswith("| part | steps | train loss | ppl base | ppl adapter |")
-    assert "| 01 | 4 | 2.500 | 50.00 | 45.00 | -10.0% | 1001 | 12.5 |" in md
+    assert "| 01 | 4 | 2.500 | 50.00 | 45.00 | -10.0% | - | - | 1001 | 12.5 |" in md
+    # 4 of 16 training prompts extracted by the adapter (0 by the base); style base → adapter.
+    assert "| 00 | 4 | 3.500 | 40.00 | 30.00 | -25.0% | 0/16 (3) → 4/16 (48) | 0.900 → 0.600 | 1000 |" in md
 
 
 def test_side_by_side_columns() -> None:
@@ -120,4 +132,16 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert metrics["parts"][2]["base_perplexity"] is None
     assert metrics["book_perplexity"]["improved"] is True
     assert metrics["continuations"][1]["version"] == "j-0123456789ab-p01"
+    part0 = metrics["parts"][0]
+    assert part0["memorization"]["base"] == {"extraction_rate": 0.0, "longest_copied_tokens": 3}
+    assert part0["memorization"]["adapter"] == {"extraction_rate": 0.25, "longest_copied_tokens": 48}
+    assert part0["memorization"]["prompts"] == 16 and part0["memorization"]["control"]["prompts"] == 4
+    assert part0["style"] == {
+        "metric": "burrows_delta_mfw100+punct+sentlen",
+        "base": 0.9,
+        "adapter": 0.6,
+        "prompts": 8,
+    }
+    assert metrics["parts"][1]["memorization"] is None and metrics["parts"][1]["style"] is None
+    assert "burrows_delta_mfw100+punct+sentlen" in md
     assert not list(tmp_path.glob("*.tmp*"))

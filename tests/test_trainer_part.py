@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from novelcrafter.trainer import checkpoint as ckpt
+from novelcrafter.trainer.data import read_chunks
+from novelcrafter.trainer.memorization import eligible_chunks
 from novelcrafter.trainer.part import BaseModel, Interrupted, PartHooks, PartJob, run_part
 from novelcrafter.trainer.settings import TrainSettings
 from safetensors.torch import load_file
@@ -97,8 +99,25 @@ def test_interrupted_and_resumed_part_equals_uninterrupted(base: BaseModel, stor
     assert math.isfinite(m["base_perplexity"]) and math.isfinite(m["adapter_perplexity"])
     assert m["adapter_perplexity"] != m["base_perplexity"]
     assert m["earlier_perplexity"] == {}  # part 0 has no earlier part
+    # Memorization and style, base and adapter, on the default prompt counts.
+    eligible = eligible_chunks(
+        base.tokenizer,
+        read_chunks(store, layout.part_train_key(BOOK, 0)),
+        prompt_tokens=32,
+        extracted_tokens=32,
+        max_length=SETTINGS.max_length,
+    )
+    memorized = m["memorization"]
+    assert memorized["prompts"] == min(len(eligible), SETTINGS.memorization_prompts) > 0
+    for side in ("base", "adapter"):
+        assert 0.0 <= memorized[side]["extraction_rate"] <= 1.0
+        assert 0 <= memorized[side]["longest_copied_tokens"] <= SETTINGS.memorization_new_tokens
+    assert m["style"]["metric"] == "burrows_delta_mfw100+punct+sentlen" and m["style"]["prompts"] > 0
+    assert math.isfinite(m["style"]["base"]) and math.isfinite(m["style"]["adapter"])
+    assert m["eval_seconds"] >= m["perplexity_seconds"] > 0
     stored = adapters.read_meta(store, BOOK, "j-00000000000a-p00").metrics  # metrics travel with the version
     assert stored["loss_curve"] == m["loss_curve"] and stored["precision"] in ("bf16", "fp32")
+    assert stored["memorization"] == m["memorization"] and stored["style"] == m["style"]
     phases = [u["phase"] for u, _ in reports]
     assert phases.count("train") == 3 and "eval" in phases and phases[-1] == "publish"
     assert [k for u, k in reports if u["phase"] == "checkpoint"] == [
@@ -184,3 +203,12 @@ def test_only_a_verified_checkpoint_of_the_same_training_is_resumed(base: BaseMo
     with pytest.raises(ckpt.CheckpointInvalid, match="checksum"):
         ckpt.load(store, key, print_)
     assert ckpt.find_resume_point(store, "j-00000000000c", 0, key, print_) is None
+
+
+def test_memorization_and_style_off_at_zero_prompts(base: BaseModel, store):
+    settings = TrainSettings(
+        **{**SETTINGS.__dict__, "max_steps_per_part": 1, "memorization_prompts": 0, "style_prompts": 0}
+    )
+    result = run_part(store, base, _job("j-00000000000d", settings=settings))
+    assert "memorization" not in result.metrics and "style" not in result.metrics
+    assert math.isfinite(result.metrics["adapter_perplexity"])

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TextIO
 
 import grpc
 
+from novelcrafter.progress import judged_bits
 from novelcrafter.v1 import jobs_pb2
 
 
@@ -48,10 +49,12 @@ def metrics_line(part: int, m: jobs_pb2.PartMetrics) -> str:
     change = ""
     if m.base_perplexity > 0 and m.adapter_perplexity > 0:
         change = f" ({(m.adapter_perplexity / m.base_perplexity - 1) * 100:+.1f}%)"
+    judged = "".join(f", {bit}" for bit in judged_bits(m))
     return (
         f"part {part:02d} done: train loss {f(m.train_loss, 3)}, held-out perplexity "
-        f"base {f(m.base_perplexity)} → adapter {f(m.adapter_perplexity)}{change}, "
-        f"{m.steps} steps, {m.train_tokens} tokens, {m.train_seconds + m.eval_seconds:.0f} s"
+        f"base {f(m.base_perplexity)} → adapter {f(m.adapter_perplexity)}{change}{judged}, "
+        f"{m.steps} steps, {m.train_tokens} tokens, "
+        f"{m.train_seconds:.0f} s train + {m.eval_seconds:.0f} s eval"
     )
 
 

@@ -36,6 +36,9 @@ class PartRow:
     tokens_per_second: float = 0.0
     loss_curve: list[float] = field(default_factory=list)
     adapter_version: str = ""
+    # {"base": {"extraction_rate", "longest_copied_tokens"}, "adapter": {…}, "prompts": N, "control": {…}}
+    memorization: dict[str, Any] | None = None
+    style: dict[str, Any] | None = None  # {"metric": name, "base": x, "adapter": y, "prompts": N}
 
     @property
     def seconds(self) -> float:
@@ -101,9 +104,38 @@ def rows_from_job(job: Any) -> list[PartRow]:
                 tokens_per_second=m.tokens_per_second,
                 loss_curve=list(m.loss_curve),
                 adapter_version=part.adapter_version,
+                memorization=_memorization(m) if has_metrics and m.HasField("memorization") else None,
+                style=_style(m) if has_metrics and m.HasField("style") else None,
             )
         )
     return rows
+
+
+def _extraction(e: Any) -> dict[str, Any]:
+    return {"extraction_rate": e.extraction_rate, "longest_copied_tokens": e.longest_copied_tokens}
+
+
+def _memorization(m: Any) -> dict[str, Any]:
+    mem = m.memorization
+    return {
+        "base": _extraction(mem.base),
+        "adapter": _extraction(mem.adapter),
+        "prompts": mem.prompts,
+        "control": {
+            "base": _extraction(mem.control_base),
+            "adapter": _extraction(mem.control_adapter),
+            "prompts": mem.control_prompts,
+        },
+    }
+
+
+def _style(m: Any) -> dict[str, Any]:
+    return {
+        "metric": m.style.metric,
+        "base": m.style.base,
+        "adapter": m.style.adapter,
+        "prompts": m.style.prompts,
+    }
 
 
 def book_perplexity(rows: Sequence[PartRow]) -> BookPerplexity:
@@ -137,7 +169,34 @@ def _pct(x: float) -> str:
     return f"{x * 100:+.1f}%" if math.isfinite(x) else "-"
 
 
-TABLE_HEADER = ("part", "steps", "train loss", "ppl base", "ppl adapter", "change", "tokens", "time s")
+TABLE_HEADER = (
+    "part",
+    "steps",
+    "train loss",
+    "ppl base",
+    "ppl adapter",
+    "change",
+    "extracted base/adapter",
+    "style base/adapter",
+    "tokens",
+    "time s",
+)
+
+
+def _extracted_cell(memorization: dict[str, Any] | None) -> str:
+    """``0/16 → 3/16`` training prompts extracted (longest copied run in brackets)."""
+    if not memorization or not memorization.get("prompts"):
+        return "-"
+    n = memorization["prompts"]
+
+    def one(side: dict[str, Any]) -> str:
+        return f"{round(side['extraction_rate'] * n)}/{n} ({side['longest_copied_tokens']})"
+
+    return f"{one(memorization['base'])} → {one(memorization['adapter'])}"
+
+
+def _style_cell(style: dict[str, Any] | None) -> str:
+    return f"{_f(style['base'], 3)} → {_f(style['adapter'], 3)}" if style else "-"
 
 
 def table_cells(rows: Sequence[PartRow]) -> list[tuple[str, ...]]:
@@ -151,6 +210,8 @@ def table_cells(rows: Sequence[PartRow]) -> list[tuple[str, ...]]:
                 _f(r.base_perplexity),
                 _f(r.adapter_perplexity),
                 _pct(r.change),
+                _extracted_cell(r.memorization),
+                _style_cell(r.style),
                 str(r.train_tokens),
                 _f(r.seconds, 1),
             )
@@ -167,6 +228,8 @@ def total_cells(rows: Sequence[PartRow], book: BookPerplexity) -> tuple[str, ...
         _f(book.base),
         _f(book.adapter),
         _pct(change),
+        "",
+        "",
         str(sum(r.train_tokens for r in rows)),
         _f(sum(r.seconds for r in rows), 1),
     )
@@ -187,7 +250,10 @@ def format_table(rows: Sequence[PartRow]) -> str:
 
 def markdown_table(rows: Sequence[PartRow]) -> str:
     body = [*table_cells(rows), total_cells(rows, book_perplexity(rows))]
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * 7) + "|"]
+    out = [
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 1)) + "|",
+    ]
     for i, cells in enumerate(body):
         cells = tuple(f"**{c}**" if i == len(body) - 1 and c else c for c in cells)
         out.append("| " + " | ".join(cells) + " |")
@@ -218,7 +284,9 @@ def plot(rows: Sequence[PartRow], path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    judged = any(r.memorization or r.style for r in rows)
+    fig, axes = plt.subplots(1, 3 if judged else 2, figsize=(18 if judged else 12, 4.5), dpi=110)
+    ax_loss, ax_ppl = axes[0], axes[1]
     step0 = 0
     colors = plt.get_cmap("viridis")
     n = max(len(rows), 1)
@@ -246,6 +314,8 @@ def plot(rows: Sequence[PartRow], path: Path, title: str = "") -> Path:
     ax_ppl.set_xticks(parts)
     ax_ppl.grid(alpha=0.3)
     ax_ppl.legend()
+    if judged:
+        _plot_judged(axes[2], rows)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -255,6 +325,31 @@ def plot(rows: Sequence[PartRow], path: Path, title: str = "") -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _plot_judged(ax: Any, rows: Sequence[PartRow]) -> None:
+    """Style distance per part (lines) and the share of training prompts extracted (bars)."""
+    parts = [r.index for r in rows]
+    for side, fmt, color in (("base", "o--", "tab:gray"), ("adapter", "o-", "tab:red")):
+        values = [r.style[side] if r.style else math.nan for r in rows]
+        ax.plot(parts, values, fmt, color=color, label=f"style distance, {side}")
+    ax.set_xlabel("part")
+    ax.set_ylabel("style distance to the book (lower = closer)")
+    metric = next((r.style["metric"] for r in rows if r.style), "")
+    ax.set_title(f"Style ({metric}) and memorization" if metric else "Memorization")
+    ax.set_xticks(parts)
+    ax.grid(alpha=0.3)
+    rate = ax.twinx()
+    for offset, side, color in ((-0.2, "base", "0.7"), (0.2, "adapter", "tab:orange")):
+        values = [r.memorization[side]["extraction_rate"] if r.memorization else 0.0 for r in rows]
+        rate.bar(
+            [p + offset for p in parts], values, width=0.4, color=color, alpha=0.5, label=f"extracted, {side}"
+        )
+    rate.set_ylim(0, 1)
+    rate.set_ylabel("share of training prompts extracted")
+    lines, labels = ax.get_legend_handles_labels()
+    bars, bar_labels = rate.get_legend_handles_labels()
+    ax.legend(lines + bars, labels + bar_labels, fontsize=7)
 
 
 @dataclass
@@ -342,6 +437,15 @@ def render_markdown(summary: RunSummary) -> str:
         lines.append(f"- error: {summary.error}")
     lines += ["", verdict, "", f"![training loss and held-out perplexity]({PLOT_NAME})", ""]
     lines += ["## Parts", "", markdown_table(summary.rows), ""]
+    styled = next((r.style for r in summary.rows if r.style), None)
+    if styled or any(r.memorization for r in summary.rows):
+        lines += [
+            "*extracted*: training chunks whose first 32 greedily decoded tokens after a 32-token prompt "
+            "are the book's own (longest run of copied tokens in brackets), base → adapter. "
+            + (f"*style*: {styled['metric']} to the book's held-out text, lower = closer. " if styled else "")
+            + "Eval time is in *time s*; metrics.json has each part's eval_seconds.",
+            "",
+        ]
     if summary.continuations:
         lines += ["## The same prompt, base model and tuned adapter", ""]
         lines += [f"Prompt: *{summary.prompt.strip()}*", ""]

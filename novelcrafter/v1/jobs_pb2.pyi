@@ -41,7 +41,7 @@ PART_STATE_FAILED: PartState
 PART_STATE_CANCELLED: PartState
 
 class PartMetrics(_message.Message):
-    __slots__ = ("train_loss", "base_perplexity", "adapter_perplexity", "earlier_perplexity", "train_tokens", "eval_tokens", "train_seconds", "eval_seconds", "steps", "loss_curve", "tokens_per_second", "device")
+    __slots__ = ("train_loss", "base_perplexity", "adapter_perplexity", "earlier_perplexity", "train_tokens", "eval_tokens", "train_seconds", "eval_seconds", "steps", "loss_curve", "tokens_per_second", "device", "memorization", "style")
     class EarlierPerplexityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,8 @@ class PartMetrics(_message.Message):
     LOSS_CURVE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORIZATION_FIELD_NUMBER: _ClassVar[int]
+    STYLE_FIELD_NUMBER: _ClassVar[int]
     train_loss: float
     base_perplexity: float
     adapter_perplexity: float
@@ -73,7 +75,45 @@ class PartMetrics(_message.Message):
     loss_curve: _containers.RepeatedScalarFieldContainer[float]
     tokens_per_second: float
     device: str
-    def __init__(self, train_loss: _Optional[float] = ..., base_perplexity: _Optional[float] = ..., adapter_perplexity: _Optional[float] = ..., earlier_perplexity: _Optional[_Mapping[int, float]] = ..., train_tokens: _Optional[int] = ..., eval_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., loss_curve: _Optional[_Iterable[float]] = ..., tokens_per_second: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    memorization: Memorization
+    style: Style
+    def __init__(self, train_loss: _Optional[float] = ..., base_perplexity: _Optional[float] = ..., adapter_perplexity: _Optional[float] = ..., earlier_perplexity: _Optional[_Mapping[int, float]] = ..., train_tokens: _Optional[int] = ..., eval_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., loss_curve: _Optional[_Iterable[float]] = ..., tokens_per_second: _Optional[float] = ..., device: _Optional[str] = ..., memorization: _Optional[_Union[Memorization, _Mapping]] = ..., style: _Optional[_Union[Style, _Mapping]] = ...) -> None: ...
+
+class Extraction(_message.Message):
+    __slots__ = ("extraction_rate", "longest_copied_tokens")
+    EXTRACTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_COPIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    extraction_rate: float
+    longest_copied_tokens: int
+    def __init__(self, extraction_rate: _Optional[float] = ..., longest_copied_tokens: _Optional[int] = ...) -> None: ...
+
+class Memorization(_message.Message):
+    __slots__ = ("prompts", "base", "adapter", "control_prompts", "control_base", "control_adapter")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_BASE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    prompts: int
+    base: Extraction
+    adapter: Extraction
+    control_prompts: int
+    control_base: Extraction
+    control_adapter: Extraction
+    def __init__(self, prompts: _Optional[int] = ..., base: _Optional[_Union[Extraction, _Mapping]] = ..., adapter: _Optional[_Union[Extraction, _Mapping]] = ..., control_prompts: _Optional[int] = ..., control_base: _Optional[_Union[Extraction, _Mapping]] = ..., control_adapter: _Optional[_Union[Extraction, _Mapping]] = ...) -> None: ...
+
+class Style(_message.Message):
+    __slots__ = ("metric", "base", "adapter", "prompts")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    base: float
+    adapter: float
+    prompts: int
+    def __init__(self, metric: _Optional[str] = ..., base: _Optional[float] = ..., adapter: _Optional[float] = ..., prompts: _Optional[int] = ...) -> None: ...
 
 class Part(_message.Message):
     __slots__ = ("index", "state", "attempts", "worker_id", "lease_expires_at", "metrics", "adapter_version", "error", "step", "total_steps", "checkpoint_key")

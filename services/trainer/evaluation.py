@@ -77,6 +77,7 @@ def continue_tokens(
     temperature: float = 0.0,
     top_k: int = 50,
     seed: int = 0,
+    adapter_names: Sequence[str] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[list[int]]:
     """``new_tokens`` generated after each prompt (all prompts the same length: no padding).
@@ -84,6 +85,8 @@ def continue_tokens(
     Greedy when ``temperature`` is 0, else seeded top-k sampling. A plain loop over the KV
     cache rather than ``model.generate``: no early stop at EOS (every continuation has the
     same length) and no generation config of the checkpoint sneaking in sampling settings.
+    ``adapter_names`` (one per prompt, PEFT's mixed-batch LoRA) lets one batch hold prompts for
+    the adapter and for the base model (``"__base__"``).
     """
     import torch
 
@@ -97,12 +100,17 @@ def continue_tokens(
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             ids = torch.tensor([list(p) for p in prompts[start : start + batch_size]], device=device)
+            extra = (
+                {}
+                if adapter_names is None
+                else {"adapter_names": list(adapter_names[start : start + batch_size])}
+            )
             generated: list[Any] = []
             cache = None
             for _ in range(new_tokens):
                 if should_stop():
                     raise EvalInterrupted("stop requested during evaluation")
-                result = model(input_ids=ids, cache=cache, use_cache=True)
+                result = model(input_ids=ids, cache=cache, use_cache=True, **extra)
                 cache = result.cache
                 logits = result.logits[:, -1, :].float()
                 if generator is None:
@@ -114,3 +122,24 @@ def continue_tokens(
                 generated.append(ids)
             out.extend(torch.cat(generated, dim=1).tolist())
     return out
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def base_and_adapter_continuations(
+    model: Any, prompts: Sequence[Sequence[int]], new_tokens: int, **options: Any
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy continuations of ``prompts`` by the base model and by the adapter, in one pass.
+
+    Decoding is bound by per-step overhead on CPU, so one batch with both halves (mixed-batch
+    LoRA) costs about half of two passes. A model without an adapter gives its own twice.
+    """
+    name = getattr(model, "active_adapter", None)
+    if not name or not hasattr(model, "disable_adapter"):
+        out = continue_tokens(model, prompts, new_tokens, **options)
+        return out, out
+    both = [*prompts, *prompts]
+    names = [name] * len(prompts) + [BASE] * len(prompts)
+    out = continue_tokens(model, both, new_tokens, adapter_names=names, **options)
+    return out[len(prompts) :], out[: len(prompts)]

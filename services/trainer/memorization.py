@@ -111,10 +111,23 @@ def memorization(
         batch_size=batch_size,
         should_stop=should_stop,
     )
+    return score(chosen, outputs, prompt_tokens=prompt_tokens, extracted_tokens=extracted_tokens)
+
+
+def score(
+    chunks: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    *,
+    prompt_tokens: int = PROMPT_TOKENS,
+    extracted_tokens: int = EXTRACTED_TOKENS,
+) -> Memorization:
+    """Compare each chunk's generated continuation (``outputs``) with its true one."""
+    if not chunks:
+        return Memorization(float("nan"), 0, 0)
     hits = 0
     longest = 0
-    for ids, generated in zip(chosen, outputs, strict=True):
-        truth = ids[prompt_tokens : prompt_tokens + new_tokens]
+    for ids, generated in zip(chunks, outputs, strict=True):
+        truth = list(ids[prompt_tokens : prompt_tokens + len(generated)])
         hits += extracted(generated, truth, extracted_tokens)
         longest = max(longest, longest_run(generated, truth))
-    return Memorization(hits / len(chosen), longest, len(chosen))
+    return Memorization(hits / len(chunks), longest, len(chunks))

@@ -27,9 +27,16 @@ from typing import Any
 
 from novelcrafter.trainer import checkpoint as ckpt
 from novelcrafter.trainer.data import BatchPlan, one_per_sequence, pack, read_chunks, tokenize_chunks
-from novelcrafter.trainer.evaluation import EvalInterrupted, perplexity, without_adapter
+from novelcrafter.trainer.evaluation import (
+    EvalInterrupted,
+    base_and_adapter_continuations,
+    perplexity,
+    without_adapter,
+)
 from novelcrafter.trainer.lora import attach, detach
+from novelcrafter.trainer.memorization import EXTRACTED_TOKENS, PROMPT_TOKENS, choose, eligible_chunks, score
 from novelcrafter.trainer.settings import TrainSettings
+from novelcrafter.trainer.style import METRIC, StyleReference
 from novelcrafter.trainer.training import PartTraining, StepResult, part_seed, set_seed
 
 from novelcrafter import adapters
@@ -306,6 +313,8 @@ def _evaluate(
                 result = evaluate(key)
                 earlier[_part_of(key, position)] = result.perplexity
                 eval_tokens += result.targets
+        perplexity_seconds = time.perf_counter() - started
+        judged = _judge(store, base, job, training, hooks)
     except EvalInterrupted:
         raise Interrupted(checkpoint_key)
     eval_seconds = time.perf_counter() - started
@@ -319,6 +328,8 @@ def _evaluate(
         "eval_tokens": eval_tokens,
         "train_seconds": progress.train_seconds,
         "eval_seconds": eval_seconds,
+        "perplexity_seconds": perplexity_seconds,
+        **judged,
         "steps": progress.step,
         "loss_curve": list(progress.loss_curve),
         "tokens_per_second": progress.tokens / progress.train_seconds if progress.train_seconds else 0.0,
@@ -339,9 +350,99 @@ def _evaluate(
             base_ppl=round(base_ppl.perplexity, 3),
             adapter_ppl=round(adapter_ppl.perplexity, 3),
             earlier={k: round(v, 3) for k, v in earlier.items()},
+            memorization=(judged.get("memorization") or {}).get("adapter"),
+            style=(judged.get("style") or {}).get("adapter"),
+            eval_seconds=round(eval_seconds, 1),
         ),
     )
     return metrics
+
+
+def _judge(
+    store: Store, base: BaseModel, job: PartJob, training: PartTraining, hooks: PartHooks
+) -> dict[str, Any]:
+    """Memorization (training chunks, held-out control) and style distance, base and adapter.
+
+    One greedy decoding pass holds every prompt for both models (mixed-batch LoRA): the
+    training prompts, and held-out prompts that serve as the memorization control and, their
+    continuations decoded, as the style candidates. Same prompts for base and adapter (seeded by
+    the part), so the two are compared on equal terms. Prompts need a chunk of at least
+    32 + 32 tokens (memorization.py); shorter chunks are skipped.
+    """
+    settings = job.settings
+    mem_on, style_on = settings.memorization_prompts > 0, settings.style_prompts > 0
+    if not (mem_on or style_on):
+        return {}
+    hooks.report(_update(training, "eval", "measuring memorization and style"), "")
+    started = time.perf_counter()
+    seed = part_seed(settings.seed, job.part)
+    tokenizer = base.tokenizer
+
+    def pick(key: str, count: int) -> list[list[int]]:
+        chunks = eligible_chunks(
+            tokenizer,
+            read_chunks(store, key),
+            prompt_tokens=PROMPT_TOKENS,
+            extracted_tokens=EXTRACTED_TOKENS,
+            max_length=settings.max_length,
+        )
+        return choose(chunks, count, seed) if count > 0 else []
+
+    held_out_texts = read_chunks(store, job.test_key)
+    train = pick(job.train_key, settings.memorization_prompts if mem_on else 0)
+    held = pick(job.test_key, max(settings.memorization_prompts if mem_on else 0, settings.style_prompts))
+    control, styled = (
+        held[: settings.memorization_prompts],
+        held[: settings.style_prompts] if style_on else [],
+    )
+    new_tokens = max(
+        settings.memorization_new_tokens if mem_on else 0, settings.style_new_tokens if style_on else 0
+    )
+    prompts = [ids[:PROMPT_TOKENS] for ids in [*train, *held]]
+    outputs = base_and_adapter_continuations(
+        training.model, prompts, new_tokens, device=base.device, batch_size=32, should_stop=hooks.should_stop
+    )
+    out: dict[str, Any] = {"judge_seconds": 0.0}
+    results = {}
+    for name, generated in zip(("base", "adapter"), outputs, strict=True):
+        memorized = [g[: settings.memorization_new_tokens] for g in generated]
+        results[name] = (
+            score(train, memorized[: len(train)]),
+            score(control, memorized[len(train) : len(train) + len(control)]),
+            "\n".join(
+                tokenizer.decode(g[: settings.style_new_tokens])
+                for g in generated[len(train) :][: len(styled)]
+            ),
+        )
+    # No chunk long enough for a prompt and an extractable continuation: nothing measured.
+    if mem_on and train:
+        out["memorization"] = {
+            "base": _extraction(results["base"][0]),
+            "adapter": _extraction(results["adapter"][0]),
+            "prompts": len(train),
+            "control": {
+                "base": _extraction(results["base"][1]),
+                "adapter": _extraction(results["adapter"][1]),
+                "prompts": len(control),
+            }
+            if control
+            else None,
+        }
+    if style_on and styled:
+        reference = StyleReference(" ".join(held_out_texts))
+        out["style"] = {
+            "metric": METRIC,
+            "base": reference.distance(results["base"][2]).distance,
+            "adapter": reference.distance(results["adapter"][2]).distance,
+            "prompts": len(styled),
+            "new_tokens": settings.style_new_tokens,
+        }
+    out["judge_seconds"] = time.perf_counter() - started
+    return out
+
+
+def _extraction(result: Any) -> dict[str, Any]:
+    return {"extraction_rate": result.extraction_rate, "longest_copied_tokens": result.longest_copied_tokens}
 
 
 def _part_of(key: str, position: int) -> int:

@@ -17,6 +17,9 @@ class LoraSettings:
     bias: str = "none"
 
 
+JUDGE_FIELDS = ("memorization_prompts", "memorization_new_tokens", "style_prompts", "style_new_tokens")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything that decides what a part's training computes (and so its checkpoints)."""
@@ -35,6 +38,11 @@ class TrainSettings:
     packing: bool = True
     eval_max_chunks: int = 0  # 0 = all held-out chunks
     eval_earlier_parts: bool = False
+    # Judged after perplexity (memorization.py, style.py); 0 prompts = off.
+    memorization_prompts: int = 16
+    memorization_new_tokens: int = 48
+    style_prompts: int = 8
+    style_new_tokens: int = 64
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +70,8 @@ class TrainSettings:
             packing=not tr.no_packing,
             eval_max_chunks=tr.eval_max_chunks,
             eval_earlier_parts=tr.eval_earlier_parts,
+            # Optional fields: unset = default, an explicit 0 turns the evaluation off.
+            **{name: getattr(tr, name) for name in JUDGE_FIELDS if tr.HasField(name)},
             lora=LoraSettings(
                 r=lo.r or dl.r,
                 alpha=lo.alpha or dl.alpha,

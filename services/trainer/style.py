@@ -32,9 +32,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 MFW = 100
 WINDOW = 200
@@ -152,48 +151,3 @@ def _stats(rows: list[list[float]], floor: float) -> list[tuple[float, float]]:
 def _delta(a: list[float], b: list[float], stats: list[tuple[float, float]]) -> float:
     # The means cancel in z(a) - z(b); only the stds scale the difference.
     return sum(abs(x - y) / std for x, y, (_, std) in zip(a, b, stats, strict=True)) / len(stats)
-
-
-def style_comparison(
-    model: Any,
-    tokenizer: Any,
-    held_out: Sequence[str],
-    *,
-    without_adapter: Callable[[], Any],
-    device: str,
-    prompts: int = 8,
-    prompt_tokens: int = 32,
-    new_tokens: int = 64,
-    seed: int = 0,
-    max_length: int = 1024,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> dict[str, Any] | None:
-    """Style distance of the adapter's and the base model's continuations to the held-out text.
-
-    ``prompts`` held-out chunks (seeded choice, at least ``prompt_tokens + 1`` tokens) are cut
-    to their first ``prompt_tokens`` tokens; each model continues them by ``new_tokens``
-    tokens of seeded top-k sampling (temperature 0.8, as a user generates: greedy decoding of
-    a small model falls into loops that say more about greedy decoding than about style).
-    The continuations of one model, joined, are the candidate text; the reference is all of
-    ``held_out``. None when no chunk is long enough.
-    """
-    from novelcrafter.trainer.data import tokenize_chunks
-    from novelcrafter.trainer.evaluation import continue_tokens
-    from novelcrafter.trainer.memorization import choose
-
-    chunks = [ids for ids in tokenize_chunks(tokenizer, held_out, max_length) if len(ids) > prompt_tokens]
-    chosen = [ids[:prompt_tokens] for ids in choose(chunks, prompts, seed)]
-    if not chosen:
-        return None
-    reference = StyleReference(" ".join(held_out))
-
-    def distance() -> float:
-        generated = continue_tokens(
-            model, chosen, new_tokens, device=device, temperature=0.8, seed=seed, should_stop=should_stop
-        )
-        return reference.distance("\n".join(tokenizer.decode(ids) for ids in generated)).distance
-
-    adapter = distance()
-    with without_adapter():
-        base = distance()
-    return {"metric": METRIC, "base": base, "adapter": adapter, "prompts": len(chosen)}

@@ -248,6 +248,26 @@ def metrics_proto(metrics: dict[str, Any]) -> jobs_pb2.PartMetrics:
     )
     for part, value in metrics["earlier_perplexity"].items():
         out.earlier_perplexity[int(part)] = _finite(value)
+    memorized = metrics.get("memorization")
+    if memorized:
+        control = memorized.get("control") or {}
+        out.memorization.prompts = int(memorized["prompts"])
+        out.memorization.control_prompts = int(control.get("prompts", 0))
+        for field, source in (
+            (out.memorization.base, memorized["base"]),
+            (out.memorization.adapter, memorized["adapter"]),
+            (out.memorization.control_base, control.get("base")),
+            (out.memorization.control_adapter, control.get("adapter")),
+        ):
+            if source:
+                field.extraction_rate = _finite(source["extraction_rate"])
+                field.longest_copied_tokens = int(source["longest_copied_tokens"])
+    style = metrics.get("style")
+    if style:
+        out.style.metric = str(style["metric"])
+        out.style.base = _finite(style["base"])
+        out.style.adapter = _finite(style["adapter"])
+        out.style.prompts = int(style["prompts"])
     return out
 
 

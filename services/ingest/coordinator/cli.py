@@ -76,6 +76,24 @@ def train(
         int | None, typer.Option(help="Optimizer steps between checkpoints (default 50)")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Training seed (default 0)")] = None,
+    memorization_prompts: Annotated[
+        int | None,
+        typer.Option(
+            help="Training chunks prompted for verbatim extraction after each part (default 16; 0 = off)"
+        ),
+    ] = None,
+    memorization_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens decoded per extraction prompt (default 48, at least 32)")
+    ] = None,
+    style_prompts: Annotated[
+        int | None,
+        typer.Option(
+            help="Held-out prompts continued for the style distance after each part (default 8; 0 = off)"
+        ),
+    ] = None,
+    style_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens generated per style prompt (default 64)")
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="Require workers of this device: cpu or cuda (default: any)")
     ] = None,
@@ -137,6 +155,15 @@ def train(
     tr.grad_accum = grad_accum or 0
     tr.checkpoint_every = checkpoint_every or 0
     tr.seed = seed or 0
+    # Optional fields: set only when given, so an explicit 0 (off) reaches the coordinator.
+    for name, value in (
+        ("memorization_prompts", memorization_prompts),
+        ("memorization_new_tokens", memorization_new_tokens),
+        ("style_prompts", style_prompts),
+        ("style_new_tokens", style_new_tokens),
+    ):
+        if value is not None:
+            setattr(tr, name, value)
     config.lora.r = lora_r or 0
     config.lora.alpha = lora_alpha or 0
 

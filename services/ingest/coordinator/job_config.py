@@ -30,6 +30,13 @@ DEFAULT_TRAINING = {
     "seed": 0,
     "precision": "auto",
 }
+# Optional fields (an explicit 0 turns the evaluation off, so unset is told apart from 0).
+DEFAULT_JUDGING = {
+    "memorization_prompts": 16,
+    "memorization_new_tokens": 48,
+    "style_prompts": 8,
+    "style_new_tokens": 64,
+}
 DEFAULT_MAX_ATTEMPTS = 3
 
 DEVICES = ("cpu", "cuda")
@@ -55,6 +62,9 @@ def with_defaults(config: common_pb2.JobConfig, *, base_model: str) -> common_pb
     training = full.training
     for name, default in DEFAULT_TRAINING.items():
         if not getattr(training, name):
+            setattr(training, name, default)
+    for name, default in DEFAULT_JUDGING.items():
+        if not training.HasField(name):
             setattr(training, name, default)
     full.max_attempts = full.max_attempts or DEFAULT_MAX_ATTEMPTS
     return full
@@ -101,6 +111,17 @@ def validate(config: common_pb2.JobConfig) -> None:
         f"training.precision must be one of {', '.join(PRECISIONS)} (got {tr.precision!r})",
     )
     need(tr.eval_max_chunks >= 0, f"training.eval_max_chunks must be >= 0 (got {tr.eval_max_chunks})")
+    for name in ("memorization_prompts", "style_prompts"):
+        value = getattr(tr, name)
+        need(0 <= value <= 4096, f"training.{name} must be in 0..4096 (got {value})")
+    need(
+        32 <= tr.memorization_new_tokens <= 1024,
+        f"training.memorization_new_tokens must be in 32..1024 (got {tr.memorization_new_tokens})",
+    )
+    need(
+        1 <= tr.style_new_tokens <= 1024,
+        f"training.style_new_tokens must be in 1..1024 (got {tr.style_new_tokens})",
+    )
     need(
         config.device in ("", *DEVICES),
         f"device must be empty (any), {' or '.join(DEVICES)} (got {config.device!r})",
