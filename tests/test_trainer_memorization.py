@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from novelcrafter.trainer.evaluation import continue_tokens, without_adapter
+from novelcrafter.trainer.evaluation import base_and_adapter_continuations, continue_tokens, without_adapter
 from novelcrafter.trainer.lora import attach, detach
 from novelcrafter.trainer.memorization import (
     PROMPT_TOKENS,
@@ -118,6 +118,21 @@ def test_a_memorized_chunk_is_extracted_and_the_control_is_not(memorized) -> Non
         base = memorization(model, tokenizer, [chunk], device="cpu")
     assert base.extraction_rate == 0.0
     assert base.longest_copied_tokens < trained.longest_copied_tokens
+
+
+def test_one_mixed_pass_equals_separate_passes(memorized) -> None:
+    """Base and adapter decoded in one batch (as the part's evaluation does) = two passes."""
+    model, tokenizer, chunk = memorized
+    texts = [chunk, max(_paragraphs()[2:], key=len)]
+    prompts = [
+        ids[:PROMPT_TOKENS]
+        for ids in eligible_chunks(tokenizer, texts, prompt_tokens=32, extracted_tokens=32, max_length=1024)
+    ]
+    base, adapter = base_and_adapter_continuations(model, prompts, 8, device="cpu")
+    assert adapter == continue_tokens(model, prompts, 8, device="cpu")
+    with without_adapter(model):
+        assert base == continue_tokens(model, prompts, 8, device="cpu")
+    assert adapter[0] != base[0]  # the memorized chunk: the adapter recites, the base does not
 
 
 def test_no_eligible_chunk_gives_no_prompts(base_model) -> None:

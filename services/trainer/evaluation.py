@@ -130,7 +130,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 def base_and_adapter_continuations(
     model: Any, prompts: Sequence[Sequence[int]], new_tokens: int, **options: Any
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy continuations of ``prompts`` by the base model and by the adapter, in one pass.
+    """Greedy continuations of ``prompts``: (base model's, adapter's), decoded in one pass.
 
     Decoding is bound by per-step overhead on CPU, so one batch with both halves (mixed-batch
     LoRA) costs about half of two passes. A model without an adapter gives its own twice.
