@@ -71,3 +71,19 @@ def test_bar_view_draws_on_a_terminal() -> None:
     assert "part 01 train" in text and "loss 3.200 · 250 tok/s" in text and "ETA" in text
     assert "2/2" in text  # the overall bar over parts completed
     assert not view.train and not view.eval  # finished parts' bars are removed
+
+
+def test_part_lines_show_memorization_and_style_when_measured() -> None:
+    from novelcrafter.progress import format_metrics
+    from novelcrafter.run.progress import metrics_line
+
+    m = jobs_pb2.PartMetrics(train_loss=3.2, base_perplexity=40.0, adapter_perplexity=30.0, steps=3)
+    assert "memorization" not in metrics_line(0, m) and "style" not in format_metrics(m)
+    m.memorization.prompts = 16
+    m.memorization.base.CopyFrom(jobs_pb2.Extraction(extraction_rate=0.0, longest_copied_tokens=2))
+    m.memorization.adapter.CopyFrom(jobs_pb2.Extraction(extraction_rate=0.25, longest_copied_tokens=40))
+    m.style.CopyFrom(jobs_pb2.Style(metric="burrows_delta_mfw100+punct+sentlen", base=0.9, adapter=0.6))
+    for line in (metrics_line(0, m), format_metrics(m)):
+        assert "memorization on 16 training prompts base 0% extracted (longest run 2)" in line
+        assert "→ adapter 25% extracted (longest run 40)" in line
+        assert "style burrows_delta_mfw100+punct+sentlen base 0.900 → adapter 0.600 (lower = closer)" in line
