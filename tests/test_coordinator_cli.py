@@ -66,6 +66,7 @@ def test_train_creates_a_job_with_the_given_flags(server: CoordinatorServer, sto
         "train", book, "--coordinator", server.address, "--no-watch", "--json",
         "--epochs", "2", "--lr", "1e-4", "--lora-r", "4", "--lora-alpha", "16",
         "--max-steps-per-part", "3", "--max-length", "128", "--device", "cpu",
+        "--memorization-prompts", "0", "--style-new-tokens", "32",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
@@ -77,6 +78,8 @@ def test_train_creates_a_job_with_the_given_flags(server: CoordinatorServer, sto
     assert job["state"] == "JOB_STATE_PENDING" and len(job["parts"]) == 2
     assert f"created job {job['job_id']}" in out.stderr
     assert server.job(job["job_id"]).config.training.epochs == 2
+    training = server.job(job["job_id"]).config.training  # 0 = memorization off; unset = default
+    assert (training.memorization_prompts, training.style_new_tokens, training.style_prompts) == (0, 32, 8)
 
 
 def test_train_follows_the_job_with_plain_lines_until_it_succeeds(
