@@ -197,6 +197,9 @@ def _meta_numbers(meta: adapters.AdapterMeta) -> dict[tuple[str, str], float]:
     }
     for part, value in m["earlier_perplexity"].items():
         numbers[(f"part-{int(part):02d}", "Perplexity (adapter)")] = value
+    for who, name in (("adapter", "Perplexity (adapter)"), ("base", "Perplexity (base model)")):
+        if "book_perplexity" in m:
+            numbers[("book-so-far", name)] = m["book_perplexity"][who]
     return numbers
 
 
@@ -302,7 +305,16 @@ def test_worker_trains_a_job_over_grpc_and_pushes_each_part(coordinator, hub, ba
         assert card.data.library_name == "peft"
         assert _card_numbers(card) == _meta_numbers(meta)
         assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == card.data.base_model
-    assert list(adapters.read_meta(server.store, BOOK, versions[1]).metrics["earlier_perplexity"]) == ["0"]
+    second = adapters.read_meta(server.store, BOOK, versions[1]).metrics
+    assert list(second["earlier_perplexity"]) == ["0"]
+    # The book so far: parts 0 and 1's held-out text, token-weighted, so between the two.
+    own, earlier = second["adapter_perplexity"], second["earlier_perplexity"]["0"]
+    assert min(own, earlier) <= second["book_perplexity"]["adapter"] <= max(own, earlier)
+    first = adapters.read_meta(server.store, BOOK, versions[0]).metrics
+    assert first["book_perplexity"] == {
+        "base": first["base_perplexity"],
+        "adapter": first["adapter_perplexity"],
+    }
 
 
 @pytest.mark.timeout(600)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -308,11 +309,27 @@ def _evaluate(
             base_ppl = evaluate(job.test_key)
         eval_tokens = adapter_ppl.targets + base_ppl.targets
         earlier: dict[int, float] = {}
+        # The book so far (this part and every earlier one), token-weighted, base and adapter:
+        # measured when every earlier part's held-out text is evaluated (or there is none).
+        so_far = {"base": [base_ppl.nll, base_ppl.targets], "adapter": [adapter_ppl.nll, adapter_ppl.targets]}
         if settings.eval_earlier_parts:
             for position, key in enumerate(job.earlier_test_keys):
                 result = evaluate(key)
                 earlier[_part_of(key, position)] = result.perplexity
-                eval_tokens += result.targets
+                with without_adapter(training.model):
+                    base_result = evaluate(key)
+                for name, measured in (("adapter", result), ("base", base_result)):
+                    so_far[name][0] += measured.nll
+                    so_far[name][1] += measured.targets
+                eval_tokens += result.targets + base_result.targets
+        book_perplexity = (
+            {
+                name: math.exp(nll / targets) if targets else float("nan")
+                for name, (nll, targets) in so_far.items()
+            }
+            if settings.eval_earlier_parts or not job.earlier_test_keys
+            else {}
+        )
         perplexity_seconds = time.perf_counter() - started
         judged = _judge(store, base, job, training, hooks)
     except EvalInterrupted:
@@ -324,6 +341,7 @@ def _evaluate(
         "base_perplexity": base_ppl.perplexity,
         "adapter_perplexity": adapter_ppl.perplexity,
         "earlier_perplexity": earlier,
+        **({"book_perplexity": book_perplexity} if book_perplexity else {}),
         "train_tokens": progress.tokens,
         "eval_tokens": eval_tokens,
         "train_seconds": progress.train_seconds,
