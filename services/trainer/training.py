@@ -57,6 +57,14 @@ def precision_name(dtype: Any) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def _autocast(device: str, dtype: Any) -> Any:
+    """The autocast context both forward paths run under (``dtype`` None = plain fp32)."""
+    import torch
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def batch_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
     """Summed next-token NLL of a (packed) batch; positions whose target is IGNORE do not count.
 
@@ -67,10 +75,7 @@ def batch_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
 
     if not packed_forward.supports(model):
         return reference_nll(model, batch, device, dtype)
-    import torch
-
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with _autocast(device, dtype):
         return packed_forward.packed_nll(
             model, batch.input_ids.to(device), batch.position_ids.to(device), batch.labels.to(device), dtype
         )
@@ -78,14 +83,12 @@ def batch_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
 
 def reference_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
     """:func:`batch_nll` through the model's own (transformers + PEFT) forward: the reference."""
-    import torch
     import torch.nn.functional as F
 
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
     input_ids = batch.input_ids.to(device)
     position_ids = batch.position_ids.to(device)
     labels = batch.labels.to(device)
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with _autocast(device, dtype):
         # No attention mask and no cache: transformers derives the block-diagonal causal
         # mask from the restarting position ids.
         logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
