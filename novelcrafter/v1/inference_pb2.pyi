@@ -88,10 +88,22 @@ class AdapterInfo(_message.Message):
     def __init__(self, version: _Optional[_Union[_common_pb2.AdapterVersion, _Mapping]] = ..., loaded: _Optional[bool] = ..., latest: _Optional[bool] = ..., loaded_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., rank: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters",)
+    __slots__ = ("adapters", "engine")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+    engine: EngineInfo
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ...) -> None: ...
+
+class EngineInfo(_message.Message):
+    __slots__ = ("name", "batch_invariant_seeds", "note")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_SEEDS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    batch_invariant_seeds: bool
+    note: str
+    def __init__(self, name: _Optional[str] = ..., batch_invariant_seeds: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ReloadAdaptersRequest(_message.Message):
     __slots__ = ("book_id",)
