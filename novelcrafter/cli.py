@@ -27,7 +27,8 @@ app = typer.Typer(
     rich_markup_mode=None,  # help text is plain: "[env …]" must not be eaten as markup
 )
 serve_app = typer.Typer(
-    help="Run a service: ingest (with the job coordinator), trainer, inference, or all.", no_args_is_help=True
+    help="Run a service: ingest (with the job coordinator), trainer, inference, console, or all.",
+    no_args_is_help=True,
 )
 model_app = typer.Typer(help="Base models: provision, or upload to the object store.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
@@ -39,11 +40,12 @@ COMMAND_MODULES = (
     "novelcrafter.ingest.coordinator.cli",
     "novelcrafter.trainer.cli",
     "novelcrafter.inference.cli",
+    "novelcrafter.console.cli",
     "novelcrafter.run.cli",
 )
 # Commands the architecture names; a placeholder explains any that is not available.
 TOP_COMMANDS = ("ingest", "train", "generate", "run", "status")
-SERVE_COMMANDS = ("ingest", "trainer", "inference", "all")
+SERVE_COMMANDS = ("ingest", "trainer", "inference", "console", "all")
 
 StoreOpt = Annotated[
     str | None,
