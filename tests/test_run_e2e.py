@@ -146,7 +146,7 @@ def test_run_interrupted_stops_services_and_cancels(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_serve_all_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """`serve all`: the three real services on loopback, answering gRPC; SIGTERM stops them all."""
+    """`serve all`: the real services and the console on loopback, answering; SIGTERM stops them all."""
     from support import free_port
 
     from novelcrafter.rpc import connect
@@ -160,9 +160,10 @@ def test_serve_all_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     )
 
     ingest, inference = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    console = f"127.0.0.1:{free_port()}"
     log = tmp_path / "serve.out"
     args = ["serve", "all", "--store", str(tmp_path / "store"), "--log-dir", str(tmp_path / "logs")]
-    args += ["--ingest-listen", ingest, "--inference-listen", inference]
+    args += ["--ingest-listen", ingest, "--inference-listen", inference, "--console-listen", console]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [NOVELCRAFTER, *args], env=base_env(), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT
@@ -175,7 +176,12 @@ def test_serve_all_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         text = log.read_text()
         assert "serving:" in text, text[-3000:]
         pids = [int(p) for p in re.findall(r"ready \(pid (\d+)", text)]
-        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        assert len(pids) == 4 and all(_alive(p) for p in pids)
+        assert f"console: open http://{console}/ in a browser" in text
+        import requests
+
+        books = requests.get(f"http://{console}/books", timeout=30)  # no token set: no login
+        assert books.status_code == 200 and "No books yet" in books.text
         with connect(ingest) as channel:
             assert (
                 list(
@@ -198,4 +204,9 @@ def test_serve_all_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
     assert _wait_gone(pids, timeout=10) == []
     assert "stopped" in log.read_text()
-    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"ingest.log", "trainer.log", "inference.log"}
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {
+        "ingest.log",
+        "trainer.log",
+        "inference.log",
+        "console.log",
+    }

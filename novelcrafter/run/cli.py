@@ -93,12 +93,21 @@ def serve_all_command(
             help="Address of inference's OpenAI-compatible HTTP API; 'off' disables it",
         ),
     ] = "127.0.0.1:8000",
+    console_listen: Annotated[
+        str,
+        typer.Option(
+            "--console-listen",
+            envvar="NOVELCRAFTER_CONSOLE_LISTEN",
+            help="Address of the web console; 'off' disables it",
+        ),
+    ] = "127.0.0.1:8080",
     device: Annotated[str | None, typer.Option("--device", help="Trainer device: cpu or cuda")] = None,
     log_dir: Annotated[
         Path | None, typer.Option("--log-dir", help="One log file per service here (default: stdout)")
     ] = None,
 ) -> None:
-    """Ingest (with the coordinator), one trainer worker and inference on loopback, until Ctrl-C."""
+    """Ingest (with the coordinator), one trainer worker, inference and the web console on loopback,
+    until Ctrl-C."""
     from novelcrafter.config import get_settings
     from novelcrafter.logs import configure_logging
     from novelcrafter.run.services import LocalServices, serve_forever
@@ -111,6 +120,7 @@ def serve_all_command(
         ingest_listen=ingest_listen,
         inference_listen=inference_listen,
         http_listen=http_listen,
+        console_listen=console_listen,
         device=device,
     )
     serve_forever(services)

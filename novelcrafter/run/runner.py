@@ -197,7 +197,7 @@ class Terminal:
 
 def run(opts: RunOptions) -> int:
     """Execute a run; returns the process exit code (0: the job succeeded)."""
-    from novelcrafter.run.services import LocalServices
+    from novelcrafter.run.services import LocalServices, free_port
 
     check_options(opts)
     tty = sys.stdout.isatty() if opts.tty is None else opts.tty
@@ -207,7 +207,12 @@ def run(opts: RunOptions) -> int:
     out.say(f"run directory: {run_dir}")
     book_path = _prepare_book(opts, run_dir, out)
     store = opts.store or str(run_dir / "store")
-    services = LocalServices(store=store, log_dir=run_dir / "logs", device=opts.device)
+    services = LocalServices(
+        store=store,
+        log_dir=run_dir / "logs",
+        device=opts.device,
+        console_listen=f"127.0.0.1:{free_port()}" if opts.keep_services else "off",  # to look around after
+    )
     restore = _signals_to_keyboard_interrupt()
     job_id = ""
     try:
@@ -561,6 +566,8 @@ def _serve_until_interrupted(out: Terminal, services: Any) -> None:
         f"services keep running (--keep-services): coordinator/ingest {services.coordinator}, "
         f"inference {services.inference}; Ctrl-C stops them"
     )
+    if services.console_url:
+        out.say(f"console: open {services.console_url} in a browser")
     try:
         while True:
             services.check_alive()

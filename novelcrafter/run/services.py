@@ -26,7 +26,7 @@ from typing import IO
 from novelcrafter.errors import NovelCrafterError, Unavailable
 
 LOOPBACK = "127.0.0.1"
-STOP_ORDER = (("trainer",), ("inference", "ingest"))
+STOP_ORDER = (("console", "trainer"), ("inference", "ingest"))
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -100,6 +100,7 @@ class LocalServices:
     ingest_listen: str | None = None
     inference_listen: str | None = None
     http_listen: str = "off"  # inference's OpenAI-compatible HTTP API (``run`` needs none)
+    console_listen: str = "off"  # the web console (``serve all``, ``run --keep-services``)
     device: str | None = None
     metrics: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -115,6 +116,10 @@ class LocalServices:
     @property
     def inference(self) -> str:
         return _client_address(self.inference_listen or "")
+
+    @property
+    def console_url(self) -> str:
+        return "" if self.console_listen == "off" else f"http://{_client_address(self.console_listen)}/"
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -138,6 +143,9 @@ class LocalServices:
         ]
         if self.device:
             specs[1][1].extend(["--device", self.device])
+        if self.console_listen != "off":
+            console = ["console", "--listen", self.console_listen, "--ingest", self.coordinator]
+            specs.append(("console", [*console, "--inference", self.inference], f"{self.console_url}health"))
         for name, args, health in specs:
             env = dict(base_env)
             if self.metrics:
@@ -314,6 +322,8 @@ def serve_forever(services: LocalServices, out: Callable[[str], None] = _say) ->
             f"serving: ingest + coordinator {services.coordinator}, inference {services.inference}{http}, "
             f"store {services.store}; Ctrl-C stops"
         )
+        if services.console_url:
+            out(f"console: open {services.console_url} in a browser")
         while not stop.wait(1.0):
             services.check_alive()
     finally:

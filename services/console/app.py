@@ -269,7 +269,17 @@ class Console:
 
     async def job(self, ctx: Context) -> Response:
         job = await self._job(ctx)
-        return self.render(ctx, "job.html", job=views.job_view(job))
+        try:
+            book = await call(
+                "ingest",
+                self.backends.ingest.GetBook,
+                ingest_pb2.GetBookRequest(book_id=job.book_id),
+                timeout=30,
+            )
+            title = book.manifest.title
+        except NovelCrafterError:
+            title = ""  # the job page still works while ingest is away
+        return self.render(ctx, "job.html", job=views.job_view(job), title=title)
 
     async def job_parts(self, ctx: Context) -> Response:
         job = await self._job(ctx)

@@ -188,8 +188,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const upload = document.getElementById("upload");
   if (upload) setupUpload(upload);
   const job = document.getElementById("job");
-  if (job && job.dataset.terminal !== "yes") setupJob(job);
-  else if (job) document.body.dataset.jobDone = "yes";
+  if (job) setupJob(job);  // a finished job replays its events, then ends
   const tryForm = document.getElementById("try");
   if (tryForm) setupTry(tryForm);
 });
