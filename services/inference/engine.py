@@ -15,12 +15,19 @@ three things the stock forward does not give together:
   bf16: 2 rows, MKL fp32: 4; a one-row matmul takes another kernel). :meth:`calibrate`
   measures that minimum at startup and decode pads every matmul up to it with dummy
   rows, then verifies end to end that a sequence decodes identically alone and mixed.
+
+On an x86-64 CPU the projections run in our row-GEMM kernel (:mod:`.cpu_kernels`): weights
+stay in the serving precision (bf16 halves the bytes a decode step reads), activations, KV
+caches and accumulation are fp32, and every row's result is independent of the batch, so
+no padding rows are needed. Prompts longer than :data:`KERNEL_MAX_ROWS` tokens are prefilled
+with torch's fp32 GEMM on the widened weights instead (compute-bound, where MKL is faster).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import time
@@ -35,19 +42,22 @@ import torch.nn.functional as F
 from novelcrafter.errors import FailedPrecondition
 from novelcrafter.logs import get_logger
 
+from . import cpu_kernels
 from .lora import SUPPORTED_MODULES, LoraModule, LoraWeights
 
 log = get_logger("novelcrafter.inference.engine")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CALIBRATION_VERSION = "2"  # bump when the probe changes: cached outcomes then re-measure
+CALIBRATION_VERSION = "3"  # bump when the probe changes: cached outcomes then re-measure
+KERNEL_MAX_ROWS = 16  # above this many rows (long prompts) the CPU kernel hands over to GEMM
 
 
 def resolve_dtype(device: str, requested: str = "auto") -> torch.dtype:
-    """The serving precision: half on CUDA; on CPU bf16 where the CPU has native bf16, else fp32.
+    """The serving precision of the weights: half on CUDA; on CPU bf16 where the CPU has
+    native bf16 or our CPU kernel runs (bf16 weights, fp32 arithmetic), else fp32.
 
     ``bench/inference.py`` measures fp32 against bf16 on the CPU (speed and loss on real text)
-    to justify the CPU rule: with AVX512-BF16/AMX, bf16 decodes ~2x faster at the same loss.
+    to justify the CPU rule: bf16 weights halve the bytes a decode step reads.
     """
     if requested and requested != "auto":
         if requested not in DTYPES:
@@ -57,7 +67,7 @@ def resolve_dtype(device: str, requested: str = "auto") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     from novelcrafter.models import cpu_supports_bf16
 
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() or cpu_kernels.supported_cpu() else torch.float32
 
 
 @dataclass
@@ -80,11 +90,18 @@ LoraPlan = list[tuple[torch.Tensor | None, LoraWeights]]
 class Engine:
     """Prefill and batched decode for a Llama-family causal LM with per-row LoRA."""
 
-    def __init__(self, model: Any, *, device: str, dtype: torch.dtype, max_batch: int) -> None:
+    def __init__(
+        self, model: Any, *, device: str, dtype: torch.dtype, max_batch: int, kernels: str = "auto"
+    ) -> None:
+        """``kernels``: "auto" runs the CPU kernel where it is available, "off" never does."""
         self.model = model
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype  # the weights'
         self.max_batch = max(1, max_batch)
+        self.rowgemm = cpu_kernels.load() if kernels == "auto" and self.device.type == "cpu" else None
+        # Activations, KV caches and LoRA tensors: fp32 with the kernel, else the weights' dtype.
+        self.compute_dtype = torch.float32 if self.rowgemm is not None else dtype
+        self.lora_dtype = self.compute_dtype
         config = model.config
         self._check_supported(model)
         inner = model.model
@@ -102,6 +119,8 @@ class Engine:
         self.act = self.layers[0].mlp.act_fn
         self.min_rows = 1  # decode matmuls run on at least this many rows (see calibrate)
         self.batch_invariant = False
+        self._buffer: Any = None
+        self.fused = self._pack_weights()
 
     @staticmethod
     def _check_supported(model: Any) -> None:
@@ -121,32 +140,108 @@ class Engine:
                 f"this base model has {', '.join(problems)}"
             )
 
+    # --- weights --------------------------------------------------------------------------------
+
+    def _pack_weights(self) -> list[dict[str, tuple[torch.Tensor, list[str], list[int]]]]:
+        """Move every projection weight into one buffer, in the order a decode step reads them,
+        and return per layer the fused q/k/v and gate/up weights (views, no copies).
+
+        The modules' parameters become views into the buffer (same values, no extra memory).
+        One call per fused group instead of one per projection, and the weights stream from
+        memory in one sequential pass (on CPU the buffer is asked for transparent huge pages,
+        so the prefetchers are not stopped at every 4 KiB page).
+        """
+        params = [layer.get_submodule(name).weight for layer in self.layers for name in SUPPORTED_MODULES]
+        params.append(self.lm_head.weight)
+        total = sum(p.numel() for p in params)
+        buffer = _allocate(total, self.dtype, self.device)
+        offset = 0
+        for param in params:
+            view = buffer[offset : offset + param.numel()].view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+            offset += param.numel()
+        self._buffer = buffer
+        fused = []
+        for layer in self.layers:
+            groups = {}
+            for group, names in (("qkv", SUPPORTED_MODULES[:3]), ("gate_up", SUPPORTED_MODULES[4:6])):
+                weights = [layer.get_submodule(name).weight for name in names]
+                start = weights[0].data_ptr() - buffer.data_ptr()
+                rows = sum(w.shape[0] for w in weights)
+                in_features = weights[0].shape[1]
+                fused_weight = buffer[start // buffer.element_size() :][: rows * in_features]
+                widths = [w.shape[0] for w in weights]
+                groups[group] = (fused_weight.view(rows, in_features), list(names), widths)
+            fused.append(groups)
+        return fused
+
     # --- caches ---------------------------------------------------------------------------------
 
     def new_cache(self, capacity: int) -> KVCache:
         shape = (len(self.layers), self.n_kv, capacity, self.head_dim)
         return KVCache(
-            torch.empty(shape, dtype=self.dtype, device=self.device),
-            torch.empty(shape, dtype=self.dtype, device=self.device),
+            torch.empty(shape, dtype=self.compute_dtype, device=self.device),
+            torch.empty(shape, dtype=self.compute_dtype, device=self.device),
         )
 
     # --- forward --------------------------------------------------------------------------------
 
-    def _linear(self, x: torch.Tensor, module: torch.nn.Linear, layer: int, name: str, plan: LoraPlan) -> Any:
-        y = F.linear(x, module.weight, module.bias)
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, wide: bool = False) -> torch.Tensor:
+        """``x @ weight.T``: the CPU kernel where it runs, except for a ``wide`` (long prompt) input.
+
+        Decode never passes ``wide``: its rows must always take the same kernel.
+        """
+        if self.rowgemm is None:
+            return F.linear(x, weight)
+        if wide:
+            return F.linear(x, weight.to(torch.float32))
+        return self.rowgemm(x, weight)
+
+    def _linear(
+        self, x: torch.Tensor, module: torch.nn.Linear, layer: int, name: str, plan: LoraPlan, wide: bool
+    ) -> Any:
+        y = self._matmul(x, module.weight, wide)
+        if module.bias is not None:
+            y = y + module.bias.to(y.dtype)
         for rows, adapter in plan:
             lora: LoraModule | None = adapter.layers[layer].get(name)
             if lora is None:
                 continue
             if rows is None:
-                y = y + F.linear(F.linear(x, lora.a), lora.b) * lora.scale
+                y = y + self._matmul(self._matmul(x, lora.a, wide), lora.b, wide) * lora.scale
                 continue
             sub = x.index_select(0, rows)
             if sub.shape[0] < self.min_rows:
                 sub = F.pad(sub, (0, 0, 0, self.min_rows - sub.shape[0]))
-            delta = F.linear(F.linear(sub, lora.a), lora.b) * lora.scale
+            delta = self._matmul(self._matmul(sub, lora.a, wide), lora.b, wide) * lora.scale
             y[rows] = y[rows] + delta[: rows.shape[0]]
         return y
+
+    def _fused_linear(
+        self, x: torch.Tensor, layer: int, group: str, plan: LoraPlan, wide: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """The projections of one fused group (q/k/v or gate/up) in one matmul, each with its
+        own LoRA added on its columns as PEFT adds it to that projection's output."""
+        weight, names, widths = self.fused[layer][group]
+        y = self._matmul(x, weight, wide)
+        start = 0
+        for name, width in zip(names, widths, strict=True):
+            columns = y[:, start : start + width]
+            start += width
+            for rows, adapter in plan:
+                lora: LoraModule | None = adapter.layers[layer].get(name)
+                if lora is None:
+                    continue
+                if rows is None:
+                    columns += self._matmul(self._matmul(x, lora.a, wide), lora.b, wide) * lora.scale
+                    continue
+                sub = x.index_select(0, rows)
+                if sub.shape[0] < self.min_rows:
+                    sub = F.pad(sub, (0, 0, 0, self.min_rows - sub.shape[0]))
+                delta = self._matmul(self._matmul(sub, lora.a, wide), lora.b, wide) * lora.scale
+                columns.index_add_(0, rows, delta[: rows.shape[0]])
+        return y.split(widths, dim=1)
 
     def _layers(
         self,
@@ -154,35 +249,47 @@ class Engine:
         positions: torch.Tensor,
         plan: LoraPlan,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        wide: bool = False,
     ) -> torch.Tensor:
-        """Run the decoder over N rows; ``attend`` does attention for one layer's q, k, v."""
+        """Run the decoder over N rows; ``attend`` does attention for one layer's q, k, v;
+        ``wide``: a long prompt (see :meth:`_matmul`)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         n = ids.shape[0]
-        h = self.embed(ids)  # [N, hidden]
+        h = self.embed(ids).to(self.compute_dtype)  # [N, hidden]
         cos, sin = self.rotary(h, positions[None, :])  # [1, N, head_dim]
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = self._linear(x, attn.q_proj, index, "self_attn.q_proj", plan)
-            k = self._linear(x, attn.k_proj, index, "self_attn.k_proj", plan)
-            v = self._linear(x, attn.v_proj, index, "self_attn.v_proj", plan)
+            q, k, v = self._fused_linear(x, index, "qkv", plan, wide)
             # Rows play the role of the sequence axis of a batch of one: [1, heads, N, head_dim].
             q = q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2)
             k = k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             out = attend(index, q, k, v)  # [N, heads * head_dim]
-            h = h + self._linear(out, attn.o_proj, index, "self_attn.o_proj", plan)
+            h = h + self._linear(out, attn.o_proj, index, "self_attn.o_proj", plan, wide)
             x = layer.post_attention_layernorm(h)
-            gate = self._linear(x, layer.mlp.gate_proj, index, "mlp.gate_proj", plan)
-            up = self._linear(x, layer.mlp.up_proj, index, "mlp.up_proj", plan)
-            h = h + self._linear(self.act(gate) * up, layer.mlp.down_proj, index, "mlp.down_proj", plan)
+            gate, up = self._fused_linear(x, index, "gate_up", plan, wide)
+            h = h + self._linear(self.act(gate) * up, layer.mlp.down_proj, index, "mlp.down_proj", plan, wide)
         return h
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
         scale = self.layers[0].self_attn.scaling
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query over a cache, [1, heads, 1, dim] x [1, kv_heads, L, dim]: two small bmm's.
+
+        SDPA's CPU kernel costs ~0.2 ms a call at this size (tiling set-up for one row); this
+        is the same arithmetic (query heads grouped onto their kv head, as ``enable_gqa``).
+        """
+        groups = self.n_heads // self.n_kv
+        scale = self.layers[0].self_attn.scaling
+        query = q.reshape(self.n_kv, groups, self.head_dim)
+        scores = torch.bmm(query, k[0].transpose(1, 2)) * scale  # [kv, groups, L]
+        out = torch.bmm(torch.softmax(scores, dim=-1), v[0])  # [kv, groups, dim]
+        return out.reshape(1, self.n_heads, 1, self.head_dim)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache, adapter: LoraWeights | None) -> torch.Tensor:
@@ -200,9 +307,9 @@ class Engine:
             out = self._attention(q, k, v, causal=True)  # [1, heads, N, head_dim]
             return out.transpose(1, 2).reshape(n, -1)
 
-        h = self._layers(tokens, positions, plan, attend)
+        h = self._layers(tokens, positions, plan, attend, wide=n > KERNEL_MAX_ROWS)
         cache.length = n
-        return self.lm_head(self.norm(h[-1:])).float()[0].cpu()
+        return self._matmul(self.norm(h[-1:]), self.lm_head.weight).float()[0].cpu()
 
     @torch.inference_mode()
     def decode(
@@ -226,7 +333,7 @@ class Engine:
                 keys = cache.k[layer, :, : pos + 1].unsqueeze(0)
                 values = cache.v[layer, :, : pos + 1].unsqueeze(0)
                 query = q[:, :, i : i + 1].contiguous()
-                outs.append(self._attention(query, keys, values, causal=False))
+                outs.append(self._decode_attention(query, keys, values))
             if rows > batch:  # dummy rows: attention output is irrelevant, keep shapes fixed
                 outs.append(q.new_zeros(1, self.n_heads, rows - batch, self.head_dim))
             return torch.cat(outs, dim=2).transpose(1, 2).reshape(rows, -1)
@@ -234,7 +341,7 @@ class Engine:
         h = self._layers(ids, positions, plan, attend)
         for cache in caches:
             cache.length += 1
-        return self.lm_head(self.norm(h)).float()[:batch].cpu()  # sampling runs on the CPU
+        return self._matmul(self.norm(h), self.lm_head.weight).float()[:batch].cpu()  # sampling: CPU
 
     def _plan(self, adapters: Sequence[LoraWeights | None], rows: int) -> LoraPlan:
         groups: dict[int, tuple[LoraWeights, list[int]]] = {}
@@ -308,6 +415,7 @@ class Engine:
             torch.__version__,
             hardware,
             str(self.dtype),
+            "rowgemm" if self.rowgemm is not None else "torch",
             str(torch.get_num_threads()),
             str(self.max_batch),
         ]
@@ -327,18 +435,18 @@ class Engine:
         gen = torch.Generator().manual_seed(0)
         layer = self.layers[0]
         linears = [layer.get_submodule(name) for name in SUPPORTED_MODULES] + [self.lm_head]
-        shapes = {tuple(m.weight.shape) for m in linears}
+        shapes = {(tuple(m.weight.shape), self.dtype) for m in linears}
         for rank in (8, 64):
-            shapes |= {(rank, m.in_features) for m in linears[:-1]}
-            shapes |= {(m.out_features, rank) for m in linears[:-1]}
+            shapes |= {((rank, m.in_features), self.lora_dtype) for m in linears[:-1]}
+            shapes |= {((m.out_features, rank), self.lora_dtype) for m in linears[:-1]}
         counts = sorted({*range(1, min(self.max_batch, 8) + 1), self.max_batch, max(1, self.max_batch - 1)})
         needed = 1
-        for out_features, in_features in sorted(shapes):
-            weight = _adversarial(out_features, in_features, gen, self.dtype).to(self.device, self.dtype)
-            x = torch.ones(self.max_batch, in_features, dtype=self.dtype, device=self.device)
-            reference = F.linear(x, weight)[0]
+        for (out_features, in_features), dtype in sorted(shapes, key=repr):
+            weight = _adversarial(out_features, in_features, gen, dtype).to(self.device, dtype)
+            x = torch.ones(self.max_batch, in_features, dtype=self.compute_dtype, device=self.device)
+            reference = self._matmul(x, weight)[0]
             for m in counts:
-                if m > needed and not torch.equal(F.linear(x[:m], weight)[0], reference):
+                if m > needed and not torch.equal(self._matmul(x[:m], weight)[0], reference):
                     needed = m + 1
         return min(needed, self.max_batch)
 
@@ -370,6 +478,16 @@ class Engine:
             if not torch.equal(alone, mixed):
                 return False
         return True
+
+
+def _allocate(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat tensor of ``count`` elements; on CPU in memory advised for transparent huge pages."""
+    if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(count, dtype=dtype, device=device)
+    nbytes = count * torch.empty(0, dtype=dtype).element_size()
+    area = mmap.mmap(-1, nbytes)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(area, dtype=dtype, count=count)  # the tensor keeps ``area`` alive
 
 
 def _missing(layer: Any, name: str) -> bool:
@@ -434,6 +552,8 @@ def random_lora(engine: Engine, rank: int = 4, seed: int = 0) -> LoraWeights:
             base = layer.get_submodule(name)
             a = torch.randn(rank, base.in_features, generator=gen) * 0.05
             b = torch.randn(base.out_features, rank, generator=gen) * 0.05
-            mods[name] = LoraModule(a.to(engine.device, engine.dtype), b.to(engine.device, engine.dtype), 2.0)
+            mods[name] = LoraModule(
+                a.to(engine.device, engine.lora_dtype), b.to(engine.device, engine.lora_dtype), 2.0
+            )
         layers.append(mods)
     return LoraWeights(rank, 2.0 * rank, ["self_attn.q_proj", "self_attn.v_proj"], layers)
