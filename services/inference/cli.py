@@ -80,6 +80,43 @@ def serve_inference(
             help="auto (half on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16",
         ),
     ] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            envvar="NOVELCRAFTER_ENGINE",
+            help="native (our continuous-batching engine) | vllm (generation on a vLLM server at "
+            "--vllm-url; adapters, validation, APIs stay ours).",
+        ),
+    ] = "native",
+    vllm_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NOVELCRAFTER_VLLM_URL", help="--engine vllm: the vLLM server, http://HOST:PORT."
+        ),
+    ] = None,
+    vllm_adapter_dir: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NOVELCRAFTER_VLLM_ADAPTER_DIR",
+            help="--engine vllm: where validated versions are written for vLLM to load (the same path "
+            "must be readable by the vLLM server) [default $NOVELCRAFTER_HOME/inference/vllm-adapters].",
+        ),
+    ] = None,
+    vllm_model_dir: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NOVELCRAFTER_VLLM_MODEL_DIR",
+            help="--engine vllm: copy the provisioned base model here, for a vLLM server (sharing the "
+            "folder) that starts from it.",
+        ),
+    ] = None,
+    vllm_wait: Annotated[
+        float,
+        typer.Option(
+            envvar="NOVELCRAFTER_VLLM_WAIT",
+            help="--engine vllm: seconds to wait for the vLLM server at start.",
+        ),
+    ] = 600.0,
 ) -> None:
     """Serve generation over gRPC (and an OpenAI-compatible HTTP API) with hot-loaded per-book adapters."""
     from novelcrafter.config import get_settings
@@ -96,6 +133,15 @@ def serve_inference(
         raise InvalidArgument("--max-new-tokens-cap and --max-prompt-tokens must be at least 1")
     if not watch_interval > 0:
         raise InvalidArgument("--watch-interval must be positive")
+    engine = engine.strip().lower()
+    if engine not in ("native", "vllm"):
+        raise InvalidArgument(f"--engine must be native or vllm, got {engine[:40]!r}")
+    if engine == "vllm" and not (vllm_url or "").strip():
+        raise InvalidArgument(
+            "--engine vllm needs the vLLM server's URL: --vllm-url or NOVELCRAFTER_VLLM_URL"
+        )
+    if not vllm_wait >= 0:
+        raise InvalidArgument("--vllm-wait must be 0 or more seconds")
     http_listen = http_listen.strip()
     if http_listen.lower() in ("off", "none", ""):
         http_listen = "off"
@@ -117,6 +163,11 @@ def serve_inference(
         max_prompt_tokens=max_prompt_tokens,
         device=device,
         dtype=dtype,
+        engine=engine,
+        vllm_url=(vllm_url or "").strip() or None,
+        vllm_adapter_dir=vllm_adapter_dir,
+        vllm_wait=vllm_wait,
+        vllm_model_dir=vllm_model_dir,
     )
     serve(config, settings)
 

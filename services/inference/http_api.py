@@ -462,9 +462,17 @@ class HttpApi:
 
     async def health(self, request: Request) -> Response:
         """200 once the base model is loaded (probes use it; no token needed), 503 before."""
-        if self.servicer.runtime is None:
+        rt = self.servicer.runtime
+        if rt is None:
             return JSONResponse({"status": "loading"}, 503)
-        return JSONResponse({"status": "ok"})
+        engine = {
+            "name": rt.engine.name,
+            "batch_invariant_seeds": rt.engine.batch_invariant_seeds,
+            "note": rt.engine.note,
+        }
+        if not rt.engine.healthy():  # e.g. the vLLM server is down or reloading our adapters
+            return JSONResponse({"status": "unavailable", "engine": engine}, 503)
+        return JSONResponse({"status": "ok", "engine": engine})
 
     async def models(self, request: Request) -> Response:
         try:

@@ -84,6 +84,9 @@ class RegistryHooks:
     on_swap: Callable[[str], None] = lambda book: None
     on_evict: Callable[[], None] = lambda: None
     on_held: Callable[[int], None] = lambda count: None
+    # The evicted version object: a backend that holds it outside this process (vLLM) unloads
+    # it once its last in-flight request ends.
+    on_drop: Callable[[LoadedAdapter], None] = lambda loaded: None
 
 
 # Loads an adapter directory into validated weights (engine-specific), or raises AdapterRejected.
@@ -306,9 +309,10 @@ class AdapterRegistry:
 
     def _evict(self) -> None:
         while len(self._cache) > self.max_adapters:
-            (book, version), _adapter = self._cache.popitem(last=False)
+            (book, version), adapter = self._cache.popitem(last=False)
             log.info("adapter evicted (LRU)", extra={"fields": {"book": book, "version": version}})
             self.hooks.on_evict()
+            self.hooks.on_drop(adapter)
 
     # --- resolving requests ---------------------------------------------------------------------
 

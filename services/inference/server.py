@@ -50,6 +50,11 @@ class InferenceConfig:
     max_prompt_tokens: int = 4096
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "native"  # native | vllm: who runs generation (vllm_backend.py)
+    vllm_url: str | None = None  # engine vllm: the vLLM server's OpenAI API
+    vllm_adapter_dir: str | None = None  # where validated versions are written for vLLM to read
+    vllm_wait: float = 600.0  # seconds to wait for the vLLM server to answer at start
+    vllm_model_dir: str | None = None  # copy the base model here for a vLLM server that waits for it
 
 
 def end_token_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -134,6 +139,11 @@ class InferenceServer:
 
     def load(self) -> None:
         """Load the base model once, calibrate, scan adapters, then report SERVING."""
+        if self.config.engine == "vllm":
+            from .vllm_runtime import load_vllm
+
+            load_vllm(self)
+            return
         from novelcrafter.models import load_base_model, load_tokenizer, pick_device, provision_base_model
 
         from .engine import Engine, random_lora, resolve_dtype
@@ -170,30 +180,16 @@ class InferenceServer:
 
         def load_adapter(path: Path, meta: AdapterMeta) -> Any:
             return load_lora(
-                path, model, dtype=dtype, device=device, trained_on=meta.base_model, base_name=base_name
+                path,
+                model,
+                dtype=engine.lora_dtype,
+                device=device,
+                trained_on=meta.base_model,
+                base_name=base_name,
             )
 
-        store = open_store(config.store, settings)
-        registry = AdapterRegistry(
-            store,
-            load_adapter,
-            max_adapters=config.max_adapters,
-            watch_interval=config.watch_interval,
-            hooks=RegistryHooks(
-                on_load=_observe_load,
-                on_swap=lambda book: metrics.ADAPTER_SWAPS.labels(book).inc(),
-                on_evict=metrics.ADAPTER_EVICTIONS.inc,
-                on_held=metrics.VERSIONS_HELD.set,
-            ),
-        )
-        metrics.ACTIVE_GENERATIONS.set_function(lambda: scheduler.in_flight)
-        metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queued)
-        registry.start()
-        context = engine.context
-        self.runtime = Runtime(locked, scheduler, registry, context, {"model_dir": str(model_dir)})
-        self.servicer.runtime = self.runtime
-        if self.grpc is not None:
-            self.grpc.set_serving(True)
+        registry = self.make_registry(load_adapter)
+        self.activate(Runtime(locked, scheduler, registry, engine.context, {"model_dir": str(model_dir)}))
         log.info(
             "inference ready",
             extra={
@@ -201,13 +197,45 @@ class InferenceServer:
                     "model": base_name,
                     "device": device,
                     "dtype": str(dtype).replace("torch.", ""),
-                    "store": store.url,
+                    "store": registry.store.url,
                     "slots": config.max_concurrency,
                     "max_queued": self.max_queued,
                     "seconds": round(time.monotonic() - started, 1),
                 }
             },
         )
+
+    def make_registry(self, loader: Any, on_drop: Any = None) -> AdapterRegistry:
+        """The adapter registry over the configured store, wired to the metrics."""
+        hooks = RegistryHooks(
+            on_load=_observe_load,
+            on_swap=lambda book: metrics.ADAPTER_SWAPS.labels(book).inc(),
+            on_evict=metrics.ADAPTER_EVICTIONS.inc,
+            on_held=metrics.VERSIONS_HELD.set,
+        )
+        if on_drop is not None:
+            hooks.on_drop = on_drop
+        return AdapterRegistry(
+            open_store(self.config.store, self.settings),
+            loader,
+            max_adapters=self.config.max_adapters,
+            watch_interval=self.config.watch_interval,
+            hooks=hooks,
+        )
+
+    def activate(self, runtime: Runtime) -> None:
+        """Scan the adapters, then serve ``runtime`` (health SERVING when its engine is healthy)."""
+        scheduler = runtime.scheduler
+        metrics.ACTIVE_GENERATIONS.set_function(lambda: scheduler.in_flight)
+        metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queued)
+        runtime.registry.start()
+        self.runtime = runtime
+        self.servicer.runtime = runtime
+        self.set_serving(runtime.engine.healthy())
+
+    def set_serving(self, serving: bool) -> None:
+        if self.grpc is not None:
+            self.grpc.set_serving(serving)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting RPCs, let in-flight generations finish, then stop the threads."""
@@ -225,6 +253,8 @@ class InferenceServer:
         if self.runtime is not None:
             self.runtime.scheduler.close()
             self.runtime.registry.close()
+            for close in self.runtime.extra.get("on_close", ()):
+                close()
             metrics.ACTIVE_GENERATIONS.set_function(lambda: 0)  # drop the reference to the scheduler
             metrics.QUEUE_DEPTH.set_function(lambda: 0)
 

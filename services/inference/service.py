@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,22 @@ class Runtime:
     registry: AdapterRegistry
     context: int  # model context window in tokens
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: EngineInfo = field(default_factory=lambda: EngineInfo(name="native"))
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The generation backend, as ListAdapters and /health state it."""
+
+    name: str  # native | vllm
+    batch_invariant_seeds: bool = True
+    note: str = ""
+    healthy: Callable[[], bool] = lambda: True  # False while a remote engine is down or recovering
+
+    def to_proto(self) -> inference_pb2.EngineInfo:
+        return inference_pb2.EngineInfo(
+            name=self.name, batch_invariant_seeds=self.batch_invariant_seeds, note=self.note
+        )
 
 
 def adapter_version(loaded: LoadedAdapter | None, book_id: str) -> common_pb2.AdapterVersion:
@@ -274,8 +290,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # --- adapters -------------------------------------------------------------------------------
 
     def _list(self, book_id: str) -> inference_pb2.ListAdaptersResponse:
-        rows = self.require_runtime().registry.statuses(book_id.strip() or None)
-        response = inference_pb2.ListAdaptersResponse()
+        rt = self.require_runtime()
+        rows = rt.registry.statuses(book_id.strip() or None)
+        response = inference_pb2.ListAdaptersResponse(engine=rt.engine.to_proto())
         for row in rows:
             response.adapters.add(
                 version=row.meta.to_proto(),
