@@ -56,6 +56,7 @@ images:
 	docker build -f services/trainer/Dockerfile.cpu -t novelcrafter/trainer:latest .
 	docker build -f services/trainer/Dockerfile.gpu -t novelcrafter/trainer-gpu:latest .
 	docker build -f services/inference/Dockerfile -t novelcrafter/inference:latest .
+	docker build -f services/console/Dockerfile -t novelcrafter/console:latest .
 
 bench: $(STAMP)
 	$(PY) -m bench.ingest
