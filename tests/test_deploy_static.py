@@ -35,6 +35,7 @@ from test_deploy_support import (
     ENV_EXAMPLE,
     K8S,
     OVERLAYS,
+    SAME_IMAGE_AS,
     SCHEMAS,
     cli_envvars,
     cli_rejections,
@@ -66,6 +67,7 @@ STANDARD_ENV = {
 # Read by compose only (image overrides), never by a service.
 COMPOSE_ONLY_ENV = {"MINIO_IMAGE", "MC_IMAGE"}
 APP_IMAGE = re.compile(r"^novelcrafter/")
+VLLM_IMAGE = re.compile(r"^vllm/vllm-openai:v\d+\.\d+\.\d+$")  # the GPU serving engine (issue 19)
 
 
 # --- rendering, cached per test session -------------------------------------------------------
@@ -398,9 +400,48 @@ def test_gpu_overlay_puts_trainers_on_gpus_and_cpu_overlay_does_not() -> None:
     assert flag_value(cpu["containers"][0]["args"], "--device") == "cpu"
     assert image_name(cpu["containers"][0]["image"]) == "novelcrafter/trainer"
     assert "nvidia" not in json.dumps(cpu)
-    # Only the trainer changes between the overlays.
-    for name in ("ingest", "inference"):
-        assert by_name("gpu", "Deployment", name) == by_name("cpu", "Deployment", name)
+    # The trainer and inference (next test) change between the overlays; ingest does not.
+    assert by_name("gpu", "Deployment", "ingest") == by_name("cpu", "Deployment", "ingest")
+
+
+def by_container(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in spec["containers"]}
+
+
+def test_gpu_overlay_serves_inference_from_a_vllm_sidecar_and_cpu_overlay_stays_native() -> None:
+    """Issue 19: one pod, our container (--engine vllm) and a pinned vLLM container with the
+    one GPU, probes on both, the shared folder for the base model and adapter versions."""
+    cpu = by_name("cpu", "Deployment", "inference")["spec"]["template"]["spec"]
+    assert list(by_container(cpu)) == ["inference"]
+    assert flag_value(cpu["containers"][0]["args"], "--engine") is None  # native, the default
+    assert "vllm" not in json.dumps(cpu).lower() and "nvidia" not in json.dumps(cpu)
+
+    gpu = by_name("gpu", "Deployment", "inference")["spec"]["template"]["spec"]
+    ours, vllm = by_container(gpu)["inference"], by_container(gpu)["vllm"]
+    assert flag_value(ours["args"], "--engine") == "vllm"
+    assert VLLM_IMAGE.match(vllm["image"]) and pinned(vllm["image"]), vllm["image"]
+    script = " ".join(vllm["command"] + vllm["args"])
+    host, port = host_port(env_value("gpu", ours, "NOVELCRAFTER_VLLM_URL").removeprefix("http://"))
+    assert host == "127.0.0.1" and container_port(vllm, "vllm") == port  # same pod: loopback
+    assert f"--port {port}" in script and "--enable-lora" in script and "--max-lora-rank" in script
+    assert {e["name"]: e.get("value") for e in vllm["env"]}["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    # Probes on both: gRPC health on ours (SERVING only while vLLM holds our versions), /health on vLLM's.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert ours[probe]["grpc"]["port"] == 50052, probe
+        assert vllm[probe]["httpGet"] == {"path": "/health", "port": "vllm"}, probe
+    # One GPU, on vLLM's container; GPU nodes.
+    assert [c["resources"]["limits"].get("nvidia.com/gpu") for c in gpu["containers"]] == [None, 1]
+    assert vllm["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert gpu["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in gpu["tolerations"])
+    # The shared folder: ours writes the base model and the versions there, vLLM reads them.
+    mounts = {c["name"]: {m["name"]: m for m in c["volumeMounts"]} for c in gpu["containers"]}
+    shared = mounts["inference"]["vllm"]["mountPath"]
+    assert mounts["vllm"]["vllm"]["mountPath"] == shared and mounts["vllm"]["vllm"].get("readOnly") is True
+    model_dir = env_value("gpu", ours, "NOVELCRAFTER_VLLM_MODEL_DIR")
+    adapter_dir = env_value("gpu", ours, "NOVELCRAFTER_VLLM_ADAPTER_DIR")
+    assert Path(model_dir).parent == Path(adapter_dir).parent == Path(shared)
+    assert f"{model_dir}/config.json" in script and f"vllm serve {model_dir} " in script
+    assert "emptyDir" in {v["name"]: v for v in gpu["volumes"]}["vllm"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -428,7 +469,7 @@ def test_compose_validates_against_the_compose_specification() -> None:
 def test_compose_wiring() -> None:
     compose = load_compose()
     services = compose["services"]
-    assert set(APP_SERVICES) | {"minio", "minio-init"} == set(services)
+    assert set(APP_SERVICES) | {"minio", "minio-init", "vllm"} == set(services)
     # MinIO keeps its data in a named volume; the bucket job runs to completion first.
     assert any(v.startswith("minio-data:") for v in services["minio"]["volumes"])
     assert set(compose["volumes"]) >= {"minio-data"}
@@ -456,6 +497,44 @@ def test_compose_wiring() -> None:
     bucket = service_env(services["ingest"])["NOVELCRAFTER_STORE"].removeprefix("s3://").split("/")[0]
     assert f"mc mb --ignore-existing local/{bucket}" in " ".join(services["minio-init"]["command"])
     assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_compose_gpu_profile_serves_inference_on_vllm_and_the_default_stays_native() -> None:
+    """Issue 19: inference-gpu (--engine vllm) and a pinned vllm service with the one GPU, in the
+    gpu profile only, health checks on both, one shared volume for the base model and versions."""
+    services = load_compose()["services"]
+    cpu = services["inference"]
+    assert "profiles" not in cpu and flag_value(cpu["command"], "--engine") is None
+    assert not {k for k in service_env(cpu) if "VLLM" in k or k == "NOVELCRAFTER_ENGINE"}
+    ours, vllm = services["inference-gpu"], services["vllm"]
+    assert ours["profiles"] == vllm["profiles"] == ["gpu"]
+    assert ours["command"] == app_container("gpu", "inference")["args"]  # as on Kubernetes
+    assert VLLM_IMAGE.match(vllm["image"]) and pinned(vllm["image"]), vllm["image"]
+    assert (
+        vllm["image"]
+        == by_container(by_name("gpu", "Deployment", "inference")["spec"]["template"]["spec"])["vllm"][
+            "image"
+        ]
+    )
+    env = service_env(ours)
+    host, port = host_port(env["NOVELCRAFTER_VLLM_URL"].removeprefix("http://"))
+    script = " ".join(vllm["command"])
+    assert host == "vllm" and f"--port {port}" in script and "--enable-lora" in script
+    assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "deploy" not in ours  # the GPU is vLLM's
+    assert ours["healthcheck"]["test"][-1] == "127.0.0.1:50052"
+    assert f"127.0.0.1:{port}/health" in " ".join(vllm["healthcheck"]["test"])
+    # One volume, the same path in both; vLLM only reads it.
+    shared = {v.split(":")[0]: v.split(":")[1] for v in ours["volumes"]}["vllm-share"]
+    theirs = [v for v in vllm["volumes"] if v.startswith("vllm-share:")]
+    assert theirs == [f"vllm-share:{shared}:ro"]
+    model_dir, adapter_dir = env["NOVELCRAFTER_VLLM_MODEL_DIR"], env["NOVELCRAFTER_VLLM_ADAPTER_DIR"]
+    assert Path(model_dir).parent == Path(adapter_dir).parent == Path(shared)
+    assert f"{model_dir}/config.json" in script and f"vllm serve {model_dir} " in script
+    # Beside the CPU inference on one host: other host ports.
+    assert not {p.split(":")[0] for p in ours["ports"]} & {p.split(":")[0] for p in cpu["ports"]}
 
 
 def test_compose_credentials_come_from_an_uncommitted_env_file() -> None:
@@ -521,7 +600,8 @@ def test_compose_images_are_built_from_the_makefiles_dockerfiles() -> None:
     for name in APP_SERVICES:
         service = services[name]
         assert images[service["image"]] == service["build"]["dockerfile"], name
-        assert service["build"]["dockerfile"] == str(DOCKERFILES[name].relative_to(ROOT))
+        dockerfile = DOCKERFILES[SAME_IMAGE_AS.get(name, name)]
+        assert service["build"]["dockerfile"] == str(dockerfile.relative_to(ROOT))
         assert service["build"]["context"] == "."
     for path in images.values():
         assert (ROOT / path).is_file(), f"the Makefile builds {path}, which does not exist"

@@ -29,7 +29,9 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
 SCHEMAS = ROOT / "tests" / "schemas"
 # The NovelCrafter services in docker-compose.yml (the others are MinIO and its bucket job).
-APP_SERVICES = ("ingest", "trainer", "trainer-gpu", "inference", "console")
+APP_SERVICES = ("ingest", "trainer", "trainer-gpu", "inference", "inference-gpu", "console")
+# Compose services that run another service's image (inference-gpu: inference with --engine vllm).
+SAME_IMAGE_AS = {"inference-gpu": "inference"}
 DOCKERFILES = {
     "ingest": ROOT / "services" / "ingest" / "Dockerfile",
     "trainer": ROOT / "services" / "trainer" / "Dockerfile.cpu",
