@@ -189,3 +189,28 @@ def test_session_cookies_are_signed_and_expire() -> None:
     assert [safe_next(t) for t in ("/jobs?x=1", "//evil", "https://evil", "/\\evil", None)] == [
         "/jobs?x=1", "/books", "/books", "/books", "/books",
     ]  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_a_job_started_in_the_page_is_watched_and_cancelled(
+    console: ConsoleProc, client: tuple[requests.Session, str]
+) -> None:
+    """No trainer runs here: the job waits, the event stream says so, Cancel ends it."""
+    session, csrf = client
+    answer = _upload(session, console.url, book_pdf(60, seed=42), csrf, parts="2")
+    book_id = answer.json()["book_id"]
+    started = session.post(
+        f"{console.url}/jobs", data={"csrf": csrf, "book_id": book_id, "max_steps_per_part": "2"}
+    )
+    assert started.status_code == 200 and "/jobs/j-" in started.url
+    job_id = started.url.rsplit("/", 1)[-1]
+    assert "2 steps/part" in started.text and "READY" in started.text
+    cancelled = session.post(f"{console.url}/jobs/{job_id}/cancel", data={"csrf": csrf})
+    assert cancelled.status_code == 200 and 'id="job-state">CANCELLED<' in cancelled.text
+    # The live stream replays every event, then ends with the final state.
+    with session.get(f"{console.url}/jobs/{job_id}/events", stream=True, timeout=60) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        text = events.text
+    assert f"job {job_id} PENDING" in text and "part 00 READY" in text
+    assert text.rstrip().endswith('event: end\ndata: {"state": "CANCELLED"}')
+    assert "CANCELLED" in session.get(f"{console.url}/books/{book_id}").text
