@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.export_llamacpp [--keep DIR] [--setup-only]
 
 Not part of ``make test``: llama.cpp comes from ``llama-cpp-python`` built from its sdist
-(C++, compiled once; plan on 15-30 minutes on 2 cores). The peer environment lives outside the
+(C++, compiled once; plan on 15-50 minutes on 2 cores). The peer environment lives outside the
 repository, in ``$NOVELCRAFTER_HOME/bench-peers/llamacpp`` (default
-``~/.cache/novelcrafter/bench-peers/llamacpp``), and the first run builds it::
+``~/.cache/novelcrafter/bench-peers/llamacpp``), and the first run builds it (``LLAMACPP`` in
+bench/peers.py, shared with ``bench.inference --peers``)::
 
     python3.11 -m venv $NOVELCRAFTER_HOME/bench-peers/llamacpp
     .../bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36 sentencepiece
@@ -39,15 +40,14 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-LLAMA_CPP_VERSION = "0.3.36"
-PEER_PACKAGES = ("sentencepiece",)
+from bench import peers
+
+LLAMA_CPP_VERSION = peers.LLAMA_CPP_VERSION
 BASE = "smollm2-135m-instruct"
 BOOK = "11aa22bb33cc44dd"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,9 +79,7 @@ json.dump(result, open(f"{out}/llama_text.json", "w"))
 
 
 def peer_dir() -> Path:
-    from novelcrafter.config import get_settings
-
-    return Path(get_settings().home).expanduser() / "bench-peers" / "llamacpp"
+    return peers.peer_dir(peers.LLAMACPP)
 
 
 def peer_python(root: Path) -> Path:
@@ -90,50 +88,12 @@ def peer_python(root: Path) -> Path:
 
 def llama_cpp_source(root: Path) -> Path:
     """The sdist's llama.cpp tree (its converter scripts and gguf-py), unpacked once."""
-    src = root / "src" / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
-    if not (src / "vendor" / "llama.cpp" / "convert_lora_to_gguf.py").exists():
-        (root / "src").mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                str(peer_python(root)), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                "-d", str(root / "src"), f"llama-cpp-python=={LLAMA_CPP_VERSION}",
-            ],
-            check=True,
-        )  # fmt: skip
-        archive = next((root / "src").glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(root / "src", filter="data")
-    return src / "vendor" / "llama.cpp"
+    return peers.llama_cpp_source(root)
 
 
-def build_peer(root: Path) -> Path:
-    """The llama-cpp-python venv, built once from the sdist (the stamp marks a finished build)."""
-    stamp = root / ".novelcrafter-built"
-    python = peer_python(root)
-    if stamp.exists():
-        return python
-    print(f"building the llama.cpp peer environment in {root} (once; compiles C++)", file=sys.stderr)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")}
-    subprocess.run(
-        [
-            str(python), "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python",
-            f"llama-cpp-python=={LLAMA_CPP_VERSION}", *PEER_PACKAGES,
-        ],
-        check=True,
-        env=env,
-    )  # fmt: skip
-    # torch and transformers for the converter scripts: this project's, after the peer's own.
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    Path(site, "novelcrafter-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    stamp.write_text(json.dumps({"llama-cpp-python": LLAMA_CPP_VERSION, "time": time.time()}))
-    return python
+def build_peer(root: Path | None = None) -> Path:
+    """The llama-cpp-python venv (bench/peers.py's ``LLAMACPP``), built once from the sdist."""
+    return peers.ensure(peers.LLAMACPP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,14 +147,9 @@ def run_checks(python: Path, vendor: Path, work: Path) -> dict[str, Any]:
     )
 
     # 2. llama.cpp's own converters: the base model, and our PEFT folder as a reference adapter.
-    base_gguf, reference = work / "base-f32.gguf", work / "reference-lora.gguf"
+    reference = work / "reference-lora.gguf"
     env = {**os.environ, "PYTHONPATH": str(vendor / "gguf-py")}
-    if not base_gguf.exists():
-        subprocess.run(
-            [str(python), str(vendor / "convert_hf_to_gguf.py"), str(base_dir), "--outtype", "f32",
-             "--outfile", str(base_gguf)],
-            check=True, env=env, cwd=vendor, capture_output=True,
-        )  # fmt: skip
+    base_gguf = peers.gguf_base(base_dir, "f32")  # cached by content under the peer's folder
     subprocess.run(
         [str(python), str(vendor / "convert_lora_to_gguf.py"), str(export), "--base", str(base_dir),
          "--outtype", "f32", "--outfile", str(reference)],
