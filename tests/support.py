@@ -49,13 +49,14 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
 
 def base_env(**extra: str) -> dict[str, str]:
     """A clean environment for child processes: no inherited NOVELCRAFTER_* settings, and the
-    inference service's HTTP API off (its default, 0.0.0.0:8000, is one fixed port for the whole
-    machine); a test that wants it passes NOVELCRAFTER_HTTP_LISTEN."""
+    inference service's HTTP API and ``serve all``'s console off (their defaults, :8000 and :8080,
+    are fixed ports for the whole machine); a test that wants one passes its address."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVELCRAFTER_", "AWS_"))}
     env.update(
         PYTHONUNBUFFERED="1",
         NOVELCRAFTER_LOG_FORMAT="text",
         NOVELCRAFTER_HTTP_LISTEN="off",
+        NOVELCRAFTER_CONSOLE_LISTEN="off",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
         TOKENIZERS_PARALLELISM="false",
     )
