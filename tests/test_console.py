@@ -13,8 +13,13 @@ import pytest
 import requests
 from console_support import ConsoleProc, csrf_of, login, start_console
 from fault_support import TOKEN, book_pdf, start_ingest
+from novelcrafter.console.forms import job_config
 from novelcrafter.console.security import Guard, safe_next
+from novelcrafter.console.views import curve_points, part_row
 from support import free_port
+
+from novelcrafter.errors import InvalidArgument
+from novelcrafter.v1 import jobs_pb2
 
 pytestmark = pytest.mark.integration
 WRONG = "wrong-token-that-must-not-leak-4d2c"
@@ -214,3 +219,36 @@ def test_a_job_started_in_the_page_is_watched_and_cancelled(
     assert f"job {job_id} PENDING" in text and "part 00 READY" in text
     assert text.rstrip().endswith('event: end\ndata: {"state": "CANCELLED"}')
     assert "CANCELLED" in session.get(f"{console.url}/books/{book_id}").text
+
+
+def test_part_rows_show_memorization_and_style_when_measured() -> None:
+    metrics = jobs_pb2.PartMetrics(train_loss=2.5, base_perplexity=40.0, adapter_perplexity=31.5, steps=3)
+    metrics.loss_curve.extend([3.0, 2.0, 2.5])
+    part = jobs_pb2.Part(index=4, state=jobs_pb2.PART_STATE_SUCCEEDED, metrics=metrics, adapter_version="v")
+    row = part_row(part)
+    assert (row["base_ppl"], row["adapter_ppl"], row["better"], row["judged"]) == ("40.00", "31.50", True, [])
+    assert curve_points([3.0, 2.0, 2.5]) == "0.0,2.0 80.0,38.0 160.0,20.0"  # highest loss at the top
+    judged_metrics = part.metrics  # the Part holds its own copy
+    judged_metrics.memorization.prompts = 16
+    judged_metrics.memorization.adapter.extraction_rate = 0.25
+    judged_metrics.style.metric, judged_metrics.style.base, judged_metrics.style.adapter = (
+        "burrows_delta",
+        1.2,
+        0.9,
+    )
+    judged = part_row(part)["judged"]
+    assert "memorization on 16 training prompts" in judged[0] and "adapter 25% extracted" in judged[0]
+    assert judged[1].startswith("style burrows_delta base 1.200 → adapter 0.900")
+
+
+def test_job_settings_from_the_form() -> None:
+    config = job_config(
+        {"max_steps_per_part": "2", "memorization_prompts": "0", "epochs": "", "device": "cpu"}
+    )
+    training = config.training
+    assert (training.max_steps_per_part, training.warmup_steps, training.checkpoint_every) == (2, 1, 2)
+    assert training.HasField("memorization_prompts") and training.memorization_prompts == 0  # 0 = off
+    assert not training.HasField("style_prompts") and training.epochs == 0  # empty = the default
+    assert config.device == "cpu"
+    with pytest.raises(InvalidArgument, match="device must be any, cpu or cuda"):
+        job_config({"device": "tpu"})
