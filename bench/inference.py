@@ -14,6 +14,18 @@ steps and published to a temporary store). Printed: per-stream and aggregate gen
 tokens/s at each concurrency level for both, their ratios; the precision choice on this CPU
 (fp32 vs bf16: decode speed and loss on real text); the time from publishing a version to
 serving it.
+
+``--peers`` (bench/inference_peers.py): the same run also measures llama.cpp (llama-cpp-python
+built from its sdist; our base model and adapters converted with llama.cpp's own scripts) and
+vLLM's CPU build (OpenAI server, our published adapter folders), with the same prompts, seeds,
+sampling and exactly ``--tokens`` tokens per request; prints tokens/s, time to first token for a
+512-token prompt, the ratios, this machine's memory bandwidth and the fraction of it one stream
+reaches. ``--shape 1b``: ours vs llama.cpp on a random Llama-3.2-1B-shaped model instead.
+``--json FILE`` writes those figures. The peers' venvs are built once under
+``$NOVELCRAFTER_HOME/bench-peers`` (bench/peers.py).
+
+    nice .venv/bin/python -m bench.inference --peers --skip-precision --json peers.json
+    nice .venv/bin/python -m bench.inference --shape 1b --tokens 16
 """
 
 from __future__ import annotations
@@ -181,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="precision of both servers (auto|fp32|bf16)")
     parser.add_argument("--skip-precision", action="store_true", help="skip the fp32 vs bf16 section")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's)")
+    parser.add_argument(
+        "--peers", action="store_true", help="also llama.cpp and vLLM's CPU build (bench/inference_peers.py)"
+    )
+    parser.add_argument(
+        "--shape", choices=("smollm2", "1b"), default="smollm2", help="1b: a random Llama-3.2-1B-shaped model"
+    )
+    parser.add_argument("--json", type=Path, help="with --peers or --shape 1b: write the figures here")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
@@ -188,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from bench import inference_peers
+
+    if args.shape == "1b":
+        return inference_peers.run_shape(args, levels)
     from novelcrafter.inference.adapter_factory import train_lora
     from novelcrafter.inference.client import build_request
     from novelcrafter.inference.engine import resolve_dtype
@@ -238,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.start()
     server.load()
+    # --peers: every server generates exactly --tokens tokens (inference_peers.ignore_eos).
+    ban_ids = inference_peers.ignore_eos(server) if args.peers else set()
     channel = connect(f"127.0.0.1:{server.port}", settings)
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     naive = NaiveServer(model_dir, dtype, adapter_dirs)
@@ -288,8 +313,21 @@ def main(argv: list[str] | None = None) -> int:
                 latencies.append(time.time() - meta.published_at)
                 break
             time.sleep(0.02)
+    measured = None
+    if args.peers:  # ours' single stream and time to first token, while it runs
+        single = next((m for m, _ in rows if m.concurrency == 1), None) or run_level(
+            ours, 1, args.requests or 6
+        )
+        measured = inference_peers.measure_ours(stub, books, tok, [m for m, _ in rows], single)
     engine = server.engine
     server.stop(5)
+    peer_report = None
+    if args.peers:  # the peers on the same model, adapters, prompts and token counts
+        peer_report = inference_peers.run_peers(
+            model_name=BASE, model_dir=model_dir, adapter_dirs=adapter_dirs, dtype=dtype, ours=measured,
+            levels=levels, requests=args.requests, tokens=args.tokens, threads=torch.get_num_threads(),
+            ban_ids=ban_ids,
+        )  # fmt: skip
 
     print()
     print("=" * 78)
@@ -321,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         f"publish -> served (watch interval 1.0 s): mean {statistics.mean(latencies):.2f} s, "
         f"max {max(latencies):.2f} s over {len(latencies)} publications"
     )
+    if peer_report is not None:
+        print("\n".join(inference_peers.format_report(peer_report)))
+        inference_peers.write_json(args.json, peer_report)
     return 0
 
 
