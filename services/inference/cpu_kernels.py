@@ -37,52 +37,176 @@ PREBUILT = SOURCE.with_suffix(".so")
 FLAGS = ("-O3", "-march=haswell", "-mtune=generic", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI = 1
+ABI = 2
 
 _lock = threading.Lock()
 _loaded: dict[str, RowGemm | None] = {}
 
 
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "nc_rowgemm": [_I, _P, _L, _L, _P, _L, _P, _L, _F, _I, _I, _P],
+    "nc_rmsnorm": [_P, _L, _L, _P, _I, _F, _P],
+    "nc_silu_mul": [_P, _L, _L, _P],
+    "nc_decode_attention": [_P, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _L, _F, _P, _P, _L, _I],
+}
+
+
 class RowGemm:
-    """``y = x @ w.T`` for fp32 rows ``x`` and weights ``w`` in fp32, bf16 or fp16."""
+    """The kernels of one engine: ``y = x @ w.T`` for fp32 rows ``x`` and weights ``w`` in fp32,
+    bf16 or fp16, and the decode step's row-wise ops (RMSNorm, SiLU-gate, attention).
+
+    Each method checks what it is given (shapes, dtypes, contiguity): a wrong call raises
+    instead of reading out of bounds.
+    """
 
     def __init__(self, library: ctypes.CDLL, threads: int) -> None:
-        self._fn = library.nc_rowgemm
-        self._fn.restype = None
-        self._fn.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-        ]
+        for name, argtypes in _SIGNATURES.items():
+            getattr(library, name).argtypes = argtypes
+            getattr(library, name).restype = None
+        self._lib = library
         self.threads = max(1, threads)
         self._scratch = torch.empty(0)
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        alpha: float = 1.0,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """``x @ w.T`` into a new tensor, or into ``out`` (which may be a column slice);
+        with ``accumulate``: ``out += alpha * x @ w.T``."""
         if x.dtype != torch.float32 or x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
             raise ValueError(f"rowgemm: x {tuple(x.shape)} {x.dtype} does not fit w {tuple(w.shape)}")
+        if not w.is_contiguous() or w.dtype not in KINDS:
+            raise ValueError(f"rowgemm: weights must be contiguous fp32/bf16/fp16, got {w.dtype}")
         x = x.contiguous()
         rows, k = x.shape
-        y = torch.empty(rows, w.shape[0], dtype=torch.float32)
+        if out is None:
+            if accumulate:
+                raise ValueError("rowgemm: accumulate needs out")
+            out = torch.empty(rows, w.shape[0], dtype=torch.float32)
+        elif out.shape != (rows, w.shape[0]) or out.dtype != torch.float32 or out.stride(1) != 1:
+            raise ValueError(f"rowgemm: out {tuple(out.shape)} does not fit ({rows}, {w.shape[0]})")
         if self._scratch.numel() < rows * k:  # bf16 reorders x into it; grows, never shrinks
             self._scratch = torch.empty(rows * k)
-        self._fn(
+        self._lib.nc_rowgemm(
             KINDS[w.dtype],
             x.data_ptr(),
             rows,
             k,
             w.data_ptr(),
             w.shape[0],
-            y.data_ptr(),
+            out.data_ptr(),
+            out.stride(0),
+            alpha,
+            int(accumulate),
             self.threads,
             self._scratch.data_ptr(),
         )
-        return y
+        return out
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or weight.shape != (x.shape[1],):
+            raise ValueError(f"rmsnorm: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)
+        self._lib.nc_rmsnorm(
+            x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), KINDS[weight.dtype], eps, out.data_ptr()
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for the fused [rows, 2 * I] gate/up output."""
+        if gate_up.dtype != torch.float32 or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+            raise ValueError(f"silu_mul: bad gate/up {tuple(gate_up.shape)}")
+        gate_up = gate_up.contiguous()
+        half = gate_up.shape[1] // 2
+        out = torch.empty(gate_up.shape[0], half)
+        self._lib.nc_silu_mul(gate_up.data_ptr(), gate_up.shape[0], half, out.data_ptr())
+        return out
+
+    def decode_attention(
+        self,
+        qkv: torch.Tensor,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: DecodeCaches,
+        layer: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Rotary, KV-cache write and one-query attention for every row at its cache's length
+        (``qkv`` is rotated in place); ``cos``/``sin``: [positions, head_dim] tables."""
+        rows = qkv.shape[0]
+        if (
+            qkv.dtype != torch.float32
+            or not qkv.is_contiguous()
+            or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim
+            or caches.rows != rows
+            or caches.head_dim != head_dim
+            or caches.kv_heads != kv_heads
+            or cos.shape != sin.shape
+            or cos.shape[1] != head_dim
+            or caches.max_len > cos.shape[0]
+            or not 0 <= layer < caches.layers
+        ):
+            raise ValueError("decode_attention: inputs do not fit")
+        out = torch.empty(rows, heads * head_dim)
+        scores = torch.empty(rows * heads * caches.max_len)
+        self._lib.nc_decode_attention(
+            qkv.data_ptr(),
+            rows,
+            heads,
+            kv_heads,
+            head_dim,
+            caches.positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            caches.k.data_ptr(),
+            caches.v.data_ptr(),
+            caches.capacity.data_ptr(),
+            layer,
+            scale,
+            out.data_ptr(),
+            scores.data_ptr(),
+            caches.max_len,
+            self.threads,
+        )
+        return out
+
+
+class DecodeCaches:
+    """The KV caches of one decode step's rows, as the attention kernel takes them: fp32
+    ``[layers, kv_heads, capacity, head_dim]`` contiguous tensors, one per row, each holding
+    ``lengths[row]`` positions; this step writes position ``lengths[row]``."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]) -> None:
+        if not keys or len(lengths) != len(keys) or len(values) != len(keys):
+            raise ValueError("decode caches: one key, value and length per row, at least one row")
+        layers, kv_heads, _, head_dim = keys[0].shape
+        for k, v, length in zip(keys, values, lengths, strict=True):
+            for t in (k, v):
+                if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 4:
+                    raise ValueError("decode caches must be contiguous 4-d fp32 tensors")
+                if (t.shape[0], t.shape[1], t.shape[3]) != (layers, kv_heads, head_dim) or t.shape != k.shape:
+                    raise ValueError("decode caches must share layers, kv heads and head size")
+            if not 0 <= length < k.shape[2]:
+                raise ValueError(f"decode cache full: length {length} of capacity {k.shape[2]}")
+        self.rows = len(keys)
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.k = torch.tensor([k.data_ptr() for k in keys], dtype=torch.int64)
+        self.v = torch.tensor([v.data_ptr() for v in values], dtype=torch.int64)
+        self.capacity = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64)
+        self.positions = torch.tensor(lengths, dtype=torch.int64)
+        self.max_len = max(lengths) + 1
+        self._keep = (keys, values)  # the pointers above stay valid while this object lives
 
 
 def supported_cpu() -> bool:

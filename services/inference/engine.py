@@ -121,6 +121,10 @@ class Engine:
         self.batch_invariant = False
         self._buffer: Any = None
         self.fused = self._pack_weights()
+        if self.rowgemm is not None:  # rotary tables for the decode kernel, every position once
+            positions = torch.arange(self.context)[None, :]
+            cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
+            self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
 
     @staticmethod
     def _check_supported(model: Any) -> None:
@@ -338,10 +342,86 @@ class Engine:
                 outs.append(q.new_zeros(1, self.n_heads, rows - batch, self.head_dim))
             return torch.cat(outs, dim=2).transpose(1, 2).reshape(rows, -1)
 
+        if self.rowgemm is not None and rows == batch:
+            logits = self._decode_in_kernels(ids, caches, plan)
+            for cache in caches:
+                cache.length += 1
+            return logits[:batch].cpu()
         h = self._layers(ids, positions, plan, attend)
         for cache in caches:
             cache.length += 1
         return self._matmul(self.norm(h), self.lm_head.weight).float()[:batch].cpu()  # sampling: CPU
+
+    def _decode_in_kernels(
+        self, ids: torch.Tensor, caches: Sequence[KVCache], plan: LoraPlan
+    ) -> torch.Tensor:
+        """The decode step of :meth:`decode` in the CPU kernels, the same arithmetic as
+        :meth:`_layers` with per-sequence attention, a handful of calls per layer."""
+        kern = self.rowgemm
+        assert kern is not None
+        step = cpu_kernels.DecodeCaches(
+            [c.k for c in caches], [c.v for c in caches], [c.length for c in caches]
+        )
+        h = self.embed(ids).to(torch.float32).contiguous()  # the residual stream, [B, hidden]
+        scale = self.layers[0].self_attn.scaling
+        for index, layer in enumerate(self.layers):
+            x = kern.rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            qkv = self._fused_in_kernel(x, index, "qkv", plan)
+            out = kern.decode_attention(
+                qkv,
+                heads=self.n_heads,
+                kv_heads=self.n_kv,
+                head_dim=self.head_dim,
+                cos=self._cos,
+                sin=self._sin,
+                caches=step,
+                layer=index,
+                scale=scale,
+            )
+            self._add_projection(h, out, layer.self_attn.o_proj, index, "self_attn.o_proj", plan)
+            norm = layer.post_attention_layernorm
+            gate_up = self._fused_in_kernel(
+                kern.rmsnorm(h, norm.weight, norm.variance_epsilon), index, "gate_up", plan
+            )
+            self._add_projection(h, kern.silu_mul(gate_up), layer.mlp.down_proj, index, "mlp.down_proj", plan)
+        return kern(kern.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon), self.lm_head.weight)
+
+    def _fused_in_kernel(self, x: torch.Tensor, layer: int, group: str, plan: LoraPlan) -> torch.Tensor:
+        """[rows, sum of widths]: a fused group's projections, each with its LoRA on its columns."""
+        kern = self.rowgemm
+        assert kern is not None
+        weight, names, widths = self.fused[layer][group]
+        y = kern(x, weight)
+        start = 0
+        for name, width in zip(names, widths, strict=True):
+            self._add_lora(y[:, start : start + width], x, layer, name, plan)
+            start += width
+        return y
+
+    def _add_projection(
+        self, h: torch.Tensor, x: torch.Tensor, module: torch.nn.Linear, layer: int, name: str, plan: LoraPlan
+    ) -> None:
+        """``h += module(x)`` with the module's LoRA (residual add fused into the kernel)."""
+        kern = self.rowgemm
+        assert kern is not None
+        kern(x, module.weight, h, accumulate=True)
+        if module.bias is not None:
+            h += module.bias.to(h.dtype)
+        self._add_lora(h, x, layer, name, plan)
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, layer: int, name: str, plan: LoraPlan) -> None:
+        """``out += B(A(x)) * scale`` for every adapter of the plan on this module, on its rows."""
+        kern = self.rowgemm
+        assert kern is not None
+        for rows, adapter in plan:
+            lora: LoraModule | None = adapter.layers[layer].get(name)
+            if lora is None:
+                continue
+            if rows is None:
+                kern(kern(x, lora.a), lora.b, out, alpha=lora.scale, accumulate=True)
+            else:  # rows are independent in the kernel: the subset gives each row's own result
+                delta = kern(kern(x.index_select(0, rows), lora.a), lora.b)
+                out.index_add_(0, rows, delta * lora.scale)
 
     def _plan(self, adapters: Sequence[LoraWeights | None], rows: int) -> LoraPlan:
         groups: dict[int, tuple[LoraWeights, list[int]]] = {}

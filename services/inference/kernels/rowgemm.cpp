@@ -10,6 +10,7 @@
 // blocking or the thread count. The engine relies on that: a seeded generation does not
 // depend on what else is in the batch.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 namespace {
@@ -56,8 +57,19 @@ inline float hsum(__m256 v) {
 }
 
 // MB rows x NB outputs starting at (m0, n0).
+struct Out {
+    float* y;
+    long ldy;      // row stride of y
+    float alpha;   // y = alpha * dot, or y += alpha * dot when accumulating
+    bool accumulate;
+    inline void put(long m, long n, float dot) const {
+        float* p = y + m * ldy + n;
+        *p = accumulate ? *p + dot * alpha : (alpha == 1.0f ? dot : dot * alpha);
+    }
+};
+
 template <int KIND, int MB, int NB>
-inline void block(const float* x, long K, const typename W<KIND>::T* w, float* y, long N, long m0, long n0) {
+inline void block(const float* x, long K, const typename W<KIND>::T* w, const Out& y, long m0, long n0) {
     __m256 acc[MB][NB];
     for (int i = 0; i < MB; ++i)
         for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -80,22 +92,22 @@ inline void block(const float* x, long K, const typename W<KIND>::T* w, float* y
         for (int j = 0; j < NB; ++j) {
             float s = hsum(acc[i][j]);
             for (long t = k; t < K; ++t) s += x[(m0 + i) * K + t] * W<KIND>::one(rows[j] + t);
-            y[(m0 + i) * N + n0 + j] = s;
+            y.put(m0 + i, n0 + j, s);
         }
 }
 
 template <int KIND, int NB>
-inline void columns(const float* x, long M, long K, const typename W<KIND>::T* w, float* y, long N, long n0) {
+inline void columns(const float* x, long M, long K, const typename W<KIND>::T* w, const Out& y, long n0) {
     long m = 0;
-    for (; m + 2 <= M; m += 2) block<KIND, 2, NB>(x, K, w, y, N, m, n0);
-    if (m < M) block<KIND, 1, NB>(x, K, w, y, N, m, n0);
+    for (; m + 2 <= M; m += 2) block<KIND, 2, NB>(x, K, w, y, m, n0);
+    if (m < M) block<KIND, 1, NB>(x, K, w, y, m, n0);
 }
 
 // bf16 weights, 16 at a time: the low halves of a 32-bit lane shifted up are the even
 // elements as fp32, the lane with its low half cleared is the odd one; no widening needed.
 // ``xp`` holds x with each 16-chunk's even elements first, then its odd ones.
 template <int NB>
-inline void block_bf16(const float* xp, const float* x, long K, const uint16_t* w, float* y, long N, long m, long n0) {
+inline void block_bf16(const float* xp, const float* x, long K, const uint16_t* w, const Out& y, long m, long n0) {
     // Two chains per output (even and odd elements), summed at the end: twice the FMAs in flight.
     __m256 acc_e[NB], acc_o[NB];
     for (int j = 0; j < NB; ++j) acc_e[j] = acc_o[j] = _mm256_setzero_ps();
@@ -120,16 +132,16 @@ inline void block_bf16(const float* xp, const float* x, long K, const uint16_t* 
     for (int j = 0; j < NB; ++j) {
         float s = hsum(_mm256_add_ps(acc_e[j], acc_o[j]));
         for (long t = k; t < K; ++t) s += x[m * K + t] * W<BF16>::one(rows[j] + t);
-        y[m * N + n0 + j] = s;
+        y.put(m, n0 + j, s);
     }
 }
 
 template <int NB>
-inline void columns_bf16(const float* xp, const float* x, long M, long K, const uint16_t* w, float* y, long N, long n0) {
-    for (long m = 0; m < M; ++m) block_bf16<NB>(xp, x, K, w, y, N, m, n0);
+inline void columns_bf16(const float* xp, const float* x, long M, long K, const uint16_t* w, const Out& y, long n0) {
+    for (long m = 0; m < M; ++m) block_bf16<NB>(xp, x, K, w, y, m, n0);
 }
 
-void rowgemm_bf16(const float* x, long M, long K, const void* weights, long N, float* y, int threads, float* xp) {
+void rowgemm_bf16(const float* x, long M, long K, const void* weights, long N, const Out& y, int threads, float* xp) {
     const auto* w = static_cast<const uint16_t*>(weights);
     for (long m = 0; m < M; ++m)
         for (long c = 0; c + 16 <= K; c += 16)
@@ -139,28 +151,126 @@ void rowgemm_bf16(const float* x, long M, long K, const void* weights, long N, f
             }
     const long blocks = N / 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long b = 0; b < blocks; ++b) columns_bf16<4>(xp, x, M, K, w, y, N, b * 4);
-    for (long n = blocks * 4; n < N; ++n) columns_bf16<1>(xp, x, M, K, w, y, N, n);
+    for (long b = 0; b < blocks; ++b) columns_bf16<4>(xp, x, M, K, w, y, b * 4);
+    for (long n = blocks * 4; n < N; ++n) columns_bf16<1>(xp, x, M, K, w, y, n);
 }
 
 template <int KIND>
-void rowgemm(const float* x, long M, long K, const void* weights, long N, float* y, int threads) {
+void rowgemm(const float* x, long M, long K, const void* weights, long N, const Out& y, int threads) {
     const auto* w = static_cast<const typename W<KIND>::T*>(weights);
     const long blocks = N / 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long b = 0; b < blocks; ++b) columns<KIND, 4>(x, M, K, w, y, N, b * 4);
-    for (long n = blocks * 4; n < N; ++n) columns<KIND, 1>(x, M, K, w, y, N, n);
+    for (long b = 0; b < blocks; ++b) columns<KIND, 4>(x, M, K, w, y, b * 4);
+    for (long n = blocks * 4; n < N; ++n) columns<KIND, 1>(x, M, K, w, y, n);
+}
+
+inline float widen(const void* w, int kind, long i) {
+    if (kind == BF16) return W<BF16>::one(static_cast<const uint16_t*>(w) + i);
+    if (kind == F16) return W<F16>::one(static_cast<const uint16_t*>(w) + i);
+    return static_cast<const float*>(w)[i];
 }
 
 }  // namespace
 
 extern "C" {
-int nc_rowgemm_abi() { return 1; }
-// kind: 0 fp32, 1 bf16, 2 fp16 weights; x [M, K] and y [M, N] fp32, W [N, K], all contiguous;
-// scratch: M * K floats (bf16 only).
-void nc_rowgemm(int kind, const float* x, long M, long K, const void* w, long N, float* y, int threads, float* scratch) {
-    if (kind == BF16) rowgemm_bf16(x, M, K, w, N, y, threads, scratch);
-    else if (kind == F16) rowgemm<F16>(x, M, K, w, N, y, threads);
-    else rowgemm<F32>(x, M, K, w, N, y, threads);
+int nc_rowgemm_abi() { return 2; }
+
+// y = x @ W.T (or y += alpha * x @ W.T with accumulate): kind 0 fp32, 1 bf16, 2 fp16 weights;
+// x [M, K] fp32 and W [N, K] contiguous; y fp32 with row stride ldy; scratch M * K floats.
+void nc_rowgemm(int kind, const float* x, long M, long K, const void* w, long N, float* y, long ldy,
+                float alpha, int accumulate, int threads, float* scratch) {
+    const Out out{y, ldy, alpha, accumulate != 0};
+    if (N * K < 65536) threads = 1;  // a LoRA factor: waking a second thread costs more than it saves
+    if (kind == BF16) rowgemm_bf16(x, M, K, w, N, out, threads, scratch);
+    else if (kind == F16) rowgemm<F16>(x, M, K, w, N, out, threads);
+    else rowgemm<F32>(x, M, K, w, N, out, threads);
+}
+
+// Llama RMSNorm of each row: y = x / sqrt(mean(x^2) + eps) * weight (weight of ``kind``).
+void nc_rmsnorm(const float* x, long M, long D, const void* weight, int kind, float eps, float* y) {
+    for (long m = 0; m < M; ++m) {
+        const float* row = x + m * D;
+        float sum = 0.0f;
+        for (long d = 0; d < D; ++d) sum += row[d] * row[d];
+        const float inv = 1.0f / sqrtf(sum / static_cast<float>(D) + eps);
+        for (long d = 0; d < D; ++d) y[m * D + d] = widen(weight, kind, d) * (row[d] * inv);
+    }
+}
+
+// out[m, :I] = silu(gu[m, :I]) * gu[m, I:2I]   (the fused gate/up output of a Llama MLP)
+void nc_silu_mul(const float* gu, long M, long I, float* out) {
+    for (long m = 0; m < M; ++m)
+        for (long i = 0; i < I; ++i) {
+            const float g = gu[m * 2 * I + i];
+            out[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
+        }
+}
+
+// One decode step of attention for B sequences at one layer. qkv [B, (H + 2 * KV) * D] is the
+// fused projection output (q heads, then k heads, then v heads). For row b: rotate q and k at
+// positions[b] (Llama's rotate-half convention, cos/sin tables [context, D]), store k and v in
+// that sequence's cache (k_caches[b], v_caches[b]: [layers, KV, capacity[b], D] fp32) at
+// positions[b], then attend the query heads over positions 0..positions[b] of their kv head.
+// out [B, H * D]. Rows are independent: a row's result does not depend on the others.
+void nc_decode_attention(float* qkv, long B, long H, long KV, long D, const long* positions,
+                         const float* cos_table, const float* sin_table, const int64_t* k_caches,
+                         const int64_t* v_caches, const long* capacity, long layer, float scale,
+                         float* out, float* scores, long max_len, int threads) {
+    const long width = (H + 2 * KV) * D, half = D / 2, groups = H / KV;
+    for (long b = 0; b < B; ++b) {
+        float* row = qkv + b * width;
+        const long pos = positions[b];
+        const float* c = cos_table + pos * D;
+        const float* s = sin_table + pos * D;
+        for (long head = 0; head < H + KV; ++head) {  // q heads then k heads
+            float* v = row + head * D;
+            for (long d = 0; d < half; ++d) {
+                const float a = v[d], b2 = v[d + half];
+                v[d] = a * c[d] - b2 * s[d];
+                v[d + half] = b2 * c[d + half] + a * s[d + half];
+            }
+        }
+        float* kc = reinterpret_cast<float*>(k_caches[b]);
+        float* vc = reinterpret_cast<float*>(v_caches[b]);
+        for (long g = 0; g < KV; ++g) {
+            const long at = ((layer * KV + g) * capacity[b] + pos) * D;
+            for (long d = 0; d < D; ++d) {
+                kc[at + d] = row[(H + g) * D + d];
+                vc[at + d] = row[(H + KV + g) * D + d];
+            }
+        }
+    }
+    const long tasks = B * H;
+    const int team = (tasks * max_len * D > (1L << 16)) ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (long task = 0; task < tasks; ++task) {
+        const long b = task / H, head = task % H, g = head / groups, len = positions[b] + 1;
+        const float* q = qkv + b * width + head * D;
+        const float* keys = reinterpret_cast<const float*>(k_caches[b]) + (layer * KV + g) * capacity[b] * D;
+        const float* values = reinterpret_cast<const float*>(v_caches[b]) + (layer * KV + g) * capacity[b] * D;
+        float* p = scores + task * max_len;
+        float top = -INFINITY;
+        for (long t = 0; t < len; ++t) {
+            const float* key = keys + t * D;
+            __m256 acc = _mm256_setzero_ps();
+            long d = 0;
+            for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), acc);
+            float dot = hsum(acc);
+            for (; d < D; ++d) dot += q[d] * key[d];
+            p[t] = dot * scale;
+            top = p[t] > top ? p[t] : top;
+        }
+        float total = 0.0f;
+        for (long t = 0; t < len; ++t) {
+            p[t] = expf(p[t] - top);
+            total += p[t];
+        }
+        float* o = out + b * H * D + head * D;
+        for (long d = 0; d < D; ++d) o[d] = 0.0f;
+        for (long t = 0; t < len; ++t) {
+            const float weight = p[t] / total;
+            for (long d = 0; d < D; ++d) o[d] += weight * values[t * D + d];
+        }
+    }
 }
 }
