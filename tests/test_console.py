@@ -7,6 +7,7 @@ inference service is deliberately absent, so its pages must say so instead of fa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -218,7 +219,11 @@ def test_a_job_started_in_the_page_is_watched_and_cancelled(
         text = events.text
     assert f"job {job_id} PENDING" in text and "part 00 READY" in text
     assert text.rstrip().endswith('event: end\ndata: {"state": "CANCELLED"}')
-    assert "CANCELLED" in session.get(f"{console.url}/books/{book_id}").text
+    book_page = session.get(f"{console.url}/books/{book_id}").text
+    assert "CANCELLED" in book_page  # the book's jobs
+    chunks = re.findall(r'<blockquote class="chunk">(.*?)</blockquote>', book_page, re.S)
+    assert "The first chunks of training text" in book_page and 1 <= len(chunks) <= 3
+    assert all(chunk.strip().endswith(".") for chunk in chunks), chunks  # whole sentences of the book
 
 
 def test_part_rows_show_memorization_and_style_when_measured() -> None:

@@ -115,6 +115,7 @@ def test_an_author_logs_in_uploads_trains_watches_and_compares(
     assert page.inner_text("#book-title").strip()
     assert "2\nparts" in page.inner_text(".stats")
     assert "page numbers" in page.inner_text("main")  # what cleaning removed
+    assert page.locator("blockquote.chunk").count() == 3  # the first chunks of training text
     _shot(page, shots, "03-book")
 
     # Train it with tiny settings (the advanced fold), then watch it live.

@@ -141,6 +141,22 @@ def test_ingest_get_and_list_books_over_grpc(server: Server) -> None:
     with pytest.raises(grpc.RpcError) as bad:
         stub.GetBook(ingest_pb2.GetBookRequest(book_id="../../etc"), timeout=10)
     assert bad.value.code() == INVALID
+    assert not stub.GetBook(ingest_pb2.GetBookRequest(book_id=manifest.book_id), timeout=10).preview
+
+
+@pytest.mark.timeout(120)
+def test_get_book_previews_the_first_training_chunks_in_order(server: Server) -> None:
+    manifest = server.stub().IngestBook(_requests(_small_book(3)), timeout=60).manifest
+    stored = (server.store / manifest.parts[0].train_key).read_text().splitlines()
+    first = [json.loads(line)["text"] for line in stored]
+    stub = server.stub()
+    two = stub.GetBook(ingest_pb2.GetBookRequest(book_id=manifest.book_id, preview_chunks=2), timeout=10)
+    assert list(two.preview) == first[:2] and two.manifest.book_id == manifest.book_id
+    every = stub.GetBook(ingest_pb2.GetBookRequest(book_id=manifest.book_id, preview_chunks=1000), timeout=10)
+    assert list(every.preview) == first[:20]  # capped: a look at the text, not a download
+    with pytest.raises(grpc.RpcError) as negative:
+        stub.GetBook(ingest_pb2.GetBookRequest(book_id=manifest.book_id, preview_chunks=-1), timeout=10)
+    assert negative.value.code() == INVALID and "preview_chunks" in (negative.value.details() or "")
 
 
 @pytest.mark.timeout(120)

@@ -45,16 +45,20 @@ class IngestBookResponse(_message.Message):
     def __init__(self, manifest: _Optional[_Union[_common_pb2.BookManifest, _Mapping]] = ..., already_existed: _Optional[bool] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class GetBookRequest(_message.Message):
-    __slots__ = ("book_id",)
+    __slots__ = ("book_id", "preview_chunks")
     BOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     book_id: str
-    def __init__(self, book_id: _Optional[str] = ...) -> None: ...
+    preview_chunks: int
+    def __init__(self, book_id: _Optional[str] = ..., preview_chunks: _Optional[int] = ...) -> None: ...
 
 class GetBookResponse(_message.Message):
-    __slots__ = ("manifest",)
+    __slots__ = ("manifest", "preview")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     manifest: _common_pb2.BookManifest
-    def __init__(self, manifest: _Optional[_Union[_common_pb2.BookManifest, _Mapping]] = ...) -> None: ...
+    preview: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, manifest: _Optional[_Union[_common_pb2.BookManifest, _Mapping]] = ..., preview: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListBooksRequest(_message.Message):
     __slots__ = ()

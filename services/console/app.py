@@ -48,6 +48,7 @@ SECURITY_HEADERS = {
     "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
 }
+PREVIEW_CHUNKS = 3  # the first chunks of training text shown on a book's page
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -213,7 +214,10 @@ class Console:
     async def book(self, ctx: Context) -> Response:
         book_id = _book_id(ctx.request.path_params["book_id"])
         got = await call(
-            "ingest", self.backends.ingest.GetBook, ingest_pb2.GetBookRequest(book_id=book_id), timeout=30
+            "ingest",
+            self.backends.ingest.GetBook,
+            ingest_pb2.GetBookRequest(book_id=book_id, preview_chunks=PREVIEW_CHUNKS),
+            timeout=30,
         )
         listing = await call(
             "coordinator", self.backends.jobs.ListJobs, jobs_pb2.ListJobsRequest(book_id=book_id), timeout=30
@@ -224,6 +228,7 @@ class Console:
             ctx,
             "book.html",
             book=manifest,
+            preview=list(got.preview),
             cleaning=cleaning,
             removed=[(k, v) for k, v in cleaning if v],
             jobs=[views.job_view(j) for j in sorted(listing.jobs, key=lambda j: -j.created_at)],

@@ -267,6 +267,25 @@ def get_book(store: Store, book_id: str) -> dict[str, Any]:
     return manifest
 
 
+def preview_chunks(store: Store, manifest: dict[str, Any], count: int) -> list[str]:
+    """The first ``count`` training chunks of the first part, in book order (read as a stream:
+    only as much of the part as the preview needs)."""
+    parts = manifest.get("parts") or []
+    if count <= 0 or not parts:
+        return []
+    chunks: list[str] = []
+    pending = b""
+    for piece in store.stream(parts[0]["train_key"], chunk_size=64 * 1024):
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        chunks += [json.loads(line)["text"] for line in lines if line.strip()]
+        if len(chunks) >= count:
+            break
+    if pending.strip() and len(chunks) < count:
+        chunks.append(json.loads(pending)["text"])
+    return chunks[:count]
+
+
 def list_books(store: Store) -> list[dict[str, Any]]:
     """Every complete book (one whose manifest exists), oldest first."""
     books = []

@@ -25,6 +25,7 @@ log = get_logger("novelcrafter.ingest")
 
 SERVICE_NAME = "novelcrafter.v1.IngestService"
 DEFAULT_MAX_UPLOAD_MB = 200
+MAX_PREVIEW = 20  # GetBook's preview_chunks cap: a look at the text, not a download
 
 
 def max_upload_bytes() -> int:
@@ -110,7 +111,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     def GetBook(self, request: ingest_pb2.GetBookRequest, context: grpc.ServicerContext) -> Any:
         manifest = pipeline.get_book(self.store, check_book_id(request.book_id))
-        return ingest_pb2.GetBookResponse(manifest=manifest_codec.to_proto(manifest))
+        if request.preview_chunks < 0:
+            raise InvalidArgument(f"preview_chunks must be >= 0, got {request.preview_chunks}")
+        preview = pipeline.preview_chunks(self.store, manifest, min(request.preview_chunks, MAX_PREVIEW))
+        return ingest_pb2.GetBookResponse(manifest=manifest_codec.to_proto(manifest), preview=preview)
 
     def ListBooks(self, request: ingest_pb2.ListBooksRequest, context: grpc.ServicerContext) -> Any:
         return ingest_pb2.ListBooksResponse(
