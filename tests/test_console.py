@@ -165,6 +165,11 @@ def test_missing_things_are_404_and_bad_ids_400(
     assert bad_setting.status_code == 400 and "epochs must be a whole number" in bad_setting.text
     no_prompt = session.post(f"{console.url}/try", data={"csrf": csrf, "book_id": "0123456789abcdef"})
     assert no_prompt.status_code == 400 and "write a prompt" in no_prompt.text
+    card = session.get(f"{console.url}/adapters/0123456789abcdef/latest")
+    assert card.status_code == 404 and "unknown book 0123456789abcdef" in card.text
+    download = session.get(f"{console.url}/adapters/0123456789abcdef/part-0/download")
+    assert download.status_code == 404 and "text/html" in download.headers["content-type"]
+    assert session.get(f"{console.url}/adapters/0123456789abcdef/bad%20version").status_code == 400
     # Inference is down: the page says which service and why, with 503.
     adapters = session.get(f"{console.url}/adapters")
     assert adapters.status_code == 503 and "inference" in adapters.text

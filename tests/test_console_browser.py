@@ -9,6 +9,7 @@ or the test's tmp dir).
 from __future__ import annotations
 
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,19 @@ def test_an_author_logs_in_uploads_trains_watches_and_compares(
         time.sleep(2)
     assert f"{job_id}-p00" in page.inner_text("main")
     _shot(page, shots, "06-adapters")
+
+    # The newest version's model card, and the version downloaded as a zip.
+    latest.first.get_by_role("link", name="Model card").click()
+    page.wait_for_url(f"{url}/adapters/{book_id}/{job_id}-p01")
+    card = page.inner_text("#model-card")
+    assert "perplexity" in card.lower() and "<" not in card, card[:500]
+    _shot(page, shots, "06b-model-card")
+    with page.expect_download() as download:
+        page.click("#download")
+    assert download.value.suggested_filename == f"{book_id}-{job_id}-p01.zip"
+    with zipfile.ZipFile(download.value.path()) as zf:
+        names = {Path(n).name for n in zf.namelist()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= names, names
 
     # Try it: base and tuned continuations streamed side by side, the exact versions named.
     page.goto(f"{url}/try?book={book_id}")

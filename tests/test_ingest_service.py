@@ -157,6 +157,17 @@ def test_get_book_previews_the_first_training_chunks_in_order(server: Server) ->
     with pytest.raises(grpc.RpcError) as negative:
         stub.GetBook(ingest_pb2.GetBookRequest(book_id=manifest.book_id, preview_chunks=-1), timeout=10)
     assert negative.value.code() == INVALID and "preview_chunks" in (negative.value.details() or "")
+    # Not trained yet: no adapter card or export, with the reason.
+    card = ingest_pb2.GetAdapterCardRequest(book_id=manifest.book_id)
+    export = ingest_pb2.ExportAdapterRequest(book_id=manifest.book_id, adapter="part-0")
+    for call in (
+        lambda: stub.GetAdapterCard(card, timeout=10),
+        lambda: list(stub.ExportAdapter(export, timeout=10)),
+    ):
+        with pytest.raises(grpc.RpcError) as untrained:
+            call()
+        assert untrained.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "has no published adapter yet" in (untrained.value.details() or "")
 
 
 @pytest.mark.timeout(120)

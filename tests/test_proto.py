@@ -24,7 +24,13 @@ def _methods(module, service: str) -> set[str]:
 
 
 def test_services_are_complete() -> None:
-    assert _methods(ingest_pb2, "IngestService") == {"IngestBook", "GetBook", "ListBooks"}
+    assert _methods(ingest_pb2, "IngestService") == {
+        "IngestBook",
+        "GetBook",
+        "ListBooks",
+        "GetAdapterCard",
+        "ExportAdapter",
+    }
     assert _methods(jobs_pb2, "JobService") == {
         "CreateJob",
         "GetJob",

@@ -69,3 +69,35 @@ class ListBooksResponse(_message.Message):
     BOOKS_FIELD_NUMBER: _ClassVar[int]
     books: _containers.RepeatedCompositeFieldContainer[_common_pb2.BookManifest]
     def __init__(self, books: _Optional[_Iterable[_Union[_common_pb2.BookManifest, _Mapping]]] = ...) -> None: ...
+
+class GetAdapterCardRequest(_message.Message):
+    __slots__ = ("book_id", "adapter")
+    BOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    book_id: str
+    adapter: str
+    def __init__(self, book_id: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class GetAdapterCardResponse(_message.Message):
+    __slots__ = ("version", "model_card")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
+    version: _common_pb2.AdapterVersion
+    model_card: str
+    def __init__(self, version: _Optional[_Union[_common_pb2.AdapterVersion, _Mapping]] = ..., model_card: _Optional[str] = ...) -> None: ...
+
+class ExportAdapterRequest(_message.Message):
+    __slots__ = ("book_id", "adapter")
+    BOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    book_id: str
+    adapter: str
+    def __init__(self, book_id: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class ExportAdapterChunk(_message.Message):
+    __slots__ = ("filename", "data")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    data: bytes
+    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

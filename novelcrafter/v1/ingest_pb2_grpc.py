@@ -50,6 +50,16 @@ class IngestServiceStub:
                 request_serializer=novelcrafter_dot_v1_dot_ingest__pb2.ListBooksRequest.SerializeToString,
                 response_deserializer=novelcrafter_dot_v1_dot_ingest__pb2.ListBooksResponse.FromString,
                 _registered_method=True)
+        self.GetAdapterCard = channel.unary_unary(
+                '/novelcrafter.v1.IngestService/GetAdapterCard',
+                request_serializer=novelcrafter_dot_v1_dot_ingest__pb2.GetAdapterCardRequest.SerializeToString,
+                response_deserializer=novelcrafter_dot_v1_dot_ingest__pb2.GetAdapterCardResponse.FromString,
+                _registered_method=True)
+        self.ExportAdapter = channel.unary_stream(
+                '/novelcrafter.v1.IngestService/ExportAdapter',
+                request_serializer=novelcrafter_dot_v1_dot_ingest__pb2.ExportAdapterRequest.SerializeToString,
+                response_deserializer=novelcrafter_dot_v1_dot_ingest__pb2.ExportAdapterChunk.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -75,6 +85,20 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAdapterCard(self, request, context):
+        """A published adapter version's model card (this process also holds the store's adapters for
+        the coordinator), and the version as a zip of its PEFT folder and card, streamed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +116,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ListBooks,
                     request_deserializer=novelcrafter_dot_v1_dot_ingest__pb2.ListBooksRequest.FromString,
                     response_serializer=novelcrafter_dot_v1_dot_ingest__pb2.ListBooksResponse.SerializeToString,
+            ),
+            'GetAdapterCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapterCard,
+                    request_deserializer=novelcrafter_dot_v1_dot_ingest__pb2.GetAdapterCardRequest.FromString,
+                    response_serializer=novelcrafter_dot_v1_dot_ingest__pb2.GetAdapterCardResponse.SerializeToString,
+            ),
+            'ExportAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAdapter,
+                    request_deserializer=novelcrafter_dot_v1_dot_ingest__pb2.ExportAdapterRequest.FromString,
+                    response_serializer=novelcrafter_dot_v1_dot_ingest__pb2.ExportAdapterChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +210,60 @@ class IngestService:
             '/novelcrafter.v1.IngestService/ListBooks',
             novelcrafter_dot_v1_dot_ingest__pb2.ListBooksRequest.SerializeToString,
             novelcrafter_dot_v1_dot_ingest__pb2.ListBooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapterCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/novelcrafter.v1.IngestService/GetAdapterCard',
+            novelcrafter_dot_v1_dot_ingest__pb2.GetAdapterCardRequest.SerializeToString,
+            novelcrafter_dot_v1_dot_ingest__pb2.GetAdapterCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/novelcrafter.v1.IngestService/ExportAdapter',
+            novelcrafter_dot_v1_dot_ingest__pb2.ExportAdapterRequest.SerializeToString,
+            novelcrafter_dot_v1_dot_ingest__pb2.ExportAdapterChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 import grpc
 import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -443,6 +445,48 @@ class Console:
             )
         return self.render(ctx, "adapters.html", grouped=grouped, titles=titles)
 
+    async def adapter_card(self, ctx: Context) -> Response:
+        book_id = _book_id(ctx.request.path_params["book_id"])
+        version = ctx.request.path_params["version"]
+        answer = await call(
+            "ingest",
+            self.backends.ingest.GetAdapterCard,
+            ingest_pb2.GetAdapterCardRequest(book_id=book_id, adapter=version),
+            timeout=30,
+        )
+        front, body = views.split_front_matter(answer.model_card)
+        return self.render(
+            ctx,
+            "adapter.html",
+            version=answer.version,
+            published=views.when(answer.version.published_at),
+            front_matter=front,
+            card=Markup(views.render_markdown(body)),  # markdown-it, raw HTML off
+        )
+
+    async def adapter_download(self, ctx: Context) -> Response:
+        """The version as a zip (PEFT folder + model card), streamed from ExportAdapter."""
+        book_id = _book_id(ctx.request.path_params["book_id"])
+        request = ingest_pb2.ExportAdapterRequest(book_id=book_id, adapter=ctx.request.path_params["version"])
+        stream = self.backends.ingest.ExportAdapter(request, timeout=600)
+        pieces = iterate_in_thread(lambda emit: [emit(p) for p in stream], stream.cancel)
+        first = await anext(pieces)  # errors (no such version) become the page's status, not a broken zip
+        filename = re.sub(r"[^A-Za-z0-9._-]", "_", first.filename) or "adapter.zip"
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield first.data
+                async for piece in pieces:
+                    yield piece.data
+            finally:
+                await pieces.aclose()  # the browser left: cancel the export stream
+
+        return StreamingResponse(
+            body(),
+            media_type="application/zip",
+            headers={"content-disposition": f'attachment; filename="{filename}"'},
+        )
+
     # --- the app -------------------------------------------------------------------------------
 
     def app(self) -> Starlette:
@@ -466,6 +510,8 @@ class Console:
             Route("/try", p(self.try_submit), methods=["POST"]),
             Route("/try/stream", p(self.try_stream, api=True), methods=["POST"]),
             Route("/adapters", p(self.adapters)),
+            Route("/adapters/{book_id}/{version}", p(self.adapter_card)),
+            Route("/adapters/{book_id}/{version}/download", p(self.adapter_download)),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         app = Starlette(routes=routes)

@@ -5,10 +5,27 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from markdown_it import MarkdownIt
+
 from novelcrafter.progress import job_state_name, judged_bits, part_state_name
 from novelcrafter.v1 import jobs_pb2
 
 CURVE_WIDTH, CURVE_HEIGHT = 160, 40
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")  # raw HTML in a card stays text
+
+
+def render_markdown(text: str) -> str:
+    """A model card as HTML: Markdown only, raw HTML escaped, javascript: links refused."""
+    return _MARKDOWN.render(text)
+
+
+def split_front_matter(card: str) -> tuple[str, str]:
+    """(YAML front matter, Markdown body) of a Hugging Face model card."""
+    if card.startswith("---\n"):
+        end = card.find("\n---", 4)
+        if end > 0:
+            return card[4:end].strip(), card[end + 4 :].lstrip("-").lstrip("\n")
+    return "", card
 
 
 def when(stamp: float) -> str:

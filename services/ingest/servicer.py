@@ -25,6 +25,7 @@ log = get_logger("novelcrafter.ingest")
 
 SERVICE_NAME = "novelcrafter.v1.IngestService"
 DEFAULT_MAX_UPLOAD_MB = 200
+EXPORT_CHUNK = 1 << 20
 MAX_PREVIEW = 20  # GetBook's preview_chunks cap: a look at the text, not a download
 
 
@@ -120,6 +121,40 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.ListBooksResponse(
             books=[manifest_codec.to_proto(m) for m in pipeline.list_books(self.store)]
         )
+
+    def GetAdapterCard(self, request: ingest_pb2.GetAdapterCardRequest, context: grpc.ServicerContext) -> Any:
+        from novelcrafter import adapters
+        from novelcrafter.export import resolve_version
+
+        meta = resolve_version(self.store, check_book_id(request.book_id), request.adapter or "latest")
+        card = self.store.get_text(meta.prefix + adapters.CARD) if adapters.CARD in meta.files else ""
+        return ingest_pb2.GetAdapterCardResponse(version=meta.to_proto(), model_card=card)
+
+    def ExportAdapter(
+        self, request: ingest_pb2.ExportAdapterRequest, context: grpc.ServicerContext
+    ) -> Iterator[ingest_pb2.ExportAdapterChunk]:
+        """``novelcrafter export --format peft`` into a temporary folder, zipped and streamed."""
+        import tempfile
+        import zipfile
+        from pathlib import Path
+
+        from novelcrafter.export import export_adapter
+
+        book_id = check_book_id(request.book_id)
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            result = export_adapter(
+                self.store, book_id, Path(tmp) / "adapter", adapter=request.adapter or "latest"
+            )
+            name = f"{book_id}-{result.meta.version}"
+            archive = Path(tmp) / f"{name}.zip"
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+                for file in result.files:
+                    zf.write(result.dest / file, f"{name}/{file}")
+            with open(archive, "rb") as fh:
+                first = True
+                while piece := fh.read(EXPORT_CHUNK):
+                    yield ingest_pb2.ExportAdapterChunk(filename=archive.name if first else "", data=piece)
+                    first = False
 
     # -- upload -----------------------------------------------------------------------------------
     def _receive(
