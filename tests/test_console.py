@@ -17,7 +17,7 @@ from fault_support import TOKEN, book_pdf, start_ingest
 from novelcrafter.console.forms import job_config
 from novelcrafter.console.security import Guard, safe_next
 from novelcrafter.console.views import curve_points, part_row
-from support import free_port
+from support import free_port, run_cli
 
 from novelcrafter.errors import InvalidArgument
 from novelcrafter.v1 import jobs_pb2
@@ -262,3 +262,11 @@ def test_job_settings_from_the_form() -> None:
     assert config.device == "cpu"
     with pytest.raises(InvalidArgument, match="device must be any, cpu or cuda"):
         job_config({"device": "tpu"})
+
+
+def test_serve_console_with_a_bad_address_is_one_error_line() -> None:
+    done = run_cli("serve", "console", "--listen", "nonsense", timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: cannot listen on 'nonsense' (console): expected HOST:PORT, e.g. 0.0.0.0:8080"
+    ]

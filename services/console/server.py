@@ -21,6 +21,10 @@ DEFAULT_LISTEN = "0.0.0.0:8080"
 def bind(listen: str) -> socket.socket:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit():
+        raise NovelCrafterError(
+            f"cannot listen on {listen!r} (console): expected HOST:PORT, e.g. 0.0.0.0:8080"
+        )
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
