@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from console_support import ConsoleProc, csrf_of, login, start_console
-from fault_support import TOKEN, book_pdf, start_ingest
+from fault_support import TOKEN, Service, book_pdf, start_ingest
 from novelcrafter.console.forms import job_config
 from novelcrafter.console.security import Guard, safe_next
 from novelcrafter.console.views import curve_points, part_row
@@ -28,19 +30,23 @@ HOSTILE = '<script>alert("pwned")</script> & "friends"'
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleProc]:
+def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("console-ingest")
+    ingest = start_ingest(str(tmp / "store"), tmp, env={"NOVELCRAFTER_AUTH_TOKEN": TOKEN})
+    yield ingest
+    ingest.stop()
+    assert TOKEN not in ingest.output() and WRONG not in ingest.output(), "a token leaked into a log"
+
+
+@pytest.fixture(scope="module")
+def console(ingest: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleProc]:
     tmp = tmp_path_factory.mktemp("console")
-    env = {"NOVELCRAFTER_AUTH_TOKEN": TOKEN}
-    ingest = start_ingest(str(tmp / "store"), tmp, env=env)
+    env = {"NOVELCRAFTER_AUTH_TOKEN": TOKEN, "NOVELCRAFTER_MAX_UPLOAD_MB": "1"}
     # Nothing listens on the inference address: pages that need it must explain.
-    console = start_console(
-        tmp, ingest.address, f"127.0.0.1:{free_port()}", env={**env, "NOVELCRAFTER_MAX_UPLOAD_MB": "1"}
-    )
+    console = start_console(tmp, ingest.address, f"127.0.0.1:{free_port()}", env=env)
     yield console
     console.stop()
-    ingest.stop()
-    for text in (console.output(), ingest.output()):
-        assert TOKEN not in text and WRONG not in text, "a token leaked into a log"
+    assert TOKEN not in console.output() and WRONG not in console.output(), "a token leaked into a log"
 
 
 @pytest.fixture
@@ -270,3 +276,44 @@ def test_serve_console_with_a_bad_address_is_one_error_line() -> None:
     assert done.stderr.strip().splitlines() == [
         "error: cannot listen on 'nonsense' (console): expected HOST:PORT, e.g. 0.0.0.0:8080"
     ]
+
+
+@pytest.mark.timeout(300)
+def test_an_upload_streams_through_the_console_without_being_held_in_memory(
+    ingest: Service, tmp_path: Path
+) -> None:
+    """80 MB pass through a console whose memory never grows by anything like 80 MB: the body
+    goes on to ingest piece by piece (ingest then refuses it: no PDF header)."""
+    size_mb = 80
+    console = start_console(
+        tmp_path, ingest.address, f"127.0.0.1:{free_port()}", env={"NOVELCRAFTER_AUTH_TOKEN": TOKEN}
+    )
+    try:
+        session = requests.Session()
+        csrf = login(session, console.url, TOKEN)
+        process = psutil.Process(console.proc.pid)
+        baseline = process.memory_info().rss
+        peak = [baseline]
+        sent = [0]
+
+        def body() -> Iterator[bytes]:
+            piece = b"x" * 65536
+            for _ in range(size_mb * 16):
+                sent[0] += len(piece)
+                if sent[0] % (4 << 20) == 0:  # sample the console's memory as the upload goes
+                    peak[0] = max(peak[0], process.memory_info().rss)
+                yield piece
+
+        answer = session.post(
+            f"{console.url}/books",
+            params={"filename": "big.pdf"},
+            data=body(),
+            headers={"X-CSRF-Token": csrf, "Content-Type": "application/pdf"},
+            timeout=240,
+        )
+        assert sent[0] == size_mb << 20
+        assert answer.status_code == 400 and "not a PDF" in answer.json()["error"], answer.text
+        grown_mb = (peak[0] - baseline) / (1 << 20)
+        assert grown_mb < size_mb / 4, f"the console grew by {grown_mb:.0f} MB during an {size_mb} MB upload"
+    finally:
+        console.stop()
