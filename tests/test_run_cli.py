@@ -50,3 +50,24 @@ def test_run_dirs_are_unique(tmp_path: Path) -> None:
     first, second = make_run_dir(None, tmp_path), make_run_dir(None, tmp_path)
     assert first != second and first.is_dir() and second.is_dir()
     assert make_run_dir(tmp_path / "given") == (tmp_path / "given").resolve()
+
+
+def test_keep_services_prints_where_the_console_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --keep-services` keeps the services up and says where to open the console."""
+    from novelcrafter.run.runner import Terminal, _serve_until_interrupted
+    from novelcrafter.run.services import LocalServices
+
+    class UntilCtrlC(LocalServices):
+        def check_alive(self) -> None:
+            raise KeyboardInterrupt  # the user's Ctrl-C, right after the message
+
+    services = UntilCtrlC(
+        store="unused",
+        ingest_listen="127.0.0.1:5",
+        inference_listen="127.0.0.1:6",
+        console_listen="0.0.0.0:7",
+    )
+    _serve_until_interrupted(Terminal(tty=False, quiet=False), services)
+    out = capsys.readouterr().out
+    assert "console: open http://127.0.0.1:7/ in a browser" in out
+    assert "stopping the services" in out
