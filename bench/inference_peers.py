@@ -744,7 +744,6 @@ def make_1b_shape(dest: Path, tokenizer_dir: Path, seed: int = 0) -> tuple[Path,
         model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.config.torch_dtype = torch.bfloat16
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(seed + 1)
