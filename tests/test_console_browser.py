@@ -91,8 +91,10 @@ def test_an_author_logs_in_uploads_trains_watches_and_compares(
     assert WRONG not in page.content()
     _shot(page, shots, "01-login-refused")
     page.fill("#token", TOKEN)
-    page.click("form.card button[type=submit]")
+    page.keyboard.press("Enter")  # with the keyboard, as anywhere in the console
     page.wait_for_url(f"{url}/books")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     cookie = next(c for c in context.cookies() if c["name"] == "nc_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
     assert TOKEN not in page.content()
@@ -123,7 +125,8 @@ def test_an_author_logs_in_uploads_trains_watches_and_compares(
     page.click("form.train summary")
     for name, value in TINY.items():
         page.fill(f"#{name}", value)
-    page.click("#train-button")
+    page.focus("#train-button")
+    page.keyboard.press("Enter")
     page.wait_for_url(f"{url}/jobs/j-*")
     job_id = page.url.rsplit("/", 1)[-1]
     page.wait_for_function("document.querySelectorAll('#events li').length > 0")
@@ -170,7 +173,7 @@ def test_an_author_logs_in_uploads_trains_watches_and_compares(
     page.fill("#max_new_tokens", "16")
     page.click("#generate-button")
     page.wait_for_selector("body[data-generated=yes]", timeout=300_000)
-    assert page.is_hidden("#try-error")
+    assert page.is_hidden("#try-error"), page.inner_text("#try-error")
     assert page.inner_text("#base-version") == "base"
     assert page.inner_text("#tuned-version") == f"{book_id}:{job_id}-p01"
     for side in ("base", "tuned"):

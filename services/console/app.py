@@ -154,6 +154,7 @@ class Console:
         target = safe_next(ctx.form.get("next"))
         if not self.guard.check_token(ctx.form.get("token", "")):
             log.info("console login refused")  # never the supplied value
+            await asyncio.sleep(1.0)  # slows down guessing
             return self.render(ctx, "login.html", status=401, next=target, failed=True)
         session = self.guard.new_session(authenticated=True)  # a new CSRF token after login
         response = RedirectResponse(target, status_code=303)
