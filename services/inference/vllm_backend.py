@@ -105,6 +105,7 @@ class VllmBackend:
         self.healthy = False
         self.recoveries = 0
         self._live: dict[str, VllmAdapter] = {}  # name -> loaded in vLLM (as far as we know)
+        self._epoch = 0  # bumped by every change to _live: a probe's snapshot must not straddle one
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,9 +167,10 @@ class VllmBackend:
         del weights  # only the shapes were needed: vLLM holds the tensors
         shutil.copytree(path, handle.path)
         try:
+            self.client.load_lora(name, str(handle.path))
             with self._lock:
-                self.client.load_lora(name, str(handle.path))
                 self._live[name] = handle
+                self._epoch += 1
         except BaseException:
             shutil.rmtree(handle.path, ignore_errors=True)
             raise
@@ -217,6 +219,7 @@ class VllmBackend:
         self._live.pop(handle.name, None)
         handle.name, handle.unloaded = name, False
         self._live[name] = handle
+        self._epoch += 1
 
     def _unload(self, handle: VllmAdapter) -> None:
         with self._lock:
@@ -224,6 +227,7 @@ class VllmBackend:
                 return
             handle.unloaded = True
             self._live.pop(handle.name, None)
+            self._epoch += 1
         try:
             self.client.unload_lora(handle.name)
             log.info("adapter unloaded from vLLM", extra={"fields": {"name": handle.name}})
@@ -247,8 +251,12 @@ class VllmBackend:
     def check(self) -> bool:
         """Probe vLLM once; reload whatever it lost; health follows. True when healthy."""
         try:
+            with self._lock:
+                epoch = self._epoch
             present = {str(m["id"]) for m in self.client.models()}
             with self._lock:
+                if epoch != self._epoch:  # a load or unload raced with the snapshot: ask again
+                    return self.healthy
                 missing = [h for name, h in self._live.items() if name not in present]
                 if missing:
                     self._mark(False, f"vLLM lost {len(missing)} adapter(s): restarted; reloading")

@@ -153,9 +153,16 @@ class VllmClient:
         if status == 200:
             return
         message = _message(body)
-        if 400 <= status < 500:  # vLLM refused this adapter (rank over --max-lora-rank, ...)
-            raise AdapterRejected(f"the vLLM server refused the adapter: {message}")
-        raise Unavailable(f"the vLLM server at {self.url} failed to load an adapter ({status}): {message}")
+        if status == 404:  # vLLM cannot read our folder: a deployment fault, not this version's
+            raise Unavailable(
+                f"the vLLM server cannot find the adapter at {path} ({message}); the adapter folder "
+                "(NOVELCRAFTER_VLLM_ADAPTER_DIR) must be readable by vLLM at the same path"
+            )
+        if status == 503:
+            raise Unavailable(f"the vLLM server at {self.url} is not ready: {message}")
+        # vLLM refused this adapter: 400 (name taken, bad request) or 500 from its engine
+        # (rank over --max-lora-rank, unsupported modules, ...).
+        raise AdapterRejected(f"the vLLM server refused the adapter ({status}): {message}")
 
     def unload_lora(self, name: str) -> bool:
         """True when unloaded; False when vLLM did not hold it (already gone)."""
