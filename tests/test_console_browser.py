@@ -19,7 +19,7 @@ from console_support import ConsoleProc, artifacts_dir, chromium_path, start_con
 from fault_support import TOKEN, book_pdf, start_inference, start_ingest, start_trainer
 from support import BOOKS, require_shared
 
-pytestmark = [pytest.mark.integration, pytest.mark.browser]
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 WRONG = "wrong-token-that-must-not-leak-4d2c"
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & Sons'
 # A job that trains in about a minute on a CPU: 2 parts, 2 steps each, judging off.
