@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from novelcrafter.inference.lora import AdapterRejected
 from novelcrafter.inference.sampling import SamplingParams
-from novelcrafter.inference.vllm_backend import AdapterNames
+from novelcrafter.inference.vllm_backend import AdapterNames, VllmBackend
 from novelcrafter.inference.vllm_client import (
     StreamDelta,
     StreamEnd,
@@ -156,3 +156,16 @@ def test_cli_unreachable_vllm_url_is_one_error_line(tmp_path: Path) -> None:
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith(f"error: the vLLM server at http://127.0.0.1:{port} is unreachable: ")
     assert "Connection refused" in errors[0]
+
+
+def test_only_our_stale_adapter_folders_are_cleared(tmp_path: Path) -> None:
+    """At start, versions an earlier process of ours wrote go; nothing else in the folder does."""
+    backend = VllmBackend(VllmClient("http://127.0.0.1:9"), tmp_path, validate=lambda path, meta: None)
+    (tmp_path / "keep-me").mkdir()
+    (tmp_path / "notes@2026").mkdir()
+    stale = tmp_path / "b000000000000001--j-000000000001-p00@deadbeef"
+    stale.mkdir()
+    mine = backend._dir_for(backend.names.next("b000000000000001", "j-000000000001-p00"))
+    mine.mkdir()
+    backend._clear_stale_dirs()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep-me", "notes@2026", mine.name])

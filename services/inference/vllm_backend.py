@@ -142,8 +142,10 @@ class VllmBackend:
         self._clear_stale_dirs()
 
     def _clear_stale_dirs(self) -> None:
+        """Remove the versions an earlier process of ours wrote (only folders named as ours)."""
         for child in self.adapter_dir.iterdir():
-            if child.is_dir() and not self.names.ours(child.name.replace("--", ":", 1)):
+            name = child.name.replace("--", ":", 1)
+            if child.is_dir() and AdapterNames.looks_like_ours(name) and not self.names.ours(name):
                 shutil.rmtree(child, ignore_errors=True)
 
     def start_watching(self) -> None:
