@@ -180,7 +180,9 @@ def server(published: Published, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def test_health_needs_no_token_and_models_lists_base_books_and_versions(server: Server) -> None:
     with urllib.request.urlopen(f"{server.base_url}/health", timeout=10) as response:
-        assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+        assert response.status == 200
+        engine = {"name": "native", "batch_invariant_seeds": True, "note": ""}  # the backend's properties
+        assert json.loads(response.read()) == {"status": "ok", "engine": engine}
     p = server.published
     models = {m.id: m for m in server.client().models.list()}
     assert {"base", BOOK, f"{BOOK}:{p.part0}", f"{BOOK}:{p.part1}", SWAP, f"{SWAP}:{p.swap0}"} <= set(models)
