@@ -22,9 +22,12 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +40,7 @@ PREBUILT = SOURCE.with_suffix(".so")
 FLAGS = ("-O3", "-march=haswell", "-mtune=generic", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI = 2
+ABI = 4
 
 _lock = threading.Lock()
 _loaded: dict[str, RowGemm | None] = {}
@@ -49,6 +52,10 @@ _SIGNATURES = {
     "nc_rmsnorm": [_P, _L, _L, _P, _I, _F, _P],
     "nc_silu_mul": [_P, _L, _L, _P],
     "nc_decode_attention": [_P, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _L, _F, _P, _P, _L, _I],
+    "nc_decode_layers": [
+        *(_P, _L, _L, _L, _P, _I, _F, _L, _L, _L, _L, _L, _P, _P, _P, _P),
+        *(_P, _P, _P, _P, _P, _P, _F, _L, _I),
+    ],
 }
 
 
@@ -181,6 +188,120 @@ class RowGemm:
         )
         return out
 
+    def decode_layers(
+        self,
+        h: torch.Tensor,
+        *,
+        shapes: LayerShapes,
+        weights: torch.Tensor,
+        kind: torch.dtype,
+        adapters: list[LoraTable],
+        adapter_of_row: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: DecodeCaches,
+    ) -> None:
+        """Every decoder layer; ``h`` [rows, hidden] fp32 is the residual stream, updated in
+        place. ``weights``: int64 [layers, 6] pointers (see the C source) that the caller keeps
+        alive; ``adapter_of_row`` (int64 [rows]): each row's index into ``adapters``, or -1."""
+        rows = h.shape[0]
+        layers = weights.shape[0]
+        count = len(adapters)
+        if count:
+            pointers = torch.stack([a.pointers for a in adapters])
+            scales = torch.stack([a.scales for a in adapters])
+            ranks = torch.stack([a.ranks for a in adapters])
+        else:
+            pointers = torch.zeros(1, layers, 7, 2, dtype=torch.int64)
+            scales, ranks = torch.zeros(1, layers, 7), torch.zeros(1, layers, 7, dtype=torch.int64)
+        if (
+            h.dtype != torch.float32
+            or not h.is_contiguous()
+            or h.shape[1] != shapes.hidden
+            or weights.shape != (layers, 6)
+            or pointers.shape[1:] != (layers, 7, 2)
+            or adapter_of_row.shape != (rows,)
+            or adapter_of_row.dtype != torch.int64
+            or int(adapter_of_row.max()) >= count
+            or caches.rows != rows
+            or caches.layers != layers
+            or caches.kv_heads != shapes.kv_heads
+            or caches.head_dim != shapes.head_dim
+            or caches.max_len > cos.shape[0]
+        ):
+            raise ValueError("decode_layers: inputs do not fit")
+        self._lib.nc_decode_layers(
+            h.data_ptr(),
+            rows,
+            shapes.hidden,
+            layers,
+            weights.data_ptr(),
+            KINDS[kind],
+            shapes.eps,
+            shapes.heads,
+            shapes.kv_heads,
+            shapes.head_dim,
+            shapes.intermediate,
+            count,
+            pointers.data_ptr(),
+            scales.data_ptr(),
+            ranks.data_ptr(),
+            adapter_of_row.data_ptr(),
+            caches.positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            caches.k.data_ptr(),
+            caches.v.data_ptr(),
+            caches.capacity.data_ptr(),
+            shapes.attn_scale,
+            caches.max_len,
+            self.threads,
+        )
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """What :meth:`RowGemm.decode_layers` needs to know of the model."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    attn_scale: float
+
+
+@dataclass
+class LoraTable:
+    """One adapter's A/B pointers, scales and ranks per layer and module, for the C loop."""
+
+    pointers: torch.Tensor  # int64 [layers, 7, 2], 0 where the module has no LoRA
+    scales: torch.Tensor  # fp32 [layers, 7]
+    ranks: torch.Tensor  # int64 [layers, 7]
+    keep: tuple[torch.Tensor, ...] = ()  # the tensors pointed at
+
+    @classmethod
+    def build(cls, layers: int, modules: tuple[str, ...], adapter: Any) -> LoraTable:
+        pointers = torch.zeros(layers, len(modules), 2, dtype=torch.int64)
+        scales = torch.zeros(layers, len(modules), dtype=torch.float32)
+        ranks = torch.zeros(layers, len(modules), dtype=torch.int64)
+        keep: list[torch.Tensor] = []
+        for layer in range(layers if adapter is not None else 0):
+            for index, name in enumerate(modules):
+                lora = adapter.layers[layer].get(name)
+                if lora is None:
+                    continue
+                if lora.a.dtype != torch.float32 or lora.b.dtype != torch.float32:
+                    raise ValueError("decode_layers: LoRA tensors must be fp32")
+                a, b = lora.a.contiguous(), lora.b.contiguous()
+                keep += [a, b]
+                pointers[layer, index, 0] = a.data_ptr()
+                pointers[layer, index, 1] = b.data_ptr()
+                scales[layer, index] = lora.scale
+                ranks[layer, index] = a.shape[0]
+        return cls(pointers, scales, ranks, tuple(keep))
+
 
 class DecodeCaches:
     """The KV caches of one decode step's rows, as the attention kernel takes them: fp32
@@ -257,23 +378,29 @@ def _open(home: str | Path | None) -> ctypes.CDLL | None:
     return None
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
 def _build(home: str | Path | None) -> Path | None:
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    compiler = _compiler()
     if compiler is None:
         log.warning("CPU kernels off: no C++ compiler (g++) to build them; decode uses torch matmuls")
         return None
-    source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(source + repr((FLAGS, version)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, version)).encode()).hexdigest()[:16]
     from novelcrafter.config import get_settings
 
-    root = Path(home or get_settings().home).expanduser() / "kernels"
-    target = root / f"rowgemm-{digest}.so"
+    target = Path(home or get_settings().home).expanduser() / "kernels" / f"rowgemm-{digest}.so"
     if target.exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
     log.info("building the CPU kernel (once per machine)", extra={"fields": {"target": str(target)}})
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    return target if _compile(compiler, target) else None
+
+
+def _compile(compiler: str, target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
         result = subprocess.run(
             [compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True
@@ -283,6 +410,24 @@ def _build(home: str | Path | None) -> Path | None:
                 "CPU kernel build failed; decode uses torch matmuls",
                 extra={"fields": {"compiler": compiler, "error": result.stderr.strip()[-500:]}},
             )
-            return None
+            return False
         os.replace(partial, target)  # atomic: a concurrent process sees all of it or nothing
-    return target
+    return True
+
+
+def main() -> int:
+    """``python -m novelcrafter.inference.cpu_kernels``: compile the kernel beside its source
+    (``rowgemm.so``), as a container image does at build time so its runtime needs no compiler."""
+    compiler = _compiler()
+    if compiler is None:
+        print("error: no C++ compiler found (install g++ or set CXX)", file=sys.stderr)
+        return 1
+    if not _compile(compiler, PREBUILT):
+        print(f"error: compiling {SOURCE} failed (see the log above)", file=sys.stderr)
+        return 1
+    print(PREBUILT)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

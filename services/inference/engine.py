@@ -125,6 +125,16 @@ class Engine:
             positions = torch.arange(self.context)[None, :]
             cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
             self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+            self._layer_pointers = self._pointer_table()
+            self._shapes = cpu_kernels.LayerShapes(
+                hidden=self.hidden,
+                heads=self.n_heads,
+                kv_heads=self.n_kv,
+                head_dim=self.head_dim,
+                intermediate=self.layers[0].mlp.gate_proj.out_features,
+                eps=float(self.layers[0].input_layernorm.variance_epsilon),
+                attn_scale=float(self.layers[0].self_attn.scaling),
+            )
 
     @staticmethod
     def _check_supported(model: Any) -> None:
@@ -179,6 +189,34 @@ class Engine:
                 groups[group] = (fused_weight.view(rows, in_features), list(names), widths)
             fused.append(groups)
         return fused
+
+    def _pointer_table(self) -> torch.Tensor:
+        """int64 [layers, 6]: input norm, post-attention norm, q/k/v, o, gate/up, down weights
+        of every layer, for the decode loop in C (the tensors live as long as the model)."""
+        rows = []
+        for layer, fused in zip(self.layers, self.fused, strict=True):
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(n.dtype != self.dtype or not n.is_contiguous() for n in norms):
+                raise FailedPrecondition("norm weights must share the projections' dtype")
+            if any(layer.get_submodule(name).bias is not None for name in SUPPORTED_MODULES):
+                raise FailedPrecondition("projection biases are not supported by the CPU decode loop")
+            rows.append(
+                [
+                    *(n.data_ptr() for n in norms),
+                    fused["qkv"][0].data_ptr(),
+                    layer.self_attn.o_proj.weight.data_ptr(),
+                    fused["gate_up"][0].data_ptr(),
+                    layer.mlp.down_proj.weight.data_ptr(),
+                ]
+            )
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def _lora_table(self, adapter: LoraWeights) -> cpu_kernels.LoraTable:
+        table = getattr(adapter, "_kernel_table", None)  # built once per adapter version
+        if table is None:
+            table = cpu_kernels.LoraTable.build(len(self.layers), SUPPORTED_MODULES, adapter)
+            adapter._kernel_table = table  # type: ignore[attr-defined]
+        return table
 
     # --- caches ---------------------------------------------------------------------------------
 
@@ -324,6 +362,11 @@ class Engine:
         rows = max(batch, self.min_rows)
         ids = torch.zeros(rows, dtype=torch.long, device=self.device)
         ids[:batch] = torch.tensor(list(tokens), dtype=torch.long)
+        if self.rowgemm is not None and rows == batch:  # the kernels need no padding rows
+            logits = self._decode_in_kernels(ids, caches, adapters)
+            for cache in caches:
+                cache.length += 1
+            return logits
         positions = torch.zeros(rows, dtype=torch.long, device=self.device)
         positions[:batch] = torch.tensor([c.length for c in caches], dtype=torch.long)
         plan = self._plan(adapters, rows)
@@ -342,86 +385,45 @@ class Engine:
                 outs.append(q.new_zeros(1, self.n_heads, rows - batch, self.head_dim))
             return torch.cat(outs, dim=2).transpose(1, 2).reshape(rows, -1)
 
-        if self.rowgemm is not None and rows == batch:
-            logits = self._decode_in_kernels(ids, caches, plan)
-            for cache in caches:
-                cache.length += 1
-            return logits[:batch].cpu()
         h = self._layers(ids, positions, plan, attend)
         for cache in caches:
             cache.length += 1
         return self._matmul(self.norm(h), self.lm_head.weight).float()[:batch].cpu()  # sampling: CPU
 
     def _decode_in_kernels(
-        self, ids: torch.Tensor, caches: Sequence[KVCache], plan: LoraPlan
+        self, ids: torch.Tensor, caches: Sequence[KVCache], adapters: Sequence[LoraWeights | None]
     ) -> torch.Tensor:
-        """The decode step of :meth:`decode` in the CPU kernels, the same arithmetic as
-        :meth:`_layers` with per-sequence attention, a handful of calls per layer."""
+        """The decode step of :meth:`decode` in the CPU kernels: the same arithmetic as
+        :meth:`_layers` with per-sequence attention, every layer in one call."""
         kern = self.rowgemm
         assert kern is not None
         step = cpu_kernels.DecodeCaches(
             [c.k for c in caches], [c.v for c in caches], [c.length for c in caches]
         )
         h = self.embed(ids).to(torch.float32).contiguous()  # the residual stream, [B, hidden]
-        scale = self.layers[0].self_attn.scaling
-        for index, layer in enumerate(self.layers):
-            x = kern.rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            qkv = self._fused_in_kernel(x, index, "qkv", plan)
-            out = kern.decode_attention(
-                qkv,
-                heads=self.n_heads,
-                kv_heads=self.n_kv,
-                head_dim=self.head_dim,
-                cos=self._cos,
-                sin=self._sin,
-                caches=step,
-                layer=index,
-                scale=scale,
-            )
-            self._add_projection(h, out, layer.self_attn.o_proj, index, "self_attn.o_proj", plan)
-            norm = layer.post_attention_layernorm
-            gate_up = self._fused_in_kernel(
-                kern.rmsnorm(h, norm.weight, norm.variance_epsilon), index, "gate_up", plan
-            )
-            self._add_projection(h, kern.silu_mul(gate_up), layer.mlp.down_proj, index, "mlp.down_proj", plan)
-        return kern(kern.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon), self.lm_head.weight)
-
-    def _fused_in_kernel(self, x: torch.Tensor, layer: int, group: str, plan: LoraPlan) -> torch.Tensor:
-        """[rows, sum of widths]: a fused group's projections, each with its LoRA on its columns."""
-        kern = self.rowgemm
-        assert kern is not None
-        weight, names, widths = self.fused[layer][group]
-        y = kern(x, weight)
-        start = 0
-        for name, width in zip(names, widths, strict=True):
-            self._add_lora(y[:, start : start + width], x, layer, name, plan)
-            start += width
-        return y
-
-    def _add_projection(
-        self, h: torch.Tensor, x: torch.Tensor, module: torch.nn.Linear, layer: int, name: str, plan: LoraPlan
-    ) -> None:
-        """``h += module(x)`` with the module's LoRA (residual add fused into the kernel)."""
-        kern = self.rowgemm
-        assert kern is not None
-        kern(x, module.weight, h, accumulate=True)
-        if module.bias is not None:
-            h += module.bias.to(h.dtype)
-        self._add_lora(h, x, layer, name, plan)
-
-    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, layer: int, name: str, plan: LoraPlan) -> None:
-        """``out += B(A(x)) * scale`` for every adapter of the plan on this module, on its rows."""
-        kern = self.rowgemm
-        assert kern is not None
-        for rows, adapter in plan:
-            lora: LoraModule | None = adapter.layers[layer].get(name)
-            if lora is None:
+        tables: dict[int, int] = {}
+        used: list[cpu_kernels.LoraTable] = []
+        of_row = []
+        for adapter in adapters:
+            if adapter is None:
+                of_row.append(-1)
                 continue
-            if rows is None:
-                kern(kern(x, lora.a), lora.b, out, alpha=lora.scale, accumulate=True)
-            else:  # rows are independent in the kernel: the subset gives each row's own result
-                delta = kern(kern(x.index_select(0, rows), lora.a), lora.b)
-                out.index_add_(0, rows, delta * lora.scale)
+            if id(adapter) not in tables:
+                tables[id(adapter)] = len(used)
+                used.append(self._lora_table(adapter))
+            of_row.append(tables[id(adapter)])
+        kern.decode_layers(
+            h,
+            shapes=self._shapes,
+            weights=self._layer_pointers,
+            kind=self.dtype,
+            adapters=used,
+            adapter_of_row=torch.tensor(of_row, dtype=torch.int64),
+            cos=self._cos,
+            sin=self._sin,
+            caches=step,
+        )
+        return kern(kern.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon), self.lm_head.weight)
 
     def _plan(self, adapters: Sequence[LoraWeights | None], rows: int) -> LoraPlan:
         groups: dict[int, tuple[LoraWeights, list[int]]] = {}

@@ -13,6 +13,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <vector>
+
 namespace {
 // Software prefetch PFB output blocks ahead, spread over a block's iterations: the hardware
 // prefetcher alone leaves the memory bus idle between rows (measured: ~2x on AVX2 EPYC).
@@ -170,20 +172,25 @@ inline float widen(const void* w, int kind, long i) {
     return static_cast<const float*>(w)[i];
 }
 
+void gemm(int kind, const float* x, long M, long K, const void* w, long N, float* y, long ldy, float alpha,
+          bool accumulate, int threads, float* scratch) {
+    const Out out{y, ldy, alpha, accumulate};
+    if (N * K < 65536) threads = 1;  // a LoRA factor: waking a second thread costs more than it saves
+    if (kind == BF16) rowgemm_bf16(x, M, K, w, N, out, threads, scratch);
+    else if (kind == F16) rowgemm<F16>(x, M, K, w, N, out, threads);
+    else rowgemm<F32>(x, M, K, w, N, out, threads);
+}
+
 }  // namespace
 
 extern "C" {
-int nc_rowgemm_abi() { return 2; }
+int nc_rowgemm_abi() { return 4; }
 
 // y = x @ W.T (or y += alpha * x @ W.T with accumulate): kind 0 fp32, 1 bf16, 2 fp16 weights;
 // x [M, K] fp32 and W [N, K] contiguous; y fp32 with row stride ldy; scratch M * K floats.
 void nc_rowgemm(int kind, const float* x, long M, long K, const void* w, long N, float* y, long ldy,
                 float alpha, int accumulate, int threads, float* scratch) {
-    const Out out{y, ldy, alpha, accumulate != 0};
-    if (N * K < 65536) threads = 1;  // a LoRA factor: waking a second thread costs more than it saves
-    if (kind == BF16) rowgemm_bf16(x, M, K, w, N, out, threads, scratch);
-    else if (kind == F16) rowgemm<F16>(x, M, K, w, N, out, threads);
-    else rowgemm<F32>(x, M, K, w, N, out, threads);
+    gemm(kind, x, M, K, w, N, y, ldy, alpha, accumulate != 0, threads, scratch);
 }
 
 // Llama RMSNorm of each row: y = x / sqrt(mean(x^2) + eps) * weight (weight of ``kind``).
@@ -271,6 +278,84 @@ void nc_decode_attention(float* qkv, long B, long H, long KV, long D, const long
             const float weight = p[t] / total;
             for (long d = 0; d < D; ++d) o[d] += weight * values[t * D + d];
         }
+    }
+}
+
+// Every decoder layer of one decode step for B rows, each with its own adapter or none: the
+// same arithmetic as the calls above made one by one, without a trip through Python per op.
+// h [B, hidden] is the residual stream (updated in place). weights: per layer six pointers
+// (input norm, post-attention norm, fused q/k/v, o, fused gate/up, down), all of ``kind``.
+// G adapters: lora [G, layers, 7 modules (q, k, v, o, gate, up, down), 2] the A and B pointers
+// (fp32) or 0, lora_scale and lora_rank [G, layers, 7]; adapter_of_row[B]: an index < G, or
+// -1 for the base model. Attention arguments as nc_decode_attention.
+//
+// A LoRA delta is added to each row as ``out + (B(A(x)) * scale)``, rows computed
+// independently, so a row's result is the same whichever other rows share its adapter.
+void nc_decode_layers(float* h, long B, long hidden, long layers, const int64_t* weights, int kind, float eps,
+                      long H, long KV, long D, long inter, long G, const int64_t* lora, const float* lora_scale,
+                      const long* lora_rank, const long* adapter_of_row, const long* positions, const float* cos_table,
+                      const float* sin_table, const int64_t* k_caches, const int64_t* v_caches,
+                      const long* capacity, float attn_scale, long max_len, int threads) {
+    const long qkv_width = (H + 2 * KV) * D, attn_width = H * D;
+    const long widest = hidden > inter ? hidden : inter;
+    long max_rank = 1;
+    for (long i = 0; i < G * layers * 7; ++i) max_rank = lora_rank[i] > max_rank ? lora_rank[i] : max_rank;
+    const long in_max = widest > attn_width ? widest : attn_width;
+    std::vector<float> x(B * hidden), qkv(B * qkv_width), att(B * attn_width), gu(B * 2 * inter),
+        act(B * inter), t(B * max_rank), scratch(B * in_max), scores(B * H * max_len), gathered(B * in_max),
+        delta(B * in_max);
+    // The rows of each adapter.
+    std::vector<std::vector<long>> members(G);
+    for (long r = 0; r < B; ++r)
+        if (adapter_of_row[r] >= 0 && adapter_of_row[r] < G) members[adapter_of_row[r]].push_back(r);
+    // Output columns of each module inside its fused output, and its input width.
+    const long col[7] = {0, H * D, (H + KV) * D, 0, 0, inter, 0};
+    const long cols[7] = {H * D, KV * D, KV * D, hidden, inter, inter, hidden};
+    auto add_lora = [&](long l, int m, const float* in, long in_width, float* out, long ldo) {
+        for (long g = 0; g < G; ++g) {
+            const long slot = (g * layers + l) * 7 + m, n = static_cast<long>(members[g].size());
+            const int64_t a = lora[slot * 2], b = lora[slot * 2 + 1];
+            const long r = lora_rank[slot];
+            if (!a || !b || r <= 0 || n == 0) continue;
+            const float scale = lora_scale[slot];
+            const void* pa = reinterpret_cast<const void*>(a);
+            const void* pb = reinterpret_cast<const void*>(b);
+            if (n == B) {  // every row: accumulate in place
+                gemm(F32, in, B, in_width, pa, r, t.data(), r, 1.0f, false, threads, scratch.data());
+                gemm(F32, t.data(), B, r, pb, cols[m], out + col[m], ldo, scale, true, threads, scratch.data());
+                continue;
+            }
+            for (long i = 0; i < n; ++i)
+                for (long k = 0; k < in_width; ++k) gathered[i * in_width + k] = in[members[g][i] * in_width + k];
+            gemm(F32, gathered.data(), n, in_width, pa, r, t.data(), r, 1.0f, false, threads, scratch.data());
+            gemm(F32, t.data(), n, r, pb, cols[m], delta.data(), cols[m], 1.0f, false, threads, scratch.data());
+            for (long i = 0; i < n; ++i) {
+                float* row = out + members[g][i] * ldo + col[m];
+                for (long j = 0; j < cols[m]; ++j) row[j] = row[j] + delta[i * cols[m] + j] * scale;
+            }
+        }
+    };
+    for (long l = 0; l < layers; ++l) {
+        const int64_t* w = weights + l * 6;
+        const void* ln1 = reinterpret_cast<const void*>(w[0]);
+        const void* ln2 = reinterpret_cast<const void*>(w[1]);
+        nc_rmsnorm(h, B, hidden, ln1, kind, eps, x.data());
+        gemm(kind, x.data(), B, hidden, reinterpret_cast<const void*>(w[2]), qkv_width, qkv.data(), qkv_width, 1.0f,
+             false, threads, scratch.data());
+        for (int m = 0; m < 3; ++m) add_lora(l, m, x.data(), hidden, qkv.data(), qkv_width);
+        nc_decode_attention(qkv.data(), B, H, KV, D, positions, cos_table, sin_table, k_caches, v_caches, capacity, l,
+                            attn_scale, att.data(), scores.data(), max_len, threads);
+        gemm(kind, att.data(), B, attn_width, reinterpret_cast<const void*>(w[3]), hidden, h, hidden, 1.0f, true,
+             threads, scratch.data());
+        add_lora(l, 3, att.data(), attn_width, h, hidden);
+        nc_rmsnorm(h, B, hidden, ln2, kind, eps, x.data());
+        gemm(kind, x.data(), B, hidden, reinterpret_cast<const void*>(w[4]), 2 * inter, gu.data(), 2 * inter, 1.0f,
+             false, threads, scratch.data());
+        for (int m = 4; m < 6; ++m) add_lora(l, m, x.data(), hidden, gu.data(), 2 * inter);
+        nc_silu_mul(gu.data(), B, inter, act.data());
+        gemm(kind, act.data(), B, inter, reinterpret_cast<const void*>(w[5]), hidden, h, hidden, 1.0f, true, threads,
+             scratch.data());
+        add_lora(l, 6, act.data(), inter, h, hidden);
     }
 }
 }

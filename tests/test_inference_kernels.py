@@ -1,0 +1,198 @@
+"""The CPU decode kernels (services/inference/kernels/rowgemm.cpp) against torch, and the
+engine's decode step in them against its torch path: values within stated tolerances, and a
+row's result bitwise independent of the other rows (what seeded generations rely on)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from novelcrafter.inference import cpu_kernels
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.supported_cpu(), reason="the CPU kernels need an x86-64 CPU with AVX2, FMA and F16C"
+)
+
+
+@pytest.fixture(scope="module")
+def kern() -> cpu_kernels.RowGemm:
+    loaded = cpu_kernels.load(threads=2)
+    assert loaded is not None, "supported CPU but the kernel did not build (is g++ installed?)"
+    return loaded
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), w.double()).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), [(37, 576), (1539, 200), (8, 1536), (5, 13)])
+def test_rowgemm_matches_a_float64_matmul_on_the_stored_weights(kern, dtype, n, k) -> None:
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(9, k, generator=gen)
+    y = kern(x, w)
+    # fp32 accumulation over k terms of size ~1: error ~ sqrt(k) * 2^-24 * |terms|
+    assert torch.allclose(y, _reference(x, w), atol=1e-5 * math.sqrt(k) * 4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_rows_result_does_not_depend_on_the_other_rows_or_the_threads(kern, dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(1027, 576, generator=gen).to(dtype)
+    x = torch.randn(9, 576, generator=gen) * 3
+    full = kern(x, w)
+    for rows in range(1, 10):
+        part = kern(x[:rows], w)
+        assert torch.equal(part, full[:rows]), rows
+        assert torch.equal(kern(x[rows - 1 : rows], w)[0], full[rows - 1])
+    single = cpu_kernels.load(threads=1)
+    assert single is not None
+    assert torch.equal(single(x, w), full)
+
+
+def test_accumulate_into_a_column_slice_is_out_plus_scaled_product(kern) -> None:
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(8, 576, generator=gen)
+    b = torch.randn(192, 8, generator=gen)
+    x = torch.randn(3, 576, generator=gen)
+    out = torch.randn(3, 960, generator=gen)
+    expected = out.clone()
+    t = kern(x, a)
+    expected[:, 576:768] = expected[:, 576:768] + kern(t, b) * 0.25
+    kern(t, b, out[:, 576:768], alpha=0.25, accumulate=True)
+    assert torch.equal(out, expected)
+
+
+def test_bad_shapes_raise_instead_of_reading_out_of_bounds(kern) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        kern(torch.randn(2, 10), torch.randn(4, 11))
+    with pytest.raises(ValueError, match="does not fit"):
+        kern(torch.randn(2, 10), torch.randn(4, 10), torch.empty(3, 4))
+    with pytest.raises(ValueError, match="accumulate"):
+        kern(torch.randn(2, 10), torch.randn(4, 10), accumulate=True)
+    with pytest.raises(ValueError, match="full"):
+        cpu_kernels.DecodeCaches([torch.zeros(1, 1, 4, 8)], [torch.zeros(1, 1, 4, 8)], [4])
+
+
+def test_rmsnorm_and_silu_gate_match_the_llama_modules(kern) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.randn(576, generator=gen).to(torch.bfloat16)
+    x = torch.randn(4, 576, generator=gen) * 5
+    expected = norm(x)
+    assert torch.allclose(kern.rmsnorm(x, norm.weight.data, 1e-5), expected, atol=1e-5, rtol=1e-5)
+    gate_up = torch.randn(4, 2 * 1536, generator=gen) * 4
+    expected = F.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    assert torch.allclose(kern.silu_mul(gate_up), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_rotates_writes_the_cache_and_attends_like_sdpa(kern) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    heads, kv_heads, dim, layers = 6, 2, 16, 2
+    gen = torch.Generator().manual_seed(4)
+    theta = 10000.0 ** (-torch.arange(0, dim, 2).float() / dim)
+    angles = torch.arange(64).float()[:, None] * theta[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    lengths = [5, 0, 17]
+    keys = [torch.randn(layers, kv_heads, 32, dim, generator=gen) for _ in lengths]
+    values = [torch.randn(layers, kv_heads, 32, dim, generator=gen) for _ in lengths]
+    before = [(k.clone(), v.clone()) for k, v in zip(keys, values, strict=True)]
+    qkv = torch.randn(len(lengths), (heads + 2 * kv_heads) * dim, generator=gen)
+    original = qkv.clone()
+    layer = 1
+    out = kern.decode_attention(
+        qkv,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=dim,
+        cos=cos,
+        sin=sin,
+        caches=cpu_kernels.DecodeCaches(keys, values, lengths),
+        layer=layer,
+        scale=dim**-0.5,
+    )
+    for row, pos in enumerate(lengths):
+        q = original[row, : heads * dim].view(1, heads, 1, dim)
+        k = original[row, heads * dim : (heads + kv_heads) * dim].view(1, kv_heads, 1, dim)
+        v = original[row, (heads + kv_heads) * dim :].view(1, kv_heads, 1, dim)
+        q, k = apply_rotary_pos_emb(q, k, cos[pos : pos + 1][None], sin[pos : pos + 1][None])
+        cache_k, cache_v = before[row][0].clone(), before[row][1].clone()
+        cache_k[layer, :, pos], cache_v[layer, :, pos] = k[0, :, 0], v[0, :, 0]
+        assert torch.allclose(keys[row], cache_k, atol=1e-6) and torch.equal(values[row], cache_v)
+        expected = F.scaled_dot_product_attention(
+            q,
+            cache_k[layer, :, : pos + 1][None],
+            cache_v[layer, :, : pos + 1][None],
+            scale=dim**-0.5,
+            enable_gqa=True,
+        )
+        assert torch.allclose(out[row], expected.reshape(-1), atol=1e-5), row
+
+
+def test_no_compiler_means_no_kernel_and_a_clear_log_not_a_crash(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / c++ to be found
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(cpu_kernels, "PREBUILT", tmp_path / "missing.so")
+    assert cpu_kernels._open(tmp_path / "home") is None
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from novelcrafter.inference.engine import Engine, random_lora
+
+    from novelcrafter.models import load_base_model, provision_base_model
+
+    model_dir = provision_base_model("smollm2-135m-instruct")
+    made = {}
+    for kernels in ("auto", "off"):
+        engine = Engine(
+            load_base_model(model_dir, dtype=torch.float32).eval(),
+            device="cpu",
+            dtype=torch.float32,
+            max_batch=4,
+            kernels=kernels,
+        )
+        made[kernels] = (engine, [random_lora(engine, rank=8, seed=s) for s in (1, 2)])
+    return made
+
+
+def _greedy(engine, prompts, adapters, steps=5):
+    caches = [engine.new_cache(64) for _ in prompts]
+    first = [engine.prefill(p, c, a) for p, c, a in zip(prompts, caches, adapters, strict=True)]
+    tokens = [int(f.argmax()) for f in first]
+    out = [torch.stack(first)]
+    for _ in range(steps):
+        logits = engine.decode(tokens, caches, adapters)
+        out.append(logits)
+        tokens = [int(row.argmax()) for row in logits]
+    return torch.stack(out)  # [steps + 1, rows, vocab]
+
+
+PROMPTS = [list(range(100, 120)), list(range(200, 237)), list(range(300, 305))]
+
+
+def test_engine_decode_in_kernels_matches_its_torch_path(engines) -> None:
+    fast, fast_loras = engines["auto"]
+    slow, slow_loras = engines["off"]
+    assert fast.rowgemm is not None and slow.rowgemm is None
+    ours = _greedy(fast, PROMPTS, [fast_loras[0], None, fast_loras[1]])
+    torch_path = _greedy(slow, PROMPTS, [slow_loras[0], None, slow_loras[1]])
+    # Same fp32 arithmetic in another summation order: logits of magnitude ~20 agree to ~1e-4.
+    assert (ours - torch_path).abs().max() < 2e-3
+    assert torch.equal(ours.argmax(-1), torch_path.argmax(-1))
+
+
+def test_engine_rows_decode_the_same_alone_and_mixed_with_other_adapters(engines) -> None:
+    engine, loras = engines["auto"]
+    mixed = _greedy(engine, PROMPTS, [loras[0], None, loras[1]])
+    for row, adapter in enumerate([loras[0], None, loras[1]]):
+        alone = _greedy(engine, [PROMPTS[row]], [adapter])
+        assert torch.equal(alone[:, 0], mixed[:, row]), row
+    shared = _greedy(engine, PROMPTS, [loras[1]] * 3)  # one adapter on every row: the in-place path
+    assert torch.equal(shared[:, 2], mixed[:, 2])
