@@ -1,6 +1,6 @@
 """Benchmark: our inference server vs. a naive transformers server, same model and adapters, one run.
 
-    .venv/bin/python -m bench.inference [--tokens 32] [--adapters 3] [--levels 1,4,8]
+    .venv/bin/python -m bench.inference [--tokens 32] [--adapters 3] [--levels 1,4,8] [--engine vllm]
 
 Ours = :class:`novelcrafter.inference.server.InferenceServer` over real gRPC on loopback:
 continuous batching across requests and adapters (per-row LoRA), KV caches per sequence.
@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-precision", action="store_true", help="skip the fp32 vs bf16 section")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's)")
     parser.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        default="native",
+        help="vllm: also our service on vLLM's CPU build",
+    )
+    parser.add_argument(
         "--peers", action="store_true", help="also llama.cpp and vLLM's CPU build (bench/inference_peers.py)"
     )
     parser.add_argument(
@@ -328,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             levels=levels, requests=args.requests, tokens=args.tokens, threads=torch.get_num_threads(),
             ban_ids=ban_ids,
         )  # fmt: skip
+    vllm_rows = []
+    if args.engine == "vllm":  # the same requests through --engine vllm (bench/inference_vllm.py)
+        from bench.inference_vllm import measure
+
+        vllm_rows = measure(tmp / "store", model_dir, books, levels, args.requests, args.tokens)
 
     print()
     print("=" * 78)
@@ -362,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     if peer_report is not None:
         print("\n".join(inference_peers.format_report(peer_report)))
         inference_peers.write_json(args.json, peer_report)
+    for row, (mine, _) in zip(vllm_rows, rows[: len(vllm_rows)], strict=True):
+        print(
+            f"ours on vLLM (--engine vllm), concurrency {row.concurrency}: {row.aggregate:.1f} tok/s "
+            f"({row.per_stream:.1f}/stream), {row.aggregate / mine.aggregate:.2f}x native"
+        )
     return 0
 
 
