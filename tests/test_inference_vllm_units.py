@@ -169,3 +169,23 @@ def test_only_our_stale_adapter_folders_are_cleared(tmp_path: Path) -> None:
     mine.mkdir()
     backend._clear_stale_dirs()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep-me", "notes@2026", mine.name])
+
+
+def test_the_base_model_is_shared_with_vllm_once_and_atomically(tmp_path: Path) -> None:
+    from novelcrafter.inference.vllm_runtime import share_base_model
+
+    model = tmp_path / "cache" / "smollm2"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    target = tmp_path / "shared" / "model"
+    assert share_base_model(model, target) is True
+    assert (target / "config.json").read_text() == '{"model_type": "llama"}'
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+    assert not [p for p in target.parent.iterdir() if p.name != "model"]  # no staging left behind
+    assert share_base_model(model, target) is False  # already there: vLLM may be reading it
+    other = tmp_path / "cache" / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "other"}')
+    assert share_base_model(other, target) is True  # another base model replaces it
+    assert sorted(p.name for p in target.iterdir()) == [".novelcrafter-source", "config.json"]
