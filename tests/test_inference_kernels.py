@@ -163,7 +163,7 @@ def engines():
 
 
 def _greedy(engine, prompts, adapters, steps=5):
-    caches = [engine.new_cache(64) for _ in prompts]
+    caches = [engine.new_cache(128) for _ in prompts]
     first = [engine.prefill(p, c, a) for p, c, a in zip(prompts, caches, adapters, strict=True)]
     tokens = [int(f.argmax()) for f in first]
     out = [torch.stack(first)]
@@ -174,7 +174,8 @@ def _greedy(engine, prompts, adapters, steps=5):
     return torch.stack(out)  # [steps + 1, rows, vocab]
 
 
-PROMPTS = [list(range(100, 120)), list(range(200, 237)), list(range(300, 305))]
+# Short prompts are prefilled in the kernels, the 80-token one with torch's GEMM (wide path).
+PROMPTS = [list(range(100, 120)), list(range(200, 280)), list(range(300, 305))]
 
 
 def test_engine_decode_in_kernels_matches_its_torch_path(engines) -> None:
