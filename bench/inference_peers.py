@@ -533,7 +533,8 @@ def format_report(report: dict[str, Any]) -> list[str]:
     lines = [
         f"peers: {report['model']}, {s['tokens']} new tokens per request (exactly: end-of-text off), "
         f"{s['adapters']} adapter(s) round-robin, {s['threads']} threads, sampling {s['sampling']}",
-        f"precision: ours {p['ours']}; llama.cpp {p['llamacpp'] or 'n/a'}; vLLM {p['vllm'] or 'n/a'}",
+        f"precision: ours {p['ours']}; llama.cpp {p['llamacpp'] or 'n/a'}"
+        + (f"; vLLM {p['vllm'] or 'n/a'}" if s.get("vllm", True) else ""),
         f"{'server':<28} | {'1 stream':>8} | "
         + " | ".join(f"{'at ' + str(c):>8}" for c in levels)
         + " | TTFT",
@@ -555,15 +556,21 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"{'llama.cpp, no LoRA (ref.)':<28} | {num(report['llamacpp_single_nolora']):>8} | "
         + " | ".join(f"{v:>8}" for v in dash)
         + " |",
-        f"{'vLLM CPU (OpenAI), LoRA':<28} | {num(report['vllm_single']):>8} | "
-        + " | ".join(f"{v:>8}" for v in vllm_row)
-        + f" | {ms(report['ttft_vllm'])}",
         f"(tok/s; columns 'at N': aggregate tok/s at concurrency N; TTFT: {s['ttft_prompt_tokens']}-token "
         "prompt, median of distinct prompts)",
         f"ours / llama.cpp, one stream: {x(report['ratio_single_vs_llamacpp'])}",
-        f"ours / vLLM at concurrency {report['top_concurrency']}: {x(report['ratio_top_vs_vllm'])}",
         f"TTFT ours / llama.cpp: {x(report['ratio_ttft_ours_vs_llamacpp'])} (< 1: ours first)",
     ]
+    if s.get("vllm", True):
+        lines.insert(
+            6,
+            f"{'vLLM CPU (OpenAI), LoRA':<28} | {num(report['vllm_single']):>8} | "
+            + " | ".join(f"{v:>8}" for v in vllm_row)
+            + f" | {ms(report['ttft_vllm'])}",
+        )
+        lines.insert(
+            -1, f"ours / vLLM at concurrency {report['top_concurrency']}: {x(report['ratio_top_vs_vllm'])}"
+        )
     bw, w = report["bandwidth"], report["weight_bytes_per_step"]
     frac = report["bandwidth_fraction_single"]
     lines += [
@@ -574,8 +581,8 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"(projections {w['projections'] / 1e6:.1f} MB + lm_head {w['lm_head'] / 1e6:.1f} MB "
         f"at {s['bytes_per_param']} bytes/param; not counted: embedding "
         "row, norms, LoRA factors, KV cache)",
-        "fraction of the read bandwidth at one stream (bytes/step x tok/s / read GB/s): "
-        + ", ".join(f"{k} {v:.1%}" for k, v in frac.items() if v is not None),
+        "fraction of the read bandwidth at one stream (bytes/step x tok/s per request, prefill "
+        "included / read GB/s): " + ", ".join(f"{k} {v:.1%}" for k, v in frac.items() if v is not None),
     ]
     for peer, message in report["errors"].items():
         lines.append(f"error: {peer}: {message}")
@@ -669,6 +676,7 @@ def run_peers(
         "sampling": SAMPLING,
         "bytes_per_param": bytes_per_param,
         "ttft_prompt_tokens": round(statistics.mean(counts)) if counts else TTFT_PROMPT_TOKENS,
+        "vllm": vllm,  # --shape 1b runs without vLLM (the issue compares it on SmolLM2 only)
     }
     ours.pop("ttft_prompts", None)
     return build_report(

@@ -153,3 +153,10 @@ def test_vllm_argv_takes_the_dtype_and_our_adapter_folders(tmp_path: Path):
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
     assert argv[argv.index("--lora-modules") + 1] == f"a0={tmp_path / 'a0'}"
     assert "--lora-modules" not in peers.vllm_serve_argv(Path("python"), tmp_path, 8000)
+
+
+def test_report_without_vllm_by_design_has_no_vllm_row():
+    report = _report({"lora": 16.0, "nolora": 18.0, "ttft": 0.4, "precision": "bf16 GGUF"}, None)
+    report["settings"]["vllm"] = False  # --shape 1b
+    text = "\n".join(ip.format_report(report))
+    assert "vLLM" not in text and "ours / llama.cpp, one stream: 1.25x" in text
