@@ -18,6 +18,11 @@ tokens/s figures divide the same work by each server's time.
   each server's single stream achieves.
 
 A peer that cannot be built or started prints an ``error:`` line; the others still run.
+
+Measure on a quiet machine. llama.cpp's worker threads spin at every barrier between ops; when
+other processes hold the cores, a descheduled worker stalls the whole step, and llama.cpp loses
+far more than ours or vLLM (seen on the shared 2-core box: the 135M model at 2 threads ran
+1.2 tok/s, at 1 thread 7.8 tok/s). Such a run says nothing about the engines.
 """
 
 from __future__ import annotations
