@@ -21,14 +21,6 @@ import torch
 BASE = "smollm2-135m-instruct"
 
 
-def read_bandwidth(mib: int = 512, rounds: int = 5) -> float:
-    """Bytes/s of a large sequential read (written first: untouched memory reads the zero page)."""
-    data = torch.ones(mib * 2**20 // 4)
-    data.sum()
-    best = min(_timed(data.sum) for _ in range(rounds))
-    return data.numel() * 4 / best
-
-
 def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
     started = time.perf_counter()
     fn(*args)
@@ -56,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("WARNING", "text")
     model_dir = provision_base_model(BASE)
-    bandwidth = read_bandwidth()
+    from bench.inference_peers import measure_bandwidth
+
+    bandwidth = measure_bandwidth()["read_bytes_per_s"]
     print(f"bench.profile_decode: {BASE}, {args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(
         f"{'path':>8} {'weights':>7} {'batch':>5} | {'best ms':>7} {'median':>7} | "
