@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from novelcrafter.trainer.decode import base_and_adapter_greedy, row_gemm
 from novelcrafter.trainer.evaluation import base_and_adapter_continuations, continue_tokens, without_adapter
 from novelcrafter.trainer.lora import attach, detach
 from novelcrafter.trainer.memorization import (
@@ -134,35 +133,6 @@ def test_one_mixed_pass_equals_separate_passes(memorized) -> None:
     with without_adapter(model):
         assert base == continue_tokens(model, prompts, 8, device="cpu")
     assert adapter[0] != base[0]  # the memorized chunk: the adapter recites, the base does not
-
-
-@pytest.mark.parametrize("kernel", ["auto", None], ids=["row-gemm kernel", "torch"])
-def test_lean_decoder_decodes_what_the_reference_decodes(memorized, kernel) -> None:
-    """decode.py (the part's judging) = transformers + PEFT mixed-batch greedy, token for token."""
-    model, tokenizer, chunk = memorized
-    texts = [chunk, *_paragraphs()[2:6]]
-    prompts = [
-        ids[:PROMPT_TOKENS]
-        for ids in eligible_chunks(tokenizer, texts, prompt_tokens=32, extracted_tokens=32, max_length=1024)
-    ]
-    assert len(prompts) >= 3
-    expected = base_and_adapter_continuations(model, prompts, 16, device="cpu")
-    assert base_and_adapter_greedy(model, prompts, 16, device="cpu", kernel=kernel) == expected
-    assert expected[0][0] != expected[1][0]  # the memorized chunk: the adapter's rows differ
-    if kernel == "auto" and row_gemm() is None:
-        pytest.skip("the row-GEMM kernel does not load here (no AVX2/compiler); torch path checked")
-
-
-def test_lean_decoder_without_an_adapter(base_model) -> None:
-    model, tokenizer = base_model
-    prompts = [
-        ids[:PROMPT_TOKENS]
-        for ids in eligible_chunks(
-            tokenizer, _paragraphs()[:2], prompt_tokens=32, extracted_tokens=32, max_length=1024
-        )
-    ]
-    base, adapter = base_and_adapter_greedy(model, prompts, 10, device="cpu")
-    assert base == adapter == continue_tokens(model, prompts, 10, device="cpu")
 
 
 def test_no_eligible_chunk_gives_no_prompts(base_model) -> None:
