@@ -380,7 +380,10 @@ def _request(prompt: str = "The night was long and", **fields: Any) -> inference
     return inference_pb2.GenerateRequest(prompt=prompt, **fields)
 
 
-LONG = {"max_new_tokens": CAP_NEW_TOKENS, "temperature": 1.0, "repetition_penalty": 1.0}
+# A generation that holds the slot for all CAP_NEW_TOKENS: greedy without a repetition penalty
+# falls into a loop that never samples end-of-sequence, whatever the kernels' rounding. A sampled
+# one may draw end-of-sequence early and free the slot under the test.
+HOLD = {"max_new_tokens": CAP_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": 1.0}
 
 
 @pytest.mark.timeout(120)
@@ -422,12 +425,12 @@ def test_generations_beyond_the_slot_wait_in_arrival_order_and_a_full_queue_is_r
     found_free = inf.metric(f"{WAIT}_bucket", le="0.0")
     with connect(inf.service.address, client_settings()) as channel:
         stub = inf.stub(channel)
-        running = stub.GenerateStream(_request(seed=3, **LONG), timeout=300)
+        running = stub.GenerateStream(_request(**HOLD), timeout=300)
         next(running)  # the one slot is producing tokens now
         calls = [running]
         try:
             for depth, seed in ((1, 5), (2, 6)):  # one after the other: a known arrival order
-                calls.append(stub.GenerateStream(_request(seed=seed, **LONG), timeout=300))
+                calls.append(stub.GenerateStream(_request(seed=seed, **HOLD), timeout=300))
                 wait_for("the request to queue", lambda d=depth: inf.metric(QUEUE_DEPTH) == d, 60)
             first, second = calls[1:]
             code, message = _code(lambda: stub.Generate(_request(max_new_tokens=2), timeout=60))
@@ -464,7 +467,7 @@ def test_a_queued_request_whose_deadline_passes_leaves_the_queue(limited_inferen
     )
     with connect(inf.service.address, client_settings()) as channel:
         stub = inf.stub(channel)
-        running = stub.GenerateStream(_request(seed=7, **LONG), timeout=300)
+        running = stub.GenerateStream(_request(**HOLD), timeout=300)
         try:
             next(running)
             code, _ = _code(lambda: stub.Generate(_request(max_new_tokens=2), timeout=1.0))
@@ -493,7 +496,7 @@ def test_a_cancelled_queued_request_leaves_the_queue_and_frees_nothing(limited_i
     cancelled = inf.metric("novelcrafter_inference_requests_total", **labels)
     with connect(inf.service.address, client_settings()) as channel:
         stub = inf.stub(channel)
-        running = stub.GenerateStream(_request(seed=8, **LONG), timeout=300)
+        running = stub.GenerateStream(_request(**HOLD), timeout=300)
         calls = [running]
         try:
             next(running)
@@ -531,7 +534,7 @@ def test_generate_past_its_deadline_stops_using_the_server(limited_inference: In
     produced = inf.metric("novelcrafter_inference_generated_tokens_total", book="base", adapter="base")
     with connect(inf.service.address, client_settings()) as channel:
         stub = inf.stub(channel)
-        code, _ = _code(lambda: stub.Generate(_request(seed=4, **LONG), timeout=1.0))
+        code, _ = _code(lambda: stub.Generate(_request(**HOLD), timeout=1.0))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for(
             "the server to cancel the generation",
