@@ -102,6 +102,37 @@ def test_memorization_and_style_settings_default_and_zero_turns_off(
     assert (settings.memorization_prompts, settings.style_prompts) == (0, 0)
 
 
+def test_replay_fraction_defaults_to_off_and_reaches_the_worker(store: Store) -> None:
+    """Unset = 0 (no replay, stored explicitly); a value in [0, 1) is kept; part k's assignment
+    lists the training files of parts 0..k-1 (replay draws from them, never from test files)."""
+    server = CoordinatorServer(store, lease_seconds=30.0)  # no lease expiry on a busy machine
+    try:
+        _replay_settings_reach_the_worker(server, store)
+    finally:
+        server.stop()
+
+
+def _replay_settings_reach_the_worker(server: CoordinatorServer, store: Store) -> None:
+    book = make_book(store, parts=3)
+    cfg = server.create(book).config
+    assert cfg.training.HasField("replay_fraction") and cfg.training.replay_fraction == 0.0
+    assert TrainSettings.from_job_config(cfg).replay_fraction == 0.0
+    job = server.create(book, training={"replay_fraction": 0.25})
+    assert TrainSettings.from_job_config(job.config).replay_fraction == 0.25
+    worker = Worker(server, "replay-worker")
+    for index in range(3):
+        claim = worker.claim(job.job_id)
+        assert claim.assigned and claim.assignment.part_index == index
+        assert claim.assignment.config.training.replay_fraction == 0.25
+        assert list(claim.assignment.earlier_train_keys) == [
+            layout.part_train_key(book, i) for i in range(index)
+        ]
+        assert list(claim.assignment.earlier_test_keys) == [
+            layout.part_test_key(book, i) for i in range(index)
+        ]
+        worker.complete(claim)
+
+
 def test_bad_requests_are_clear_errors_and_write_nothing(server: CoordinatorServer, store: Store) -> None:
     book = make_book(store, parts=2)
     stub = server.stub
@@ -123,6 +154,10 @@ def test_bad_requests_are_clear_errors_and_write_nothing(server: CoordinatorServ
         "training.memorization_prompts" in err.details()
         and "training.memorization_new_tokens" in err.details()
     )
+    for bad in (-0.1, 1.0, 1.5, float("nan"), float("inf")):
+        err = create(book, training={"replay_fraction": bad})
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "training.replay_fraction must be in [0, 1)" in err.details(), (bad, err.details())
     err = create(book, init_adapter=f"{book}/j-0123456789ab-p00")
     assert err.code() == grpc.StatusCode.NOT_FOUND
     err = create(book, init_adapter=f"{book}/latest")

@@ -66,7 +66,7 @@ def test_train_creates_a_job_with_the_given_flags(server: CoordinatorServer, sto
         "train", book, "--coordinator", server.address, "--no-watch", "--json",
         "--epochs", "2", "--lr", "1e-4", "--lora-r", "4", "--lora-alpha", "16",
         "--max-steps-per-part", "3", "--max-length", "128", "--device", "cpu",
-        "--memorization-prompts", "0", "--style-new-tokens", "32",
+        "--memorization-prompts", "0", "--style-new-tokens", "32", "--replay-fraction", "0.1",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
@@ -80,6 +80,7 @@ def test_train_creates_a_job_with_the_given_flags(server: CoordinatorServer, sto
     assert server.job(job["job_id"]).config.training.epochs == 2
     training = server.job(job["job_id"]).config.training  # 0 = memorization off; unset = default
     assert (training.memorization_prompts, training.style_new_tokens, training.style_prompts) == (0, 32, 8)
+    assert training.replay_fraction == pytest.approx(0.1) and cfg["training"]["replay_fraction"] == 0.1
 
 
 def test_train_follows_the_job_with_plain_lines_until_it_succeeds(
@@ -149,6 +150,18 @@ def test_cli_errors_are_one_line(server: CoordinatorServer, store: Store) -> Non
     cases = [
         (("train", "0123456789abcdef", "--no-watch"), "error: book 0123456789abcdef not found: ingest it"),
         (("train", book, "--no-watch", "--lr", "-1"), "error: --lr must be > 0"),
+        (
+            ("train", book, "--no-watch", "--replay-fraction", "1"),
+            "error: --replay-fraction must be in [0, 1)",
+        ),
+        (
+            ("train", book, "--no-watch", "--replay-fraction", "-0.5"),
+            "error: --replay-fraction must be in [0, 1)",
+        ),
+        (
+            ("train", book, "--no-watch", "--replay-fraction", "nan"),
+            "error: --replay-fraction must be in [0, 1)",
+        ),
         (("train", book, "--no-watch", "--device", "tpu"), "error: invalid job config: device must be"),
         (("status", "j-000000000000"), "error: job j-000000000000 not found"),
         (("status", "--coordinator", f"127.0.0.1:{free_port()}"), "error: cannot reach the job coordinator"),

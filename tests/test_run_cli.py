@@ -19,6 +19,7 @@ from novelcrafter.run.runner import QUICK_TRAINING, RunOptions, make_run_dir, tr
         (["--max-length", "8"], "error: --max-length must be in 16..131072 (got 8)"),
         (["--prompt", " "], "error: --prompt must not be empty"),
         (["--device", "tpu"], "error: --device must be cpu or cuda (got 'tpu')"),
+        (["--replay-fraction", "1"], "error: --replay-fraction must be in [0, 1) (got 1.0)"),
     ],
 )
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
@@ -44,6 +45,8 @@ def test_quick_and_full_schedules() -> None:
     tuned = training_config(RunOptions(full=True, max_steps_per_part=50, learning_rate=1e-4))
     assert tuned == {"max_steps_per_part": 50, "learning_rate": 1e-4}
     assert training_config(RunOptions(max_length=512))["max_length"] == 512
+    assert "replay_fraction" not in quick  # unset: the coordinator's default, no replay
+    assert training_config(RunOptions(replay_fraction=0.1))["replay_fraction"] == 0.1
 
 
 def test_run_dirs_are_unique(tmp_path: Path) -> None:

@@ -38,6 +38,13 @@ def run_command(
     max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per sequence")] = None,
     learning_rate: Annotated[float | None, typer.Option("--learning-rate", help="Peak learning rate")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per part")] = None,
+    replay_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--replay-fraction",
+            help="Share of each part's training chunks replayed (seeded) from earlier parts, in [0, 1)",
+        ),
+    ] = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", help="Prompt continued by the base model and the tuned adapter")
     ] = None,
@@ -68,6 +75,7 @@ def run_command(
         max_length=max_length,
         learning_rate=learning_rate,
         epochs=epochs,
+        replay_fraction=replay_fraction,
         prompt=prompt if prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=max_new_tokens,
         seed=seed,

@@ -39,6 +39,8 @@ class PartRow:
     # {"base": {"extraction_rate", "longest_copied_tokens"}, "adapter": {…}, "prompts": N, "control": {…}}
     memorization: dict[str, Any] | None = None
     style: dict[str, Any] | None = None  # {"metric": name, "base": x, "adapter": y, "prompts": N}
+    replayed_chunks: int = 0  # earlier parts' training chunks mixed in (replay)
+    replay_tokens: int = 0  # of train_tokens, in replayed chunks
 
     @property
     def seconds(self) -> float:
@@ -106,6 +108,8 @@ def rows_from_job(job: Any) -> list[PartRow]:
                 adapter_version=part.adapter_version,
                 memorization=_memorization(m) if has_metrics and m.HasField("memorization") else None,
                 style=_style(m) if has_metrics and m.HasField("style") else None,
+                replayed_chunks=m.replayed_chunks,
+                replay_tokens=m.replay_tokens,
             )
         )
     return rows

@@ -66,6 +66,7 @@ class RunOptions:
     max_length: int | None = None
     learning_rate: float | None = None
     epochs: int | None = None
+    replay_fraction: float | None = None
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 64
     temperature: float = 0.8
@@ -101,6 +102,7 @@ def training_config(opts: RunOptions) -> dict[str, Any]:
         ("max_length", opts.max_length),
         ("learning_rate", opts.learning_rate),
         ("epochs", opts.epochs),
+        ("replay_fraction", opts.replay_fraction),
     ):
         if value is not None:
             config[name] = value
@@ -138,6 +140,10 @@ def check_options(opts: RunOptions) -> None:
         raise InvalidArgument(f"--learning-rate must be > 0 and < 1 (got {opts.learning_rate})")
     if opts.epochs is not None and opts.epochs < 1:
         raise InvalidArgument(f"--epochs must be >= 1 (got {opts.epochs})")
+    if opts.replay_fraction is not None and not (
+        math.isfinite(opts.replay_fraction) and 0 <= opts.replay_fraction < 1
+    ):
+        raise InvalidArgument(f"--replay-fraction must be in [0, 1) (got {opts.replay_fraction})")
     if not opts.prompt.strip():
         raise InvalidArgument("--prompt must not be empty")
     if not 1 <= opts.max_new_tokens <= 2048:

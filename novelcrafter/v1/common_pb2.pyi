@@ -86,7 +86,7 @@ class LoraConfig(_message.Message):
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[int] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., bias: _Optional[str] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("epochs", "batch_size", "grad_accum", "learning_rate", "weight_decay", "warmup_steps", "max_length", "max_steps_per_part", "checkpoint_every", "seed", "precision", "no_packing", "eval_max_chunks", "eval_earlier_parts", "memorization_prompts", "memorization_new_tokens", "style_prompts", "style_new_tokens")
+    __slots__ = ("epochs", "batch_size", "grad_accum", "learning_rate", "weight_decay", "warmup_steps", "max_length", "max_steps_per_part", "checkpoint_every", "seed", "precision", "no_packing", "eval_max_chunks", "eval_earlier_parts", "memorization_prompts", "memorization_new_tokens", "style_prompts", "style_new_tokens", "replay_fraction")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class TrainingConfig(_message.Message):
     MEMORIZATION_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STYLE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     STYLE_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     grad_accum: int
@@ -123,7 +124,8 @@ class TrainingConfig(_message.Message):
     memorization_new_tokens: int
     style_prompts: int
     style_new_tokens: int
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., max_steps_per_part: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., no_packing: _Optional[bool] = ..., eval_max_chunks: _Optional[int] = ..., eval_earlier_parts: _Optional[bool] = ..., memorization_prompts: _Optional[int] = ..., memorization_new_tokens: _Optional[int] = ..., style_prompts: _Optional[int] = ..., style_new_tokens: _Optional[int] = ...) -> None: ...
+    replay_fraction: float
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., max_steps_per_part: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., no_packing: _Optional[bool] = ..., eval_max_chunks: _Optional[int] = ..., eval_earlier_parts: _Optional[bool] = ..., memorization_prompts: _Optional[int] = ..., memorization_new_tokens: _Optional[int] = ..., style_prompts: _Optional[int] = ..., style_new_tokens: _Optional[int] = ..., replay_fraction: _Optional[float] = ...) -> None: ...
 
 class JobConfig(_message.Message):
     __slots__ = ("base_model", "lora", "training", "device", "init_adapter", "max_attempts", "hub_repo_id")

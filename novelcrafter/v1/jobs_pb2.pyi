@@ -41,7 +41,7 @@ PART_STATE_FAILED: PartState
 PART_STATE_CANCELLED: PartState
 
 class PartMetrics(_message.Message):
-    __slots__ = ("train_loss", "base_perplexity", "adapter_perplexity", "earlier_perplexity", "train_tokens", "eval_tokens", "train_seconds", "eval_seconds", "steps", "loss_curve", "tokens_per_second", "device", "memorization", "style")
+    __slots__ = ("train_loss", "base_perplexity", "adapter_perplexity", "earlier_perplexity", "train_tokens", "eval_tokens", "train_seconds", "eval_seconds", "steps", "loss_curve", "tokens_per_second", "device", "memorization", "style", "replayed_chunks", "replay_tokens")
     class EarlierPerplexityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class PartMetrics(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORIZATION_FIELD_NUMBER: _ClassVar[int]
     STYLE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     train_loss: float
     base_perplexity: float
     adapter_perplexity: float
@@ -77,7 +79,9 @@ class PartMetrics(_message.Message):
     device: str
     memorization: Memorization
     style: Style
-    def __init__(self, train_loss: _Optional[float] = ..., base_perplexity: _Optional[float] = ..., adapter_perplexity: _Optional[float] = ..., earlier_perplexity: _Optional[_Mapping[int, float]] = ..., train_tokens: _Optional[int] = ..., eval_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., loss_curve: _Optional[_Iterable[float]] = ..., tokens_per_second: _Optional[float] = ..., device: _Optional[str] = ..., memorization: _Optional[_Union[Memorization, _Mapping]] = ..., style: _Optional[_Union[Style, _Mapping]] = ...) -> None: ...
+    replayed_chunks: int
+    replay_tokens: int
+    def __init__(self, train_loss: _Optional[float] = ..., base_perplexity: _Optional[float] = ..., adapter_perplexity: _Optional[float] = ..., earlier_perplexity: _Optional[_Mapping[int, float]] = ..., train_tokens: _Optional[int] = ..., eval_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., loss_curve: _Optional[_Iterable[float]] = ..., tokens_per_second: _Optional[float] = ..., device: _Optional[str] = ..., memorization: _Optional[_Union[Memorization, _Mapping]] = ..., style: _Optional[_Union[Style, _Mapping]] = ..., replayed_chunks: _Optional[int] = ..., replay_tokens: _Optional[int] = ...) -> None: ...
 
 class Extraction(_message.Message):
     __slots__ = ("extraction_rate", "longest_copied_tokens")
@@ -270,7 +274,7 @@ class ClaimPartRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class PartAssignment(_message.Message):
-    __slots__ = ("job_id", "book_id", "part_index", "num_parts", "train_key", "test_key", "earlier_test_keys", "init_adapter_key", "resume_checkpoint_key", "checkpoint_prefix", "adapter_version", "config")
+    __slots__ = ("job_id", "book_id", "part_index", "num_parts", "train_key", "test_key", "earlier_test_keys", "init_adapter_key", "resume_checkpoint_key", "checkpoint_prefix", "adapter_version", "config", "earlier_train_keys")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BOOK_ID_FIELD_NUMBER: _ClassVar[int]
     PART_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +287,7 @@ class PartAssignment(_message.Message):
     CHECKPOINT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    EARLIER_TRAIN_KEYS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     book_id: str
     part_index: int
@@ -295,7 +300,8 @@ class PartAssignment(_message.Message):
     checkpoint_prefix: str
     adapter_version: str
     config: _common_pb2.JobConfig
-    def __init__(self, job_id: _Optional[str] = ..., book_id: _Optional[str] = ..., part_index: _Optional[int] = ..., num_parts: _Optional[int] = ..., train_key: _Optional[str] = ..., test_key: _Optional[str] = ..., earlier_test_keys: _Optional[_Iterable[str]] = ..., init_adapter_key: _Optional[str] = ..., resume_checkpoint_key: _Optional[str] = ..., checkpoint_prefix: _Optional[str] = ..., adapter_version: _Optional[str] = ..., config: _Optional[_Union[_common_pb2.JobConfig, _Mapping]] = ...) -> None: ...
+    earlier_train_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., book_id: _Optional[str] = ..., part_index: _Optional[int] = ..., num_parts: _Optional[int] = ..., train_key: _Optional[str] = ..., test_key: _Optional[str] = ..., earlier_test_keys: _Optional[_Iterable[str]] = ..., init_adapter_key: _Optional[str] = ..., resume_checkpoint_key: _Optional[str] = ..., checkpoint_prefix: _Optional[str] = ..., adapter_version: _Optional[str] = ..., config: _Optional[_Union[_common_pb2.JobConfig, _Mapping]] = ..., earlier_train_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClaimPartResponse(_message.Message):
     __slots__ = ("assigned", "lease", "assignment")

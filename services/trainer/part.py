@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from novelcrafter.trainer import checkpoint as ckpt
-from novelcrafter.trainer.data import BatchPlan, one_per_sequence, pack, read_chunks, tokenize_chunks
-from novelcrafter.trainer.evaluation import (
-    EvalInterrupted,
-    base_and_adapter_continuations,
-    perplexity,
-    without_adapter,
+from novelcrafter.trainer.data import (
+    BatchPlan,
+    one_per_sequence,
+    pack,
+    read_chunks,
+    replay_texts,
+    tokenize_chunks,
 )
+from novelcrafter.trainer.decode import base_and_adapter_greedy
+from novelcrafter.trainer.evaluation import EvalInterrupted, perplexity, without_adapter
 from novelcrafter.trainer.lora import attach, detach
 from novelcrafter.trainer.memorization import EXTRACTED_TOKENS, PROMPT_TOKENS, choose, eligible_chunks, score
 from novelcrafter.trainer.settings import TrainSettings
@@ -61,6 +64,7 @@ class PartJob:
     base_model: str
     num_parts: int = 0
     earlier_test_keys: list[str] = field(default_factory=list)
+    earlier_train_keys: list[str] = field(default_factory=list)  # replay draws from these only
     init_adapter_key: str = ""  # store prefix of the adapter to start from ("" = fresh LoRA)
     resume_checkpoint_key: str = ""
     hub_repo_id: str = ""
@@ -75,6 +79,7 @@ class PartJob:
             train_key=assignment.train_key,
             test_key=assignment.test_key,
             earlier_test_keys=list(assignment.earlier_test_keys),
+            earlier_train_keys=list(assignment.earlier_train_keys),
             init_adapter_key=assignment.init_adapter_key,
             resume_checkpoint_key=assignment.resume_checkpoint_key,
             settings=TrainSettings.from_job_config(assignment.config),
@@ -146,12 +151,39 @@ def _tokens_digest(sequences: list[Any]) -> str:
 
 
 def build_plan(job: PartJob, tokenizer: Any, store: Store) -> BatchPlan:
+    """The part's sequences and their seeded order: its own training chunks, then (replay) the
+    earlier parts' training chunks drawn by :func:`data.choose_replay`, seeded by the part."""
     settings = job.settings
-    chunks = tokenize_chunks(tokenizer, read_chunks(store, job.train_key), settings.max_length)
-    sequences = pack(chunks, settings.max_length) if settings.packing else one_per_sequence(chunks)
+    held_out = {job.test_key, *job.earlier_test_keys}
+    if held_out.intersection(job.earlier_train_keys) or job.train_key in job.earlier_train_keys:
+        raise FailedPrecondition("replay may draw only earlier parts' training chunks, not held-out ones")
+    own_texts = read_chunks(store, job.train_key)
+    replayed = replay_texts(
+        store,
+        job.earlier_train_keys,
+        len(own_texts),
+        settings.replay_fraction,
+        part_seed(settings.seed, job.part),
+    )
+    own = tokenize_chunks(tokenizer, own_texts, settings.max_length)
+    chunks = own + tokenize_chunks(tokenizer, replayed, settings.max_length)
+    sequences = (
+        pack(chunks, settings.max_length, replay_from=len(own))
+        if settings.packing
+        else one_per_sequence(chunks, replay_from=len(own))
+    )
     return BatchPlan(
         sequences, settings.batch_size, settings.epochs, seed=part_seed(settings.seed, job.part) + 1
     )
+
+
+def _fingerprint_settings(settings: TrainSettings) -> dict[str, Any]:
+    """The settings a checkpoint is tied to; without replay, exactly as before replay existed
+    (so checkpoints written then stay resumable). Replayed data is in the data digest too."""
+    data = settings.to_dict()
+    if not settings.replay_fraction:
+        del data["replay_fraction"]
+    return data
 
 
 def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | None = None) -> PartResult:
@@ -160,7 +192,7 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
     settings = job.settings
     plan = build_plan(job, base.tokenizer, store)
     print_ = ckpt.fingerprint(
-        settings=settings.to_dict(),
+        settings=_fingerprint_settings(settings),
         data=_tokens_digest(plan.sequences),
         init_adapter=job.init_adapter_key,
         base_model=job.base_model,
@@ -336,6 +368,15 @@ def _evaluate(
         raise Interrupted(checkpoint_key)
     eval_seconds = time.perf_counter() - started
     progress = training.progress
+    replay = (
+        {
+            "replay_fraction": settings.replay_fraction,
+            "replayed_chunks": sum(s.replayed_chunks for s in training.plan.sequences),
+            "replay_tokens": progress.replay_tokens,  # of train_tokens
+        }
+        if settings.replay_fraction > 0
+        else {}
+    )
     metrics = {
         "train_loss": training.last_epoch_loss(),
         "base_perplexity": base_ppl.perplexity,
@@ -343,6 +384,7 @@ def _evaluate(
         "earlier_perplexity": earlier,
         **({"book_perplexity": book_perplexity} if book_perplexity else {}),
         "train_tokens": progress.tokens,
+        **replay,
         "eval_tokens": eval_tokens,
         "train_seconds": progress.train_seconds,
         "eval_seconds": eval_seconds,
@@ -381,11 +423,11 @@ def _judge(
 ) -> dict[str, Any]:
     """Memorization (training chunks, held-out control) and style distance, base and adapter.
 
-    One greedy decoding pass holds every prompt for both models (mixed-batch LoRA): the
-    training prompts, and held-out prompts that serve as the memorization control and, their
-    continuations decoded, as the style candidates. Same prompts for base and adapter (seeded by
-    the part), so the two are compared on equal terms. Prompts need a chunk of at least
-    32 + 32 tokens (memorization.py); shorter chunks are skipped.
+    One greedy decoding pass (decode.py: the LoRA on the adapter's rows only) holds every prompt
+    for both models: the training prompts, and held-out prompts that serve as the memorization
+    control and, their continuations decoded, as the style candidates. Same prompts for base and
+    adapter (seeded by the part), so the two are compared on equal terms. Prompts need a chunk of
+    at least 32 + 32 tokens (memorization.py); shorter chunks are skipped.
     """
     settings = job.settings
     mem_on, style_on = settings.memorization_prompts > 0, settings.style_prompts > 0
@@ -417,8 +459,8 @@ def _judge(
         settings.memorization_new_tokens if mem_on else 0, settings.style_new_tokens if style_on else 0
     )
     prompts = [ids[:PROMPT_TOKENS] for ids in [*train, *held]]
-    outputs = base_and_adapter_continuations(
-        training.model, prompts, new_tokens, device=base.device, batch_size=32, should_stop=hooks.should_stop
+    outputs = base_and_adapter_greedy(
+        training.model, prompts, new_tokens, device=base.device, should_stop=hooks.should_stop
     )
     out: dict[str, Any] = {"judge_seconds": 0.0}
     results = {}

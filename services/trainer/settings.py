@@ -43,6 +43,8 @@ class TrainSettings:
     memorization_new_tokens: int = 48
     style_prompts: int = 8
     style_new_tokens: int = 64
+    # Replay (data.py): earlier parts' training chunks make up this share of a part's mix; 0 = off.
+    replay_fraction: float = 0.0
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +74,7 @@ class TrainSettings:
             eval_earlier_parts=tr.eval_earlier_parts,
             # Optional fields: unset = default, an explicit 0 turns the evaluation off.
             **{name: getattr(tr, name) for name in JUDGE_FIELDS if tr.HasField(name)},
+            replay_fraction=tr.replay_fraction,  # unset reads 0.0: no replay
             lora=LoraSettings(
                 r=lo.r or dl.r,
                 alpha=lo.alpha or dl.alpha,

@@ -114,11 +114,12 @@ class Progress:
 
     step: int = 0
     micro_batch: int = 0  # global micro-batch index: the data cursor
-    tokens: int = 0  # real tokens trained on
+    tokens: int = 0  # real tokens trained on (replayed ones included)
     targets: int = 0
     train_seconds: float = 0.0
     loss_curve: list[float] = field(default_factory=list)
     epoch_nll: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [nll, targets]
+    replay_tokens: int = 0  # of ``tokens``, in chunks replayed from earlier parts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +130,7 @@ class Progress:
             "train_seconds": self.train_seconds,
             "loss_curve": list(self.loss_curve),
             "epoch_nll": {str(k): v for k, v in self.epoch_nll.items()},
+            "replay_tokens": self.replay_tokens,
         }
 
     @classmethod
@@ -141,6 +143,7 @@ class Progress:
             train_seconds=float(data["train_seconds"]),
             loss_curve=[float(x) for x in data["loss_curve"]],
             epoch_nll={int(k): [float(v[0]), float(v[1])] for k, v in data["epoch_nll"].items()},
+            replay_tokens=int(data.get("replay_tokens", 0)),  # absent in checkpoints made before replay
         )
 
 
@@ -219,6 +222,7 @@ class PartTraining:
             acc[1] += batch.targets
             progress.tokens += batch.tokens
             progress.targets += batch.targets
+            progress.replay_tokens += batch.replay_tokens
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

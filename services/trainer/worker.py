@@ -245,6 +245,8 @@ def metrics_proto(metrics: dict[str, Any]) -> jobs_pb2.PartMetrics:
         loss_curve=[float(x) for x in metrics["loss_curve"]],
         tokens_per_second=float(metrics["tokens_per_second"]),
         device=str(metrics["device"]),
+        replayed_chunks=int(metrics.get("replayed_chunks", 0)),
+        replay_tokens=int(metrics.get("replay_tokens", 0)),
     )
     for part, value in metrics["earlier_perplexity"].items():
         out.earlier_perplexity[int(part)] = _finite(value)

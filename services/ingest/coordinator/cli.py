@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -94,6 +95,13 @@ def train(
     style_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens generated per style prompt (default 64)")
     ] = None,
+    replay_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Replay against forgetting: share of each part's training chunks drawn (seeded) from "
+            "earlier parts' training chunks, in [0, 1) (default 0 = off)"
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="Require workers of this device: cpu or cuda (default: any)")
     ] = None,
@@ -164,6 +172,12 @@ def train(
     ):
         if value is not None:
             setattr(tr, name, value)
+    if replay_fraction is not None:
+        if not (math.isfinite(replay_fraction) and 0 <= replay_fraction < 1):
+            from novelcrafter.errors import InvalidArgument
+
+            raise InvalidArgument(f"--replay-fraction must be in [0, 1) (got {replay_fraction})")
+        tr.replay_fraction = replay_fraction
     config.lora.r = lora_r or 0
     config.lora.alpha = lora_alpha or 0
 

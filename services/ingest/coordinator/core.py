@@ -497,6 +497,7 @@ class Coordinator:
             train_key=rec.part_data[index].train_key,
             test_key=rec.part_data[index].test_key,
             earlier_test_keys=[p.test_key for p in rec.part_data[:index]],
+            earlier_train_keys=[p.train_key for p in rec.part_data[:index]],
             init_adapter_key=init_key,
             resume_checkpoint_key=job.parts[index].checkpoint_key,
             checkpoint_prefix=layout.part_checkpoints_prefix(job.job_id, index),

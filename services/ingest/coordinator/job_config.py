@@ -37,6 +37,9 @@ DEFAULT_JUDGING = {
     "style_prompts": 8,
     "style_new_tokens": 64,
 }
+# Optional too (unset is stored as the default): earlier parts' training chunks mixed into each
+# part's sequences, as a share of the part's mix in [0, 1) (trainer data.py); 0 = no replay.
+DEFAULT_REPLAY = {"replay_fraction": 0.0}
 DEFAULT_MAX_ATTEMPTS = 3
 
 DEVICES = ("cpu", "cuda")
@@ -63,7 +66,7 @@ def with_defaults(config: common_pb2.JobConfig, *, base_model: str) -> common_pb
     for name, default in DEFAULT_TRAINING.items():
         if not getattr(training, name):
             setattr(training, name, default)
-    for name, default in DEFAULT_JUDGING.items():
+    for name, default in {**DEFAULT_JUDGING, **DEFAULT_REPLAY}.items():
         if not training.HasField(name):
             setattr(training, name, default)
     full.max_attempts = full.max_attempts or DEFAULT_MAX_ATTEMPTS
@@ -121,6 +124,10 @@ def validate(config: common_pb2.JobConfig) -> None:
     need(
         1 <= tr.style_new_tokens <= 1024,
         f"training.style_new_tokens must be in 1..1024 (got {tr.style_new_tokens})",
+    )
+    need(
+        _finite(tr.replay_fraction) and 0 <= tr.replay_fraction < 1,
+        f"training.replay_fraction must be in [0, 1) (got {tr.replay_fraction})",
     )
     need(
         config.device in ("", *DEVICES),
