@@ -175,11 +175,6 @@ def list_versions(store: Store, book_id: str) -> list[AdapterMeta]:
     return sorted(metas, key=lambda m: (m.published_at, m.version))
 
 
-def list_books_with_adapters(store: Store) -> list[str]:
-    books = {key.split("/")[1] for key in store.list("adapters/") if key.count("/") >= 2}
-    return sorted(b for b in books if layout.BOOK_ID_RE.match(b))
-
-
 def download_adapter(store: Store, meta: AdapterMeta, dest: Path, *, verify: bool = True) -> Path:
     """Fetch a version's files into ``dest``, checking sizes and sha256 against meta.json.
 

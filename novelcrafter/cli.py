@@ -43,9 +43,6 @@ COMMAND_MODULES = (
     "novelcrafter.console.cli",
     "novelcrafter.run.cli",
 )
-# Commands the architecture names; a placeholder explains any that is not available.
-TOP_COMMANDS = ("ingest", "train", "generate", "run", "status")
-SERVE_COMMANDS = ("ingest", "trainer", "inference", "console", "all")
 
 StoreOpt = Annotated[
     str | None,
@@ -144,38 +141,9 @@ def version() -> None:
     print(__version__)
 
 
-def _registered(typer_app: typer.Typer) -> set[str]:
-    names = set()
-    for info in typer_app.registered_commands:
-        names.add(info.name or (info.callback.__name__.replace("_", "-") if info.callback else ""))
-    return names
-
-
-def _placeholder(name: str, what: str) -> None:
-    def command() -> None:
-        raise NovelCrafterError(f"`novelcrafter {name}` is not available in this build yet ({what})")
-
-    command.__doc__ = f"(not available yet: {what})"
-    return command
-
-
 def _load_commands() -> None:
     for module in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue  # that service has not contributed commands
-            raise
-        mod.register(app, serve_app)
-    have = _registered(app)
-    for name in TOP_COMMANDS:
-        if name not in have:
-            app.command(name)(_placeholder(name, "its service is not built yet"))
-    have_serve = _registered(serve_app)
-    for name in SERVE_COMMANDS:
-        if name not in have_serve:
-            serve_app.command(name)(_placeholder(f"serve {name}", "its service is not built yet"))
+        importlib.import_module(module).register(app, serve_app)
 
 
 def fail(message: str, code: int = 1) -> None:

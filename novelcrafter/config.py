@@ -20,10 +20,6 @@ DEFAULT_INFERENCE = "127.0.0.1:50052"
 DEFAULT_METRICS = {"ingest": "0.0.0.0:9101", "trainer": "0.0.0.0:9102", "inference": "0.0.0.0:9103"}
 
 
-def _env(name: str) -> AliasChoices:
-    return AliasChoices(name)
-
-
 class Settings(BaseSettings):
     """Process-wide settings from ``NOVELCRAFTER_*`` (and the standard AWS/HF variables)."""
 
@@ -34,9 +30,9 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str | None = None
     s3_ca_file: str | None = None  # CA bundle for an S3 endpoint with a private certificate
-    aws_access_key_id: str | None = Field(default=None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
+    aws_access_key_id: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"))
     aws_secret_access_key: str | None = Field(
-        default=None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"), repr=False
+        default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"), repr=False
     )
 
     listen: str | None = None  # default depends on the service

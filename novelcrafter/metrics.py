@@ -9,7 +9,7 @@ from __future__ import annotations
 from novelcrafter.config import DEFAULT_METRICS, Settings
 from novelcrafter.logs import get_logger
 
-log = get_logger("novelcrafter.metrics")
+log = get_logger(__name__)
 
 
 def start_metrics_server(settings: Settings, service: str) -> int | None:

@@ -29,7 +29,7 @@ from novelcrafter.errors import FailedPrecondition, InvalidArgument, NotFound
 from novelcrafter.logs import get_logger
 from novelcrafter.store import Store, file_sha256
 
-log = get_logger("novelcrafter.models")
+log = get_logger(__name__)
 
 # Known aliases → how to provision them.
 GGUF_MODELS = {

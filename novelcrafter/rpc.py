@@ -29,7 +29,7 @@ from novelcrafter.config import Settings, get_settings
 from novelcrafter.errors import NovelCrafterError
 from novelcrafter.logs import get_logger
 
-log = get_logger("novelcrafter.rpc")
+log = get_logger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from novelcrafter.errors import InvalidArgument, NotFound, StoreError
 from novelcrafter.logs import get_logger
 
-log = get_logger("novelcrafter.store")
+log = get_logger(__name__)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -283,6 +283,11 @@ def side_by_side(left: Continuation, right: Continuation, width: int = 100, prom
 
 def plot(rows: Sequence[PartRow], path: Path, title: str = "") -> Path:
     """Training loss across all parts (left) and held-out perplexity per part (right)."""
+    import logging
+
+    # The first import on a machine builds matplotlib's font cache and says so on its logger
+    # ("generated new fontManager", "building the font cache"): not part of the report.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -38,7 +38,7 @@ from . import forms, views
 from .backends import Backends, call, http_status, ingest_stream, iterate_in_thread
 from .security import COOKIE, Guard, Session, safe_next
 
-log = get_logger("novelcrafter.console")
+log = get_logger(__name__)
 HERE = Path(__file__).parent
 DEFAULT_MAX_UPLOAD_MB = 200  # the same default and variable as the ingest service
 SECURITY_HEADERS = {

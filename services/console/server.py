@@ -14,7 +14,7 @@ from .app import Console
 from .backends import Backends
 from .security import Guard
 
-log = get_logger("novelcrafter.console")
+log = get_logger(__name__)
 DEFAULT_LISTEN = "0.0.0.0:8080"
 
 

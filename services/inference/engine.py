@@ -45,7 +45,7 @@ from novelcrafter.logs import get_logger
 from . import cpu_kernels
 from .lora import SUPPORTED_MODULES, LoraModule, LoraWeights
 
-log = get_logger("novelcrafter.inference.engine")
+log = get_logger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CALIBRATION_VERSION = "3"  # bump when the probe changes: cached outcomes then re-measure

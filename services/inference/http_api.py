@@ -46,7 +46,7 @@ from .registry import BASE, LATEST, LoadedAdapter
 from .scheduler import Finished, Generation, Piece
 from .service import InferenceServicer, status_of, validate_request
 
-log = get_logger("novelcrafter.inference.http")
+log = get_logger(__name__)
 
 OFF = ("off", "none", "")
 OWNER = "novelcrafter"

@@ -31,7 +31,7 @@ from novelcrafter.store import Store
 
 from .lora import AdapterRejected, LoraWeights
 
-log = get_logger("novelcrafter.inference.registry")
+log = get_logger(__name__)
 
 BASE = "base"
 LATEST = "latest"

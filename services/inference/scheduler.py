@@ -29,7 +29,7 @@ from .engine import Engine, KVCache
 from .lora import LoraWeights
 from .sampling import SamplingParams, TextAssembler, make_generator, next_token
 
-log = get_logger("novelcrafter.inference.scheduler")
+log = get_logger(__name__)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .registry import AdapterRegistry, RegistryHooks
 from .scheduler import Finished, Generation, Scheduler
 from .service import InferenceServicer, Limits, LockedTokenizer, Runtime
 
-log = get_logger("novelcrafter.inference.server")
+log = get_logger(__name__)
 
 SERVICE_NAME = "novelcrafter.v1.InferenceService"
 QUEUE_PER_SLOT = 4  # the default --max-queued: this many waiting requests per generation slot
@@ -189,7 +189,7 @@ class InferenceServer:
             )
 
         registry = self.make_registry(load_adapter)
-        self.activate(Runtime(locked, scheduler, registry, engine.context, {"model_dir": str(model_dir)}))
+        self.activate(Runtime(locked, scheduler, registry, engine.context))
         log.info(
             "inference ready",
             extra={
@@ -253,7 +253,7 @@ class InferenceServer:
         if self.runtime is not None:
             self.runtime.scheduler.close()
             self.runtime.registry.close()
-            for close in self.runtime.extra.get("on_close", ()):
+            for close in self.runtime.on_close:
                 close()
             metrics.ACTIVE_GENERATIONS.set_function(lambda: 0)  # drop the reference to the scheduler
             metrics.QUEUE_DEPTH.set_function(lambda: 0)

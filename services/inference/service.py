@@ -20,9 +20,9 @@ from .registry import AdapterRegistry, LoadedAdapter
 from .sampling import SamplingParams
 from .scheduler import Finished, Generation, Piece, Scheduler
 
-log = get_logger("novelcrafter.inference.service")
+log = get_logger(__name__)
 
-# Request defaults (ARCHITECTURE.md / inference.proto).
+# Request defaults (as documented in inference.proto).
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -146,8 +146,8 @@ class Runtime:
     scheduler: Scheduler
     registry: AdapterRegistry
     context: int  # model context window in tokens
-    extra: dict[str, Any] = field(default_factory=dict)
     engine: EngineInfo = field(default_factory=lambda: EngineInfo(name="native"))
+    on_close: tuple[Callable[[], None], ...] = ()  # what closing the runtime also closes
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from .lora import AdapterRejected
 from .scheduler import Finished, Generation, Piece
 from .vllm_client import StreamDelta, StreamEnd, VllmClient, completion_body
 
-log = get_logger("novelcrafter.inference.vllm")
+log = get_logger(__name__)
 
 ENGINES = ("native", "vllm")
 # What vLLM cannot honour, stated in ListAdapters and /health rather than silently dropped.

@@ -18,7 +18,7 @@ from .vllm_client import VllmClient
 if TYPE_CHECKING:
     from .server import InferenceServer
 
-log = get_logger("novelcrafter.inference.vllm")
+log = get_logger(__name__)
 
 
 def shape_model(model_dir: Path) -> Any:
@@ -97,8 +97,8 @@ def load_vllm(server: InferenceServer) -> None:
     )
     registry = server.make_registry(backend.load, on_drop=backend.dropped)
     engine = EngineInfo("vllm", batch_invariant_seeds=False, note=VLLM_NOTE, healthy=lambda: backend.healthy)
-    extra = {"model_dir": str(model_dir), "vllm_url": backend.client.url, "on_close": [backend.close]}
-    server.activate(Runtime(LockedTokenizer(tokenizer), scheduler, registry, backend.context, extra, engine))
+    locked = LockedTokenizer(tokenizer)
+    server.activate(Runtime(locked, scheduler, registry, backend.context, engine, on_close=(backend.close,)))
     backend.start_watching()
     log.info(
         "inference ready",

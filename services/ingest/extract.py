@@ -39,7 +39,7 @@ from novelcrafter.errors import (
 )
 from novelcrafter.logs import get_logger, kv
 
-log = get_logger("novelcrafter.ingest.extract")
+log = get_logger(__name__)
 
 Line = tuple[float, float, float, float, float, str, int]  # x0, y0, x1, y1, size, text, flags
 Progress = Callable[[str, int, int], None]

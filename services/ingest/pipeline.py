@@ -33,7 +33,7 @@ from .manifest import MANIFEST_VERSION
 from .params import IngestParams
 from .sentences import split_sentences
 
-log = get_logger("novelcrafter.ingest")
+log = get_logger(__name__)
 Progress = Callable[[str, int, int], None]
 _WORDS = re.compile(r"\S+")
 _SAME_SPLIT = ("chunk_sentences", "test_fraction", "seed")

@@ -16,7 +16,7 @@ from novelcrafter.store import Store, open_store
 
 from .servicer import ingest_service
 
-log = get_logger("novelcrafter.ingest")
+log = get_logger(__name__)
 
 
 @dataclass

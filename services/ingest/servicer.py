@@ -21,7 +21,7 @@ from . import manifest as manifest_codec
 from . import metrics, pipeline
 from .params import IngestParams
 
-log = get_logger("novelcrafter.ingest")
+log = get_logger(__name__)
 
 SERVICE_NAME = "novelcrafter.v1.IngestService"
 DEFAULT_MAX_UPLOAD_MB = 200

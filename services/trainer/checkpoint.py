@@ -32,7 +32,7 @@ from novelcrafter.errors import NotFound, StoreError
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store, file_sha256
 
-log = get_logger("novelcrafter.trainer.checkpoint")
+log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "training_state.pt"

@@ -37,7 +37,7 @@ from novelcrafter.trainer.evaluation import EvalInterrupted, base_and_adapter_co
 
 from novelcrafter.logs import get_logger, kv
 
-log = get_logger("novelcrafter.trainer.decode")
+log = get_logger(__name__)
 
 MAX_ROWS = 128  # rows decoded together (KV cache: rows × layers × length × kv width)
 

@@ -25,7 +25,7 @@ from typing import Any
 from novelcrafter.adapters import ADAPTER_FILES, CARD
 from novelcrafter.logs import get_logger, kv
 
-log = get_logger("novelcrafter.trainer.hub")
+log = get_logger(__name__)
 
 
 def branch_for(part: int) -> str:

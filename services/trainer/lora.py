@@ -49,13 +49,6 @@ def detach(model: Any) -> Any:
     return base
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
-    """The adapter weights as PEFT saves them (keys without the adapter name)."""
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
-
-
 def load_trainable_state(model: Any, state: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
 

@@ -3,7 +3,7 @@
 Independent of gRPC: the worker passes :class:`PartHooks` (progress reports, the stop
 flag, a lease check before publishing); tests and the benchmark call it directly.
 
-Optimizer state between parts (a deliberate choice, see LESSONS.md): *resuming* a part
+Optimizer state between parts (a deliberate choice): *resuming* a part
 restores the optimizer, scheduler, RNG states and data cursor exactly from its
 checkpoint; *moving on* to the next part starts a fresh AdamW and a fresh warmup/decay
 schedule on top of the previous part's adapter weights. A part is a new schedule over
@@ -48,7 +48,7 @@ from novelcrafter.errors import FailedPrecondition, NotFound
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
 
-log = get_logger("novelcrafter.trainer.part")
+log = get_logger(__name__)
 
 
 @dataclass

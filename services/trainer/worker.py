@@ -43,7 +43,7 @@ from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
 from novelcrafter.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 
-log = get_logger("novelcrafter.trainer.worker")
+log = get_logger(__name__)
 T = TypeVar("T")
 
 RPC_TIMEOUT = 10.0

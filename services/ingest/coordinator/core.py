@@ -50,7 +50,7 @@ from . import metrics as m
 from .events import EventLog
 from .record import SEQ_BLOCK, JobRecord, LeaseInfo, PartData
 
-log = get_logger("novelcrafter.coordinator")
+log = get_logger(__name__)
 
 DEFAULT_LEASE_SECONDS = 60.0
 FLUSH_SECONDS = 2.0  # how often in-memory progress and event history reach the store

@@ -16,7 +16,7 @@ from novelcrafter.errors import InvalidArgument, NotFound
 from novelcrafter.store import Store
 from novelcrafter.v1 import common_pb2
 
-# From the model card of the original project (ARCHITECTURE.md, "Defaults").
+# From the model card of the original project.
 DEFAULT_LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "bias": "none"}
 DEFAULT_TRAINING = {
     "epochs": 3,
