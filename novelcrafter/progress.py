@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import grpc
 
 from novelcrafter.errors import Unavailable, from_rpc_error
+from novelcrafter.retry import WATCH_BACKOFF
 from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
 
 TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
@@ -62,12 +63,12 @@ def follow_job(
     renderer: _Renderer = _RichRenderer(out) if tty else _LineRenderer(out)
     last = after_sequence
     outage_since: float | None = None
-    delay = 0.2
+    delays = WATCH_BACKOFF.delays()
     try:
         while True:
             try:
                 for event in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)):
-                    outage_since, delay = None, 0.2
+                    outage_since, delays = None, WATCH_BACKOFF.delays()
                     last = max(last, event.sequence)
                     if on_event:
                         on_event(event)
@@ -88,8 +89,7 @@ def follow_job(
                         f"lost the coordinator for more than {reconnect_seconds:.0f}s while following "
                         f"job {job_id}: {exc.details() or 'unavailable'}"
                     ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            time.sleep(next(delays))
     finally:
         renderer.close()
 

@@ -21,11 +21,9 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
-import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from typing import Any, TypeVar
 
 from novelcrafter.errors import InvalidArgument, NotFound, StoreError
 from novelcrafter.logs import get_logger
+from novelcrafter.retry import STORE_BACKOFF, retry
 
 log = get_logger(__name__)
 
@@ -209,26 +208,25 @@ class Store(ABC):
 
     # -- retries ------------------------------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.retry_seconds
-        delay = 0.2
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return fn()
-            except (NotFound, InvalidArgument):
-                raise
-            except StoreError:
-                raise
-            except Exception as exc:
-                if not self._is_transient(exc) or time.monotonic() + delay > deadline:
-                    raise self._translate(what, exc) from exc
-                if attempt == 1 or attempt % 5 == 0:
-                    log.warning(
-                        f"store {what} failed, retrying: {exc}", extra={"fields": {"attempt": attempt}}
-                    )
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+        def transient(exc: Exception) -> bool:
+            return not isinstance(exc, (NotFound, InvalidArgument, StoreError)) and self._is_transient(exc)
+
+        def warn(attempt: int, exc: Exception) -> None:
+            if attempt == 1 or attempt % 5 == 0:
+                log.warning(f"store {what} failed, retrying: {exc}", extra={"fields": {"attempt": attempt}})
+
+        try:
+            return retry(
+                fn,
+                backoff=STORE_BACKOFF,
+                retryable=transient,
+                deadline_seconds=self.retry_seconds,
+                on_retry=warn,
+            )
+        except (NotFound, InvalidArgument, StoreError):
+            raise
+        except Exception as exc:
+            raise self._translate(what, exc) from exc
 
     def _translate(self, what: str, exc: BaseException) -> StoreError:
         return StoreError(f"object store {self.url}: cannot {what}: {exc}")
@@ -401,7 +399,7 @@ class S3Store(Store):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}"
         # Short connect/read timeouts and no urllib3-level retries: retries happen in
-        # Store._retry with backoff and a deadline, so an outage is bounded and logged.
+        # Store._retry (novelcrafter.retry.STORE_BACKOFF) with a deadline, so an outage is bounded and logged.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(
                 connect=3.0, read=15.0

@@ -24,6 +24,7 @@ from typing import Any
 
 from novelcrafter.adapters import ADAPTER_FILES, CARD
 from novelcrafter.logs import get_logger, kv
+from novelcrafter.retry import hub_push_backoff
 
 log = get_logger(__name__)
 
@@ -103,6 +104,7 @@ class HubPusher:
         branch = branch_for(task.part)
         error = ""
         try:
+            delays = hub_push_backoff(self.backoff_seconds).delays()
             for attempt in range(1, self.retries + 1):
                 task.attempts = attempt
                 try:
@@ -116,7 +118,7 @@ class HubPusher:
                         "hub push failed",
                         extra=kv(repo=task.repo_id, branch=branch, attempt=attempt, error=error),
                     )
-                if attempt < self.retries and self._closing.wait(self.backoff_seconds * 2 ** (attempt - 1)):
+                if attempt < self.retries and self._closing.wait(next(delays)):
                     break
             self.outcomes.append(PushOutcome(task.repo_id, branch, False, task.attempts, error))
             log.error("hub push given up", extra=kv(repo=task.repo_id, branch=branch, error=error))

@@ -40,6 +40,7 @@ from novelcrafter.errors import (
     from_rpc_error,
 )
 from novelcrafter.logs import get_logger, kv
+from novelcrafter.retry import CLAIM_BACKOFF, LEASE_CONFIRM_BACKOFF, PART_OUTCOME_BACKOFF, retry
 from novelcrafter.store import Store
 from novelcrafter.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 
@@ -154,7 +155,7 @@ class LeaseKeeper:
     def confirm(self) -> None:
         """Synchronously renew the lease (before publishing); raise :class:`LeaseLost` if it is gone."""
         deadline = time.monotonic() + max(self.lease.ttl_seconds, 10.0)
-        delay = 0.5
+        delays = LEASE_CONFIRM_BACKOFF.delays()
         while True:
             if self.should_stop():
                 raise LeaseLost("the lease was lost or the job cancelled")
@@ -168,8 +169,7 @@ class LeaseKeeper:
             except TRANSIENT as exc:
                 if time.monotonic() > deadline:
                     raise LeaseLost(f"coordinator unreachable before publishing: {exc.message}")
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            time.sleep(next(delays))
 
     def stop(self) -> None:
         with self._cond:
@@ -348,8 +348,8 @@ class Worker:
 
     def _claim(self) -> jobs_pb2.ClaimPartResponse | None:
         """Ask for work, retrying with backoff while the coordinator is unreachable (None = stopping)."""
-        delay = 1.0
         warned = False
+        delays = CLAIM_BACKOFF.delays()
         while not self.stopping.is_set():
             try:
                 response = self.client.claim(self.worker_id, self.device.split(":")[0])
@@ -367,8 +367,7 @@ class Worker:
                 log.error("claim refused", extra=kv(error=exc.message))
             except Exception:
                 log.exception("claim failed")
-            self.stopping.wait(delay)
-            delay = min(delay * 2, 30.0)
+            self.stopping.wait(next(delays))
         return None
 
     def _work(self, claim: jobs_pb2.ClaimPartResponse) -> None:
@@ -452,24 +451,23 @@ class Worker:
 
     def _retry(self, what: str, call: Callable[[], Any], *, patience: float) -> bool:
         """Retry ``call`` while the coordinator is unreachable; False when refused or out of patience."""
-        deadline = time.monotonic() + patience
-        delay = 0.5
-        while True:
-            try:
-                call()
-                return True
-            except Aborted as exc:
-                log.warning(f"coordinator refused to {what}", extra=kv(error=exc.message))
-                return False
-            except TRANSIENT as exc:
-                if time.monotonic() + delay > deadline:
-                    log.error(f"could not {what}: coordinator unreachable", extra=kv(error=exc.message))
-                    return False
-            except NovelCrafterError as exc:
-                log.error(f"could not {what}", extra=kv(error=exc.message))
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        try:
+            retry(
+                call,
+                backoff=PART_OUTCOME_BACKOFF,
+                retryable=lambda exc: isinstance(exc, TRANSIENT),
+                deadline_seconds=patience,
+            )
+            return True
+        except Aborted as exc:
+            log.warning(f"coordinator refused to {what}", extra=kv(error=exc.message))
+            return False
+        except TRANSIENT as exc:
+            log.error(f"could not {what}: coordinator unreachable", extra=kv(error=exc.message))
+            return False
+        except NovelCrafterError as exc:
+            log.error(f"could not {what}", extra=kv(error=exc.message))
+            return False
 
 
 def serve(settings: Settings, store: Store, **options: Any) -> int:
