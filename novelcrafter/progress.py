@@ -1,9 +1,15 @@
-"""Following a training job: the WatchJob client and its rendering, in one reusable place.
+"""Following a training job: the one WatchJob follower, its views, and job text.
 
-``follow_job(channel, job_id, tty=...)`` streams a job's events until it finishes and
-returns the final :class:`jobs_pb2.Job`. On a terminal it draws one progress bar per part
-(rich); otherwise it prints plain, throttled log lines. A coordinator restart or a
-dropped connection is survived: the stream is reopened after the last event seen.
+:func:`follow` streams a job's events into a :class:`JobView` until the job finishes and
+returns the final :class:`jobs_pb2.Job`. A coordinator restart or a dropped connection is
+survived: the stream is reopened after the last event seen. Views decide what is shown:
+
+* :class:`RichView` (the CLI on a terminal): one progress bar per part;
+* :class:`PlainView` (the CLI otherwise): plain, throttled log lines;
+* :class:`CallbackView`: hands each event to a function (the console's event stream);
+* ``novelcrafter run`` has its own views (:mod:`novelcrafter.run.views`).
+
+``follow_job(channel, job_id, tty=...)`` is :func:`follow` with the CLI's view.
 
 ``format_jobs(jobs)`` and ``format_job(job)`` render job lists and per-part metrics tables
 (used by ``novelcrafter status``, ``train`` and ``run``).
@@ -12,6 +18,7 @@ dropped connection is survived: the stream is reopened after the last event seen
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -29,11 +36,42 @@ EventCallback = Callable[[jobs_pb2.JobEvent], None]
 
 
 def job_state_name(state: int) -> str:
+    """``SUCCEEDED`` for ``JOB_STATE_SUCCEEDED``."""
     return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 def part_state_name(state: int) -> str:
+    """``RUNNING`` for ``PART_STATE_RUNNING``."""
     return jobs_pb2.PartState.Name(state).removeprefix("PART_STATE_")
+
+
+# --- views ---------------------------------------------------------------------------------------
+
+
+class JobView:
+    """What the follower shows; every method does nothing unless a view overrides it."""
+
+    def on_event(self, event: jobs_pb2.JobEvent) -> None:
+        """Every event of the stream, in order (replayed ones first)."""
+
+    def note(self, text: str) -> None:
+        """A word from the follower itself (e.g. "coordinator unreachable, reconnecting…")."""
+
+    def finish(self, job: jobs_pb2.Job) -> None:
+        """The job ended (SUCCEEDED, FAILED or CANCELLED)."""
+
+    def close(self) -> None:
+        """Following is over, whatever the outcome."""
+
+
+class CallbackView(JobView):
+    """Hands every event to ``callback`` and shows nothing itself."""
+
+    def __init__(self, callback: EventCallback) -> None:
+        self.callback = callback
+
+    def on_event(self, event: jobs_pb2.JobEvent) -> None:
+        self.callback(event)
 
 
 # --- following ---------------------------------------------------------------------------------
@@ -49,18 +87,76 @@ def follow_job(
     after_sequence: int = 0,
     reconnect_seconds: float = 120.0,
 ) -> jobs_pb2.Job:
-    """Stream the job's events (replayed after ``after_sequence``, then live) until it is
-    SUCCEEDED, FAILED or CANCELLED, and return the final job.
+    """:func:`follow` with the CLI's view: progress bars (``tty``) or plain log lines,
+    written to ``out`` (stdout). ``on_event`` is called with every event before it is shown
+    (e.g. to collect metrics)."""
+    out = out or sys.stdout
+    view: JobView = RichView(out) if tty else PlainView(out)
+    return follow(
+        channel,
+        job_id,
+        view,
+        on_event=on_event,
+        after_sequence=after_sequence,
+        reconnect_seconds=reconnect_seconds,
+    )
 
-    ``tty``: progress bars (True) or plain log lines (False), written to ``out`` (stdout).
-    ``on_event``: called with every event before it is rendered (e.g. to collect metrics).
+
+def follow(
+    channel: grpc.Channel,
+    job_id: str,
+    view: JobView,
+    *,
+    on_event: EventCallback | None = None,
+    after_sequence: int = 0,
+    reconnect_seconds: float = 120.0,
+    watchdog: Callable[[], None] | None = None,
+) -> jobs_pb2.Job:
+    """Stream the job's events (replayed after ``after_sequence``, then live) into ``view``
+    until it is SUCCEEDED, FAILED or CANCELLED, and return the final job; ``view.close()``
+    is called at the end, whatever the outcome.
+
+    ``on_event``: called with every event before the view gets it.
     While the coordinator is unreachable the stream is reopened for up to
     ``reconnect_seconds`` before :class:`~novelcrafter.errors.Unavailable` is raised;
     any other RPC error is raised as the matching domain error.
+    ``watchdog``: called about once a second from another thread; if it raises (e.g. a
+    service process died), the channel is closed and that exception is raised here.
     """
-    out = out or sys.stdout
+    if watchdog is None:
+        return _follow(channel, job_id, view, on_event, after_sequence, reconnect_seconds)
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            try:
+                watchdog()
+            except BaseException as exc:
+                failures.append(exc)
+                channel.close()
+                return
+
+    threading.Thread(target=watch, name="job-watchdog", daemon=True).start()
+    try:
+        return _follow(channel, job_id, view, on_event, after_sequence, reconnect_seconds)
+    except BaseException:
+        if failures:
+            raise failures[0] from None
+        raise
+    finally:
+        done.set()
+
+
+def _follow(
+    channel: grpc.Channel,
+    job_id: str,
+    view: JobView,
+    on_event: EventCallback | None,
+    after_sequence: int,
+    reconnect_seconds: float,
+) -> jobs_pb2.Job:
     stub = jobs_pb2_grpc.JobServiceStub(channel)
-    renderer: _Renderer = _RichRenderer(out) if tty else _LineRenderer(out)
     last = after_sequence
     outage_since: float | None = None
     delays = WATCH_BACKOFF.delays()
@@ -72,18 +168,18 @@ def follow_job(
                     last = max(last, event.sequence)
                     if on_event:
                         on_event(event)
-                    renderer.event(event)
+                    view.on_event(event)
                 # The stream ends when the job is terminal, or when the coordinator shuts down.
                 job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))
                 if job.state in TERMINAL:
-                    renderer.finish(job)
+                    view.finish(job)
                     return job
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise from_rpc_error(exc) from None
                 if outage_since is None:
                     outage_since = time.monotonic()
-                    renderer.note("coordinator unreachable, reconnecting…")
+                    view.note("coordinator unreachable, reconnecting…")
                 elif time.monotonic() - outage_since > reconnect_seconds:
                     raise Unavailable(
                         f"lost the coordinator for more than {reconnect_seconds:.0f}s while following "
@@ -91,17 +187,10 @@ def follow_job(
                     ) from None
             time.sleep(next(delays))
     finally:
-        renderer.close()
+        view.close()
 
 
-class _Renderer:
-    def event(self, event: jobs_pb2.JobEvent) -> None: ...
-    def note(self, text: str) -> None: ...
-    def finish(self, job: jobs_pb2.Job) -> None: ...
-    def close(self) -> None: ...
-
-
-class _LineRenderer(_Renderer):
+class PlainView(JobView):
     """Plain lines for logs and pipes: every state change and result, throttled progress."""
 
     def __init__(self, out: TextIO) -> None:
@@ -112,7 +201,7 @@ class _LineRenderer(_Renderer):
         stamp = time.strftime("%H:%M:%S", time.localtime(when or time.time()))
         print(f"{stamp} {text}", file=self.out, flush=True)
 
-    def event(self, event: jobs_pb2.JobEvent) -> None:
+    def on_event(self, event: jobs_pb2.JobEvent) -> None:
         kind = event.WhichOneof("event")
         if kind == "job_state" and event.job_state in TERMINAL:
             return  # finish() prints the outcome with a summary
@@ -136,7 +225,7 @@ class _LineRenderer(_Renderer):
         self._print(f"job {job.job_id} {job_state_name(job.state)} ({done}/{len(job.parts)} parts){tail}")
 
 
-class _RichRenderer(_Renderer):
+class RichView(JobView):
     """One progress bar per part; messages and metrics printed above the bars."""
 
     def __init__(self, out: TextIO) -> None:
@@ -161,7 +250,7 @@ class _RichRenderer(_Renderer):
             self.tasks[part] = self.progress.add_task(f"part {part:02d}", total=None, info="")
         return self.tasks[part]
 
-    def event(self, event: jobs_pb2.JobEvent) -> None:
+    def on_event(self, event: jobs_pb2.JobEvent) -> None:
         kind = event.WhichOneof("event")
         part = event.part_index
         if kind == "progress":
@@ -220,11 +309,7 @@ def describe_event(event: jobs_pb2.JobEvent) -> str:
     if kind == "part_state":
         return f"{part} {part_state_name(event.part_state)}"
     if kind == "message":
-        return (
-            event.message
-            if event.part_index < 0 or event.message.startswith(part)
-            else f"{part}: {event.message}"
-        )
+        return message_line(event)
     if kind == "metrics":
         return f"{part} results: {format_metrics(event.metrics)}"
     if kind == "progress":
@@ -246,6 +331,14 @@ def describe_event(event: jobs_pb2.JobEvent) -> str:
             bits.append(p.message)
         return " ".join(bits)
     return ""
+
+
+def message_line(event: jobs_pb2.JobEvent) -> str:
+    """A coordinator message, prefixed with its part unless it already names it."""
+    where = f"part {event.part_index:02d}"
+    if event.part_index < 0 or event.message.startswith(where):
+        return event.message
+    return f"{where}: {event.message}"
 
 
 def judged_bits(metrics: jobs_pb2.PartMetrics) -> list[str]:

@@ -368,13 +368,11 @@ def create_job(channel: Any, book_id: str, opts: RunOptions) -> Any:
 
 
 def _follow(channel: Any, job_id: str, opts: RunOptions, out: Terminal, services: Any) -> Any:
-    from novelcrafter.run.progress import BarView, LineView, follow
+    from novelcrafter.progress import JobView, follow
+    from novelcrafter.run.views import BarView, LineView
 
-    view: Any = BarView(out.console, parts=opts.parts) if out.console else LineView(quiet=opts.quiet)
-    try:
-        return follow(channel, job_id, view, watchdog=services.check_alive)
-    finally:
-        view.close()
+    view: JobView = BarView(out.console, parts=opts.parts) if out.console else LineView(quiet=opts.quiet)
+    return follow(channel, job_id, view, watchdog=services.check_alive)
 
 
 def generate_pair(channel: Any, book_id: str, expected: str, opts: RunOptions, services: Any) -> list[Any]:
@@ -440,9 +438,9 @@ def _last_version(rows: list[Any]) -> str:
 
 
 def _job_state(job: Any) -> str:
-    from novelcrafter.run.progress import job_state_name
+    from novelcrafter.progress import job_state_name
 
-    return job_state_name(job.state)
+    return job_state_name(job.state).lower()
 
 
 def _summary(

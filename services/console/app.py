@@ -8,7 +8,6 @@ service's error into the page (or JSON) with its message and a meaningful status
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from novelcrafter.errors import InvalidArgument, NotFound, NovelCrafterError
 from novelcrafter.layout import check_book_id
 from novelcrafter.logs import get_logger, kv
-from novelcrafter.progress import describe_event, follow_job
+from novelcrafter.progress import CallbackView, describe_event, follow
 from novelcrafter.v1 import inference_pb2, ingest_pb2, jobs_pb2
 
 from . import forms, views
@@ -308,14 +307,8 @@ class Console:
         channel = self.backends.private_channel(self.backends.ingest_address)
 
         def produce(emit: Callable[[Any], None]) -> None:
-            final = follow_job(
-                channel,
-                job.job_id,
-                tty=False,
-                out=io.StringIO(),  # the shared follower renders lines too; we send events instead
-                on_event=lambda e: emit(("event", e)),
-                after_sequence=after,
-            )
+            view = CallbackView(lambda e: emit(("event", e)))
+            final = follow(channel, job.job_id, view, after_sequence=after)
             emit(("end", final))
 
         async def events() -> AsyncIterator[bytes]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from novelcrafter.run.progress import BarView, LineView
+from novelcrafter.run.views import BarView, LineView
 from novelcrafter.v1 import jobs_pb2
 
 JOB = "j-0123456789ab"
@@ -75,7 +75,7 @@ def test_bar_view_draws_on_a_terminal() -> None:
 
 def test_part_lines_show_memorization_and_style_when_measured() -> None:
     from novelcrafter.progress import format_metrics
-    from novelcrafter.run.progress import metrics_line
+    from novelcrafter.run.views import metrics_line
 
     m = jobs_pb2.PartMetrics(train_loss=3.2, base_perplexity=40.0, adapter_perplexity=30.0, steps=3)
     assert "memorization" not in metrics_line(0, m) and "style" not in format_metrics(m)

@@ -1,7 +1,7 @@
-"""Following a job's ``WatchJob`` stream and showing it: bars on a terminal, lines otherwise.
+"""``novelcrafter run``'s views of a job's progress: bars on a terminal, lines otherwise.
 
-:func:`follow` drives the shared WatchJob follower (:mod:`novelcrafter.progress`) and
-hands each event to a view; a watchdog can abort the wait (a service process died). Views:
+The run follows its job with the shared WatchJob follower (:func:`novelcrafter.progress.follow`,
+with a watchdog on the service processes) and one of these views:
 
 * :class:`BarView` (a terminal): an overall bar over parts, one bar per part's training
   (step, loss, tokens/s, ETA) and one for its evaluation, with finished-part results
@@ -12,32 +12,13 @@ hands each event to a view; a watchdog can abort the wait (a service process die
 
 from __future__ import annotations
 
-import io
 import math
 import sys
-import threading
 import time
-from collections.abc import Callable
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
-import grpc
-
-from novelcrafter.progress import judged_bits
+from novelcrafter.progress import JobView, job_state_name, judged_bits, message_line, part_state_name
 from novelcrafter.v1 import jobs_pb2
-
-
-class View(Protocol):
-    def on_event(self, event: jobs_pb2.JobEvent) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def job_state_name(state: int) -> str:
-    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
-
-
-def part_state_name(state: int) -> str:
-    return jobs_pb2.PartState.Name(state).removeprefix("PART_STATE_").lower()
 
 
 def metrics_line(part: int, m: jobs_pb2.PartMetrics) -> str:
@@ -58,56 +39,7 @@ def metrics_line(part: int, m: jobs_pb2.PartMetrics) -> str:
     )
 
 
-def follow(
-    channel: grpc.Channel,
-    job_id: str,
-    view: View,
-    *,
-    watchdog: Callable[[], None] | None = None,
-) -> jobs_pb2.Job:
-    """Stream the job's events into ``view`` until the job ends; return the final job.
-
-    The stream itself (replay after the last sequence, reconnects) is the shared
-    :func:`novelcrafter.progress.follow_job`; this adds the run's views and a watchdog:
-    ``watchdog`` is called about once a second from another thread, and if it raises
-    (a service process died), the channel is closed and that exception is raised here.
-    """
-    from novelcrafter.progress import follow_job
-
-    failures: list[BaseException] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(1.0):
-            try:
-                watchdog()  # type: ignore[misc]
-            except BaseException as exc:
-                failures.append(exc)
-                channel.close()
-                return
-
-    if watchdog is not None:
-        threading.Thread(target=watch, name="job-watchdog", daemon=True).start()
-    try:
-        # The shared renderer's own output is not used: the run's view draws everything.
-        return follow_job(channel, job_id, tty=False, on_event=view.on_event, out=io.StringIO())
-    except BaseException:
-        if failures:
-            raise failures[0] from None
-        raise
-    finally:
-        done.set()
-
-
-def _message(event: jobs_pb2.JobEvent) -> str:
-    """A coordinator message, prefixed with its part unless it already names it."""
-    where = f"part {event.part_index:02d}"
-    if event.part_index < 0 or event.message.startswith(where):
-        return event.message
-    return f"{where}: {event.message}"
-
-
-class LineView:
+class LineView(JobView):
     """Plain lines: state changes and results; training progress every ``every`` seconds."""
 
     def __init__(self, out: TextIO | None = None, *, quiet: bool = False, every: float = 15.0) -> None:
@@ -123,13 +55,13 @@ class LineView:
         kind = event.WhichOneof("event")
         part = event.part_index
         if kind == "job_state":
-            self._print(f"job {event.job_id}: {job_state_name(event.job_state)}")
+            self._print(f"job {event.job_id}: {job_state_name(event.job_state).lower()}")
         elif kind == "part_state":
-            self._print(f"part {part:02d}: {part_state_name(event.part_state)}")
+            self._print(f"part {part:02d}: {part_state_name(event.part_state).lower()}")
         elif kind == "metrics":
             self._print(metrics_line(part, event.metrics))
         elif kind == "message" and event.message:
-            self._print(_message(event))
+            self._print(message_line(event))
         elif kind == "progress" and not self.quiet:
             p = event.progress
             now = time.monotonic()
@@ -143,11 +75,8 @@ class LineView:
             elif p.phase and p.phase != "train" and p.message:
                 self._print(f"part {part:02d}: {p.phase}: {p.message}")
 
-    def close(self) -> None:
-        pass
 
-
-class BarView:
+class BarView(JobView):
     """Rich progress bars for a terminal."""
 
     def __init__(self, console: Any, parts: int) -> None:
@@ -186,7 +115,7 @@ class BarView:
         kind = event.WhichOneof("event")
         part = event.part_index
         if kind == "job_state":
-            self.progress.update(self.overall, info=job_state_name(event.job_state))
+            self.progress.update(self.overall, info=job_state_name(event.job_state).lower())
         elif kind == "part_state":
             state = event.part_state
             if state == jobs_pb2.PART_STATE_RUNNING:
@@ -198,13 +127,13 @@ class BarView:
                     if part in tasks:
                         self.progress.remove_task(tasks.pop(part))
             elif state in (jobs_pb2.PART_STATE_FAILED, jobs_pb2.PART_STATE_CANCELLED):
-                self.console.print(f"part {part:02d}: {part_state_name(state)}", markup=False)
+                self.console.print(f"part {part:02d}: {part_state_name(state).lower()}", markup=False)
         elif kind == "metrics":
             if part in self.eval:
                 self.progress.update(self.eval[part], total=1, completed=1, info="done")
             self.console.print(metrics_line(part, event.metrics), markup=False, highlight=False)
         elif kind == "message" and event.message:
-            self.console.print(_message(event), markup=False, highlight=False)
+            self.console.print(message_line(event), markup=False, highlight=False)
         elif kind == "progress":
             p = event.progress
             if p.phase == "train":
