@@ -12,6 +12,11 @@ A version is immutable and lives under ``adapters/<book_id>/<version>/``::
 
 ``adapters/<book_id>/latest`` is a JSON pointer ``{"version": …}`` written after
 ``meta.json``, so a reader that follows ``latest`` always finds a complete version.
+
+This module is the one reader and writer of ``meta.json`` and ``latest`` (keys from
+:mod:`novelcrafter.layout`): :func:`read_meta` and :func:`latest_version` for clients, which
+want domain errors; :func:`load_meta` and :func:`load_latest` for the inference registry,
+which tells an unusable object (rejected, logged) from a missing one.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from novelcrafter import layout
-from novelcrafter.errors import FailedPrecondition, NotFound
+from novelcrafter.errors import FailedPrecondition, NotFound, StoreError
 from novelcrafter.store import Store, file_sha256
 from novelcrafter.v1 import common_pb2
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 CARD = "README.md"
 VERSION_FILES = (*ADAPTER_FILES, CARD)  # what a version publishes besides meta.json
-META = "meta.json"
+META = layout.ADAPTER_META
 
 
 @dataclass
@@ -94,7 +99,7 @@ def publish_adapter(
         meta.files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         store.put_file(meta.prefix + name, path)
     meta.published_at = time.time()
-    store.put_json(meta.prefix + META, asdict(meta))
+    store.put_json(layout.adapter_meta_key(book_id, version), asdict(meta))
     if move_latest:
         store.put_json(layout.latest_key(book_id), {"version": version, "published_at": meta.published_at})
     return meta
@@ -144,32 +149,63 @@ def write_card(
     return path
 
 
+def load_meta(store: Store, book_id: str, version: str) -> AdapterMeta:
+    """A version's ``meta.json`` as stored: :class:`NotFound` when it has none (absent or not
+    complete yet), ``ValueError`` (not JSON) or ``TypeError`` (not a meta) when it is unusable."""
+    return AdapterMeta(**json.loads(store.get(layout.adapter_meta_key(book_id, version))))
+
+
 def read_meta(store: Store, book_id: str, version: str) -> AdapterMeta:
+    """A complete version's meta: :class:`NotFound` naming the version when there is none,
+    :class:`StoreError` when its JSON is corrupt."""
     try:
-        data = store.get_json(layout.adapter_prefix(book_id, version) + META)
+        return load_meta(store, book_id, version)
     except NotFound:
         raise NotFound(f"adapter version {version} of book {book_id} not found")
+    except ValueError as exc:
+        raise StoreError(f"corrupt JSON object {layout.adapter_meta_key(book_id, version)}: {exc}") from exc
+
+
+def meta_at(store: Store, prefix: str) -> AdapterMeta | None:
+    """The meta of the version folder at store ``prefix`` (a job's starting adapter), or None
+    when the folder has no ``meta.json``."""
+    try:
+        data = store.get_json(prefix + META)
+    except NotFound:
+        return None
     return AdapterMeta(**data)
 
 
-def latest_version(store: Store, book_id: str) -> str | None:
-    """The version ``latest`` points to, or None when nothing is published."""
+def load_latest(store: Store, book_id: str) -> str | None:
+    """The version ``latest`` names as stored: None when there is no pointer; ``ValueError``
+    (not a JSON object) or :class:`~novelcrafter.errors.InvalidArgument` (no valid version)
+    when it is unusable."""
     try:
-        data = store.get_json(layout.latest_key(book_id))
+        data = json.loads(store.get(layout.latest_key(book_id)))
     except NotFound:
         return None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
     return layout.check_version(str(data.get("version", "")))
+
+
+def latest_version(store: Store, book_id: str) -> str | None:
+    """The version ``latest`` points to, or None when nothing is published; :class:`StoreError`
+    when the pointer is corrupt."""
+    try:
+        return load_latest(store, book_id)
+    except ValueError as exc:
+        raise StoreError(f"corrupt JSON object {layout.latest_key(book_id)}: {exc}") from exc
 
 
 def list_versions(store: Store, book_id: str) -> list[AdapterMeta]:
     """Complete versions of a book (those with meta.json), oldest first."""
     metas = []
-    prefix = layout.adapters_prefix(book_id)
-    for key in store.list(prefix):
-        if key.endswith("/" + META):
-            version = key[len(prefix) :].split("/", 1)[0]
+    for key in store.list(layout.adapters_prefix(book_id)):
+        found = layout.version_of_meta_key(key)
+        if found is not None:
             try:
-                metas.append(read_meta(store, book_id, version))
+                metas.append(read_meta(store, *found))
             except (NotFound, TypeError, ValueError):
                 continue
     return sorted(metas, key=lambda m: (m.published_at, m.version))

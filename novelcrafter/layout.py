@@ -66,11 +66,16 @@ def check_part(part: int) -> int:
     return part
 
 
+# The top-level folders, for listings.
+BOOKS = "books/"
+JOBS = "jobs/"
+ADAPTERS = "adapters/"
+
 # --- books -------------------------------------------------------------------------------------
 
 
 def book_prefix(book_id: str) -> str:
-    return f"books/{check_book_id(book_id)}/"
+    return f"{BOOKS}{check_book_id(book_id)}/"
 
 
 def source_key(book_id: str) -> str:
@@ -79,6 +84,12 @@ def source_key(book_id: str) -> str:
 
 def manifest_key(book_id: str) -> str:
     return book_prefix(book_id) + "manifest.json"
+
+
+def is_manifest_key(key: str) -> bool:
+    """Whether ``key`` is a book's ``books/<book>/manifest.json`` (a complete book)."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "books" and parts[2] == "manifest.json"
 
 
 def text_key(book_id: str) -> str:
@@ -97,11 +108,11 @@ def part_test_key(book_id: str, part: int) -> str:
 
 
 def job_prefix(job_id: str) -> str:
-    return f"jobs/{check_job_id(job_id)}/"
+    return f"{JOBS}{check_job_id(job_id)}/"
 
 
 def job_key(job_id: str) -> str:
-    return job_prefix(job_id) + "job.json"
+    return job_prefix(job_id) + "job.json"  # job_of_job_key() reads it back
 
 
 def job_events_key(job_id: str) -> str:
@@ -134,16 +145,47 @@ def part_metrics_key(job_id: str, part: int) -> str:
 
 
 def adapters_prefix(book_id: str) -> str:
-    return f"adapters/{check_book_id(book_id)}/"
+    return f"{ADAPTERS}{check_book_id(book_id)}/"
 
 
 def adapter_prefix(book_id: str, version: str) -> str:
     return adapters_prefix(book_id) + check_version(version) + "/"
 
 
+ADAPTER_META = "meta.json"  # written last: a version is complete once its folder has it
+
+
+def adapter_meta_key(book_id: str, version: str) -> str:
+    return adapter_prefix(book_id, version) + ADAPTER_META
+
+
 def latest_key(book_id: str) -> str:
     """The `latest` pointer: JSON naming the newest complete version. Written last."""
     return adapters_prefix(book_id) + "latest"
+
+
+def book_of_adapter_key(key: str) -> str | None:
+    """The book of a key inside a book's adapters folder (``adapters/<book_id>/…``), else None."""
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] != "adapters" or not BOOK_ID_RE.match(parts[1]):
+        return None
+    return parts[1]
+
+
+def version_of_meta_key(key: str) -> tuple[str, str] | None:
+    """``(book_id, version)`` when ``key`` is a version's ``adapters/<book_id>/<version>/meta.json``."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[3] != ADAPTER_META or book_of_adapter_key(key) is None:
+        return None
+    return (parts[1], parts[2]) if VERSION_RE.match(parts[2]) else None
+
+
+def job_of_job_key(key: str) -> str | None:
+    """The job id when ``key`` is a job's ``jobs/<job_id>/job.json``, else None."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "jobs" or parts[2] != "job.json" or not JOB_ID_RE.match(parts[1]):
+        return None
+    return parts[1]
 
 
 # --- base models -------------------------------------------------------------------------------

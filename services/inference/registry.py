@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from novelcrafter import layout
-from novelcrafter.adapters import META, AdapterMeta, download_adapter
+from novelcrafter.adapters import AdapterMeta, download_adapter, load_latest, load_meta
 from novelcrafter.errors import FailedPrecondition, InvalidArgument, NotFound, StoreError
 from novelcrafter.logs import get_logger
 from novelcrafter.store import Store
@@ -161,24 +160,23 @@ class AdapterRegistry:
                     log.warning("adapter scan failed", extra={"fields": {"book": book, "error": str(exc)}})
 
     def _scan_versions(self, book_id: str | None) -> list[str]:
-        prefix = layout.adapters_prefix(book_id) if book_id else "adapters/"
+        prefix = layout.adapters_prefix(book_id) if book_id else layout.ADAPTERS
         books: set[str] = set()
         for key in self.store.list(prefix):
-            parts = key.split("/")
-            if len(parts) < 3 or not layout.BOOK_ID_RE.match(parts[1]):
+            book = layout.book_of_adapter_key(key)
+            if book is None:
                 continue
-            book = parts[1]
             books.add(book)
-            complete = len(parts) == 4 and parts[3] == META and layout.VERSION_RE.match(parts[2])
-            if complete and (book, parts[2]) not in self._versions:
-                self._record(book, parts[2])
+            complete = layout.version_of_meta_key(key)
+            if complete is not None and complete not in self._versions:
+                self._record(*complete)
         return sorted(books)
 
     def _record(self, book: str, version: str) -> VersionRecord | None:
         """Read a version's meta.json into a record; an unreadable one is recorded as rejected
         (once), a missing one (deleted meanwhile) is skipped."""
         try:
-            meta = AdapterMeta(**json.loads(self.store.get(layout.adapter_prefix(book, version) + META)))
+            meta = load_meta(self.store, book, version)
             error = (
                 "" if (meta.book_id, meta.version) == (book, version) else "meta.json names another version"
             )
@@ -198,11 +196,10 @@ class AdapterRegistry:
     def _read_pointer(self, book: str) -> str | None:
         """The version the store's `latest` names; None when absent or unusable (logged once)."""
         try:
-            data = json.loads(self.store.get(layout.latest_key(book)))
-            problem = "" if isinstance(data, dict) else "not a JSON object"
-            target = layout.check_version(str(data.get("version", ""))) if not problem else None
-        except NotFound:
-            return None
+            target = load_latest(self.store, book)
+            if target is None:
+                return None
+            problem = ""
         except (ValueError, InvalidArgument) as exc:
             problem, target = getattr(exc, "message", str(exc)), None
         if problem and self._pointer_problems.get(book) != problem:
@@ -405,7 +402,7 @@ class AdapterRegistry:
         return loaded
 
     def _record_if_exists(self, book_id: str, version: str) -> VersionRecord | None:
-        if not self.store.exists(layout.adapter_prefix(book_id, version) + META):
+        if not self.store.exists(layout.adapter_meta_key(book_id, version)):
             return None
         return self._record(book_id, version)
 

@@ -289,8 +289,8 @@ def preview_chunks(store: Store, manifest: dict[str, Any], count: int) -> list[s
 def list_books(store: Store) -> list[dict[str, Any]]:
     """Every complete book (one whose manifest exists), oldest first."""
     books = []
-    for key in store.list("books/"):
-        if key.endswith("/manifest.json") and key.count("/") == 2:
+    for key in store.list(layout.BOOKS):
+        if layout.is_manifest_key(key):
             try:
                 books.append(store.get_json(key))
             except (NotFound, StoreError):

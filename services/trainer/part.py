@@ -127,10 +127,7 @@ class PartResult:
 
 def _download_init_adapter(store: Store, prefix: str, dest: Path) -> Path:
     """The starting adapter, checksum-verified against its meta.json when it has one."""
-    try:
-        meta = adapters.AdapterMeta(**store.get_json(prefix + adapters.META))
-    except NotFound:
-        meta = None
+    meta = adapters.meta_at(store, prefix)
     if meta is not None:
         return adapters.download_adapter(store, meta, dest)
     dest.mkdir(parents=True, exist_ok=True)

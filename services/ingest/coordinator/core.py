@@ -125,9 +125,8 @@ class Coordinator:
 
     def _recover(self) -> None:
         now = time.time()
-        for key in self.store.list("jobs/"):
-            parts = key.split("/")
-            if len(parts) != 3 or parts[2] != "job.json" or not layout.JOB_ID_RE.match(parts[1]):
+        for key in self.store.list(layout.JOBS):
+            if layout.job_of_job_key(key) is None:
                 continue
             try:
                 rec = JobRecord.from_json(self.store.get_json(key))
