@@ -56,10 +56,10 @@ def main() -> None:
     import torch
     from novelcrafter.trainer.data import collate, pack
     from novelcrafter.trainer.lora import attach
-    from novelcrafter.trainer.settings import LoraSettings
     from novelcrafter.trainer.training import autocast_dtype, batch_nll, reference_nll
 
     from novelcrafter.models import load_base_model, load_tokenizer, provision_base_model
+    from novelcrafter.train_settings import LoraSettings
 
     p = argparse.ArgumentParser(prog="python -m bench.profile_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)

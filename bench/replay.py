@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from novelcrafter.trainer.data import read_chunks
     from novelcrafter.trainer.evaluation import perplexity
     from novelcrafter.trainer.part import BaseModel, PartJob, run_part
-    from novelcrafter.trainer.settings import TrainSettings
 
     from novelcrafter.models import load_base_model, load_tokenizer, provision_base_model
     from novelcrafter.store import open_store
+    from novelcrafter.train_settings import TrainSettings
 
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="nc-bench-replay-"))

@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from novelcrafter.train_settings import TRAIN_DEFAULTS
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_BOOKS = ROOT.parent / "shared" / "corpus" / "books"
 DEFAULT_BOOK = "pride-and-prejudice.pdf"
@@ -174,8 +176,9 @@ def count_params(model: Any) -> int:
 def run_ours(args, factory, tokenizer, train_texts, device) -> dict[str, Any]:
     from novelcrafter.trainer.data import BatchPlan, collate, pack, tokenize_chunks
     from novelcrafter.trainer.lora import attach
-    from novelcrafter.trainer.settings import LoraSettings, TrainSettings
     from novelcrafter.trainer.training import PartTraining, set_seed
+
+    from novelcrafter.train_settings import LoraSettings, TrainSettings
 
     sequences = pack(tokenize_chunks(tokenizer, train_texts, args.max_length), args.max_length)
     epochs = math.ceil(args.steps * args.grad_accum / len(sequences))
@@ -184,13 +187,9 @@ def run_ours(args, factory, tokenizer, train_texts, device) -> dict[str, Any]:
         batch_size=1,
         grad_accum=args.grad_accum,
         learning_rate=args.lr,
-        weight_decay=0.01,
-        warmup_steps=100,
         max_length=args.max_length,
         max_steps_per_part=args.steps,
-        seed=0,
-        precision="auto",
-    )
+    )  # weight decay, warmup, seed and precision: the job defaults
     set_seed(0)
     model = attach(factory(), LoraSettings())
     training = PartTraining(
@@ -277,7 +276,7 @@ def run_baseline(
             gradient_accumulation_steps=args.grad_accum,
             max_steps=args.steps,
             learning_rate=args.lr,
-            weight_decay=0.01,
+            weight_decay=TRAIN_DEFAULTS.weight_decay,
             warmup_steps=warmup,
             lr_scheduler_type="linear",
             optim="adamw_torch",
@@ -289,7 +288,7 @@ def run_baseline(
             report_to=[],
             disable_tqdm=True,
             dataloader_num_workers=0,
-            seed=0,
+            seed=TRAIN_DEFAULTS.seed,
         )
         trainer = Trainer(model=model, args=arguments, train_dataset=samples, data_collator=collate)
         started = time.perf_counter()
@@ -421,9 +420,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--book-id")
     p.add_argument("--part", type=int, default=0, help="which part's chunks (-1 = all parts)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of each trainer")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--grad-accum", type=int, default=TRAIN_DEFAULTS.grad_accum)
+    p.add_argument("--max-length", type=int, default=TRAIN_DEFAULTS.max_length)
+    p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.learning_rate)
     p.add_argument("--chunks", type=int, default=0, help="cap on training chunks (0 = the whole part)")
     p.add_argument("--eval-chunks", type=int, default=16, help="cap on held-out chunks evaluated")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

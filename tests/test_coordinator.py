@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from novelcrafter.trainer.settings import TrainSettings
 from prometheus_client import REGISTRY
 from test_coordinator_helpers import (
     TEST_SETTINGS,
@@ -25,6 +24,7 @@ from test_coordinator_helpers import (
 from novelcrafter import layout
 from novelcrafter.progress import follow_job
 from novelcrafter.store import Store, open_store
+from novelcrafter.train_settings import TrainSettings
 from novelcrafter.v1 import jobs_pb2
 
 J = jobs_pb2

@@ -281,9 +281,9 @@ def test_parts_continue_from_canonical_and_from_older_path_versions(
     canonical id up on the Hub while the trainer saves (its embedding-resize check would)."""
     import peft.utils.save_and_load as peft_save
     from novelcrafter.trainer.part import BaseModel, PartJob, run_part
-    from novelcrafter.trainer.settings import TrainSettings
 
     from novelcrafter.models import load_tokenizer, provision_base_model
+    from novelcrafter.train_settings import TrainSettings
 
     lookups: list[str] = []  # what PEFT would look up on the Hub (recorded, not fetched)
     monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda repo, *a, **k: lookups.append(repo))

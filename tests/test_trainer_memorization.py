@@ -22,8 +22,9 @@ from novelcrafter.trainer.memorization import (
     longest_run,
     memorization,
 )
-from novelcrafter.trainer.settings import LoraSettings
 from test_trainer_helpers import one_torch_thread  # noqa: F401 (autouse)
+
+from novelcrafter.train_settings import LoraSettings
 
 STORY = Path(__file__).resolve().parent.parent / "novelcrafter" / "run" / "saltmarrow.txt"
 

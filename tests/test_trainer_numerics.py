@@ -28,9 +28,10 @@ import torch
 from novelcrafter.trainer import packed_forward
 from novelcrafter.trainer.data import collate, one_per_sequence, pack, tokenize_chunks
 from novelcrafter.trainer.lora import attach
-from novelcrafter.trainer.settings import LoraSettings
 from novelcrafter.trainer.training import batch_nll, reference_nll
 from test_trainer_helpers import chunks, one_torch_thread  # noqa: F401 (autouse)
+
+from novelcrafter.train_settings import LoraSettings
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -12,12 +12,12 @@ from novelcrafter.trainer import checkpoint as ckpt
 from novelcrafter.trainer.data import read_chunks
 from novelcrafter.trainer.memorization import eligible_chunks
 from novelcrafter.trainer.part import BaseModel, Interrupted, PartHooks, PartJob, run_part
-from novelcrafter.trainer.settings import TrainSettings
 from safetensors.torch import load_file
 from test_trainer_helpers import one_torch_thread, write_book  # noqa: F401 (autouse)
 
 from novelcrafter import adapters, layout
 from novelcrafter.store import open_store
+from novelcrafter.train_settings import TrainSettings
 
 BOOK = "a1b2c3d4e5f60718"
 # Tiny but real: 2 micro-batches per optimizer step, 3 steps, a checkpoint after every step.

@@ -34,7 +34,6 @@ from novelcrafter.trainer.part import (
     build_plan,
     run_part,
 )
-from novelcrafter.trainer.settings import TrainSettings
 from novelcrafter.trainer.training import batch_nll, part_seed
 from safetensors.torch import load_file
 from test_trainer_helpers import one_torch_thread, write_book  # noqa: F401 (autouse)
@@ -42,6 +41,7 @@ from test_trainer_helpers import one_torch_thread, write_book  # noqa: F401 (aut
 from novelcrafter import adapters, layout
 from novelcrafter.errors import FailedPrecondition
 from novelcrafter.store import open_store
+from novelcrafter.train_settings import TrainSettings
 
 BOOK = "b1b2c3d4e5f60718"
 PARTS = 3

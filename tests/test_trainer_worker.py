@@ -208,7 +208,8 @@ def test_hub_push_sends_the_version_with_its_card_to_its_branch_and_main(hub: Fa
     """The upload path on its own: each part's published files (card included) land on its branch
     and on main; a late push of an older part of the job does not take main back."""
     from novelcrafter.trainer.lora import attach, detach
-    from novelcrafter.trainer.settings import LoraSettings
+
+    from novelcrafter.train_settings import LoraSettings
 
     store = open_store(str(tmp_path / "store"))
     write_book(store, BOOK, parts=2, train_chunks=1, test_chunks=1)

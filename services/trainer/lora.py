@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from novelcrafter.trainer.settings import LoraSettings
+from novelcrafter.train_settings import LoraSettings
 
 
 def attach(base_model: Any, lora: LoraSettings, init_adapter_dir: Path | None = None) -> Any:

@@ -39,7 +39,6 @@ from novelcrafter.trainer.decode import base_and_adapter_greedy
 from novelcrafter.trainer.evaluation import EvalInterrupted, perplexity, without_adapter
 from novelcrafter.trainer.lora import attach, detach
 from novelcrafter.trainer.memorization import EXTRACTED_TOKENS, PROMPT_TOKENS, choose, eligible_chunks, score
-from novelcrafter.trainer.settings import TrainSettings
 from novelcrafter.trainer.style import METRIC, StyleReference
 from novelcrafter.trainer.training import PartTraining, StepResult, part_seed, set_seed
 
@@ -47,6 +46,7 @@ from novelcrafter import adapters
 from novelcrafter.errors import FailedPrecondition, NotFound
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
+from novelcrafter.train_settings import TrainSettings
 
 log = get_logger(__name__)
 

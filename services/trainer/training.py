@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 from novelcrafter.trainer.data import IGNORE, Batch, BatchPlan, collate
-from novelcrafter.trainer.settings import TrainSettings
+
+from novelcrafter.train_settings import TrainSettings
 
 
 def set_seed(seed: int) -> None:

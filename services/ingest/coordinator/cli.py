@@ -10,6 +10,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from novelcrafter.train_settings import MAX_ATTEMPTS, LoraSettings, TrainSettings, default_text, help_of
+
 CoordinatorOpt = Annotated[
     str | None,
     typer.Option(
@@ -23,6 +25,11 @@ JsonOpt = Annotated[
 ]
 RPC_TIMEOUT = 60.0
 T = TypeVar("T")
+
+
+def _help(name: str, settings: type = TrainSettings) -> str:
+    """A training flag's help: the setting's declared meaning and default."""
+    return f"{help_of(settings, name)} (default {default_text(getattr(settings(), name))})"
 
 
 def register(app: typer.Typer, serve_app: typer.Typer) -> None:
@@ -64,44 +71,22 @@ def train(
         str, typer.Argument(help="The book to train on (its id, as `novelcrafter ingest` printed)")
     ],
     coordinator: CoordinatorOpt = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs per part (default 3)")] = None,
-    max_steps_per_part: Annotated[
-        int | None, typer.Option(help="Optimizer-step budget per part (default: the full schedule)")
-    ] = None,
-    max_length: Annotated[int | None, typer.Option(help="Tokens per packed sequence (default 1024)")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 5e-5)")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 8)")] = None,
-    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 32)")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps (default 8)")] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="Optimizer steps between checkpoints (default 50)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Training seed (default 0)")] = None,
-    memorization_prompts: Annotated[
-        int | None,
-        typer.Option(
-            help="Training chunks prompted for verbatim extraction after each part (default 16; 0 = off)"
-        ),
-    ] = None,
+    epochs: Annotated[int | None, typer.Option(help=_help("epochs"))] = None,
+    max_steps_per_part: Annotated[int | None, typer.Option(help=_help("max_steps_per_part"))] = None,
+    max_length: Annotated[int | None, typer.Option(help=_help("max_length"))] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=_help("learning_rate"))] = None,
+    lora_r: Annotated[int | None, typer.Option(help=_help("r", LoraSettings))] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help=_help("alpha", LoraSettings))] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=_help("grad_accum"))] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help=_help("checkpoint_every"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_help("seed"))] = None,
+    memorization_prompts: Annotated[int | None, typer.Option(help=_help("memorization_prompts"))] = None,
     memorization_new_tokens: Annotated[
-        int | None, typer.Option(help="Tokens decoded per extraction prompt (default 48, at least 32)")
+        int | None, typer.Option(help=_help("memorization_new_tokens"))
     ] = None,
-    style_prompts: Annotated[
-        int | None,
-        typer.Option(
-            help="Held-out prompts continued for the style distance after each part (default 8; 0 = off)"
-        ),
-    ] = None,
-    style_new_tokens: Annotated[
-        int | None, typer.Option(help="Tokens generated per style prompt (default 64)")
-    ] = None,
-    replay_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="Replay against forgetting: share of each part's training chunks drawn (seeded) from "
-            "earlier parts' training chunks, in [0, 1) (default 0 = off)"
-        ),
-    ] = None,
+    style_prompts: Annotated[int | None, typer.Option(help=_help("style_prompts"))] = None,
+    style_new_tokens: Annotated[int | None, typer.Option(help=_help("style_new_tokens"))] = None,
+    replay_fraction: Annotated[float | None, typer.Option(help=_help("replay_fraction"))] = None,
     device: Annotated[
         str | None, typer.Option(help="Require workers of this device: cpu or cuda (default: any)")
     ] = None,
@@ -115,7 +100,7 @@ def train(
         str | None, typer.Option("--base-model", help="Base model (env NOVELCRAFTER_BASE_MODEL)")
     ] = None,
     max_attempts: Annotated[
-        int | None, typer.Option(help="Attempts per part before the job fails (default 3)")
+        int | None, typer.Option(help=f"Attempts per part before the job fails (default {MAX_ATTEMPTS})")
     ] = None,
     watch: Annotated[
         bool | None,

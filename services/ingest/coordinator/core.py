@@ -43,6 +43,7 @@ from novelcrafter.errors import (
 )
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store, validate_key
+from novelcrafter.train_settings import with_defaults
 from novelcrafter.v1 import common_pb2, jobs_pb2
 
 from . import job_config
@@ -301,7 +302,7 @@ class Coordinator:
     def create_job(self, book_id: str, config: common_pb2.JobConfig | None = None) -> jobs_pb2.Job:
         """Validate the book and config, fill the defaults, persist the job (PENDING, part 0 READY)."""
         layout.check_book_id(book_id)
-        full = job_config.with_defaults(config or common_pb2.JobConfig(), base_model=self.settings.base_model)
+        full = with_defaults(config or common_pb2.JobConfig(), base_model=self.settings.base_model)
         job_config.validate(full)
         parts = self._book_parts(book_id)
         init_key = ""

@@ -1,9 +1,7 @@
-"""Job configuration: model-card defaults filled in, every field checked.
+"""Job configuration: every field of a defaults-filled config checked, the starting adapter resolved.
 
-The stored config of a job is complete (no zero meaning "default" left), so a
-worker trains exactly what the job says, whichever version of the defaults it has.
-Proto3 cannot tell "unset" from zero, so zero/empty means "use the default"
-(a weight decay or warmup of exactly 0 is therefore not expressible; use a tiny value).
+The defaults themselves, and how an unset field is told apart, are declared once in
+:mod:`novelcrafter.train_settings` (:func:`~novelcrafter.train_settings.with_defaults`).
 """
 
 from __future__ import annotations
@@ -16,61 +14,12 @@ from novelcrafter.errors import InvalidArgument, NotFound
 from novelcrafter.store import Store
 from novelcrafter.v1 import common_pb2
 
-# From the model card of the original project.
-DEFAULT_LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "bias": "none"}
-DEFAULT_TRAINING = {
-    "epochs": 3,
-    "batch_size": 1,
-    "grad_accum": 8,
-    "learning_rate": 5e-5,
-    "weight_decay": 0.01,
-    "warmup_steps": 100,
-    "max_length": 1024,
-    "checkpoint_every": 50,
-    "seed": 0,
-    "precision": "auto",
-}
-# Optional fields (an explicit 0 turns the evaluation off, so unset is told apart from 0).
-DEFAULT_JUDGING = {
-    "memorization_prompts": 16,
-    "memorization_new_tokens": 48,
-    "style_prompts": 8,
-    "style_new_tokens": 64,
-}
-# Optional too (unset is stored as the default): earlier parts' training chunks mixed into each
-# part's sequences, as a share of the part's mix in [0, 1) (trainer data.py); 0 = no replay.
-DEFAULT_REPLAY = {"replay_fraction": 0.0}
-DEFAULT_MAX_ATTEMPTS = 3
-
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LORA_BIASES = ("none", "all", "lora_only")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")
 _HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def with_defaults(config: common_pb2.JobConfig, *, base_model: str) -> common_pb2.JobConfig:
-    """A copy of ``config`` with every zero/empty field replaced by its default."""
-    full = common_pb2.JobConfig()
-    full.CopyFrom(config)
-    full.base_model = full.base_model or base_model
-    lora = full.lora
-    lora.r = lora.r or DEFAULT_LORA["r"]
-    lora.alpha = lora.alpha or DEFAULT_LORA["alpha"]
-    lora.dropout = lora.dropout or DEFAULT_LORA["dropout"]
-    if not lora.target_modules:
-        lora.target_modules.extend(DEFAULT_LORA["target_modules"])
-    lora.bias = lora.bias or DEFAULT_LORA["bias"]
-    training = full.training
-    for name, default in DEFAULT_TRAINING.items():
-        if not getattr(training, name):
-            setattr(training, name, default)
-    for name, default in {**DEFAULT_JUDGING, **DEFAULT_REPLAY}.items():
-        if not training.HasField(name):
-            setattr(training, name, default)
-    full.max_attempts = full.max_attempts or DEFAULT_MAX_ATTEMPTS
-    return full
 
 
 def validate(config: common_pb2.JobConfig) -> None:
