@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from novelcrafter.trainer.hub import HubPusher
 from novelcrafter.trainer.part import BaseModel
-from novelcrafter.trainer.worker import Worker, metrics_proto
+from novelcrafter.trainer.worker import Worker
 from support import free_port
 from test_trainer_helpers import one_torch_thread, write_book  # noqa: F401 (autouse)
 
@@ -367,47 +367,3 @@ def test_stopped_worker_releases_with_checkpoint_and_next_resumes_despite_dead_h
     )
     assert [(o.branch, o.ok) for o in second.hub.outcomes] == [("part-00", False)]
     assert "Connect" in second.hub.outcomes[0].error
-
-
-def test_memorization_and_style_reach_the_part_metrics_proto() -> None:
-    """The part's metrics dict → PartMetrics (what `status JOB`, WatchJob and the run report read)."""
-    base_metrics = {
-        "train_loss": 2.0,
-        "base_perplexity": 30.0,
-        "adapter_perplexity": 25.0,
-        "earlier_perplexity": {},
-        "train_tokens": 100,
-        "eval_tokens": 10,
-        "train_seconds": 5.0,
-        "eval_seconds": 1.0,
-        "steps": 2,
-        "loss_curve": [2.1, 2.0],
-        "tokens_per_second": 20.0,
-        "device": "cpu",
-    }
-    judged = {
-        "memorization": {
-            "base": {"extraction_rate": 0.0, "longest_copied_tokens": 2},
-            "adapter": {"extraction_rate": 0.5, "longest_copied_tokens": 48},
-            "prompts": 4,
-            "control": {
-                "base": {"extraction_rate": 0.0, "longest_copied_tokens": 1},
-                "adapter": {"extraction_rate": 0.0, "longest_copied_tokens": 3},
-                "prompts": 2,
-            },
-        },
-        "style": {"metric": "burrows_delta_mfw100+punct+sentlen", "base": 0.8, "adapter": 0.6, "prompts": 2},
-    }
-    out = metrics_proto({**base_metrics, **judged})
-    mem = out.memorization
-    assert (mem.prompts, mem.control_prompts) == (4, 2)
-    assert (mem.adapter.extraction_rate, mem.adapter.longest_copied_tokens) == (0.5, 48)
-    assert (mem.base.longest_copied_tokens, mem.control_adapter.longest_copied_tokens) == (2, 3)
-    assert (out.style.metric, out.style.base, out.style.adapter, out.style.prompts) == (
-        "burrows_delta_mfw100+punct+sentlen",
-        0.8,
-        0.6,
-        2,
-    )
-    off = metrics_proto(base_metrics)  # not measured: the fields stay unset, not zeros
-    assert not off.HasField("memorization") and not off.HasField("style")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
+
+if TYPE_CHECKING:
+    from .reports import Progress
 
 PARTS = Counter(
     "novelcrafter_trainer_parts_total",
@@ -20,12 +23,11 @@ TOKENS_PER_SECOND = Gauge(
 STEP = Gauge("novelcrafter_trainer_step", "Optimizer step of the current part")
 
 
-def observe_update(update: dict[str, Any]) -> None:
+def observe_update(update: Progress) -> None:
     """Account one progress update of the training loop."""
-    phase = update.get("phase")
-    if phase == "train":
+    if update.phase == "train":
         STEPS.inc()
-        STEP.set(update.get("step", 0))
-        TOKENS_PER_SECOND.set(update.get("tokens_per_second", 0.0))
-    elif phase == "checkpoint":
+        STEP.set(update.step)
+        TOKENS_PER_SECOND.set(update.tokens_per_second)
+    elif update.phase == "checkpoint":
         CHECKPOINTS.inc()

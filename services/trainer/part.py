@@ -48,6 +48,8 @@ from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
 from novelcrafter.train_settings import TrainSettings
 
+from .reports import Progress
+
 log = get_logger(__name__)
 
 
@@ -102,7 +104,7 @@ class BaseModel:
 class PartHooks:
     """How the part talks to its worker. Every callback must return quickly."""
 
-    report: Callable[[dict[str, Any], str], None] = lambda update, checkpoint_key: None
+    report: Callable[[Progress, str], None] = lambda update, checkpoint_key: None
     should_stop: Callable[[], bool] = lambda: False
     before_publish: Callable[[], None] = lambda: None  # raises when the lease is lost
     # True once another worker may own the part: then nothing more is written for it.
@@ -261,20 +263,21 @@ def _resume(store: Store, job: PartJob, training: PartTraining, print_: str) -> 
     return found.key
 
 
-def _update(training: PartTraining, phase: str, message: str = "", step: StepResult | None = None) -> dict:
+def _update(
+    training: PartTraining, phase: str, message: str = "", step: StepResult | None = None
+) -> Progress:
     progress = training.progress
     rate = progress.tokens / progress.train_seconds if progress.train_seconds > 0 else 0.0
-    update = {
-        "step": progress.step,
-        "total_steps": training.total_steps,
-        "phase": phase,
-        "message": message,
-        "tokens_per_second": rate,
-        "epoch": progress.micro_batch / training.plan.per_epoch,
-    }
-    if step is not None:
-        update.update(loss=step.loss, learning_rate=step.learning_rate)
-    return update
+    return Progress(
+        step=progress.step,
+        total_steps=training.total_steps,
+        phase=phase,
+        message=message,
+        tokens_per_second=rate,
+        epoch=progress.micro_batch / training.plan.per_epoch,
+        loss=step.loss if step is not None else None,
+        learning_rate=step.learning_rate if step is not None else None,
+    )
 
 
 def _train(
