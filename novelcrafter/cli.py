@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
 
 from novelcrafter import __version__
+from novelcrafter.config import Settings, flag_of, help_text
 from novelcrafter.errors import NovelCrafterError, from_rpc_error
 
 app = typer.Typer(
@@ -44,19 +45,22 @@ COMMAND_MODULES = (
     "novelcrafter.run.cli",
 )
 
-StoreOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE, default ./data]",
-    ),
-]
-BaseModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--base-model", help="Base model name, hub id, store:NAME or path [env NOVELCRAFTER_BASE_MODEL]"
-    ),
-]
+
+def setting_option(
+    settings_class: type[Settings], name: str, *flags: str, default: str | None = None, **extra: Any
+) -> Any:
+    """The CLI flag of a declared setting (:mod:`novelcrafter.config`): its flag, help, variable
+    and default come from the declaration. The flag's own default is None: the command passes
+    it to ``get_settings(…)``, where a given flag wins over the environment."""
+    declared_flag = flag_of(settings_class, name)
+    names = flags or ((declared_flag,) if declared_flag else ())
+    return typer.Option(*names, help=help_text(settings_class, name, default), **extra)
+
+
+# The flags several commands share.
+StoreOpt = Annotated[str | None, setting_option(Settings, "store")]
+BaseModelOpt = Annotated[str | None, setting_option(Settings, "base_model")]
+CoordinatorOpt = Annotated[str | None, setting_option(Settings, "coordinator")]
 
 
 @model_app.command("provision")

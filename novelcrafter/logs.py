@@ -1,7 +1,8 @@
 """Structured logging, configured once per process.
 
 JSON lines when stderr is not a terminal (containers, CI) or with
-``NOVELCRAFTER_LOG_FORMAT=json``; a compact ``key=value`` text format otherwise.
+``NOVELCRAFTER_LOG_FORMAT=json``; a compact ``key=value`` text format otherwise
+(``Settings.log_level`` and ``Settings.log_format``).
 Extra fields go through ``logger.info("msg", extra={"fields": {...}})`` or :func:`kv`.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -47,13 +47,22 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
-    """Idempotent: the first call wins unless ``force`` semantics are needed by tests."""
+def configure_logging(level: str | None = None, fmt: str | None = None, *, default_level: str = "") -> None:
+    """Idempotent: the first call wins unless ``force`` semantics are needed by tests.
+
+    ``level``/``fmt`` win over the settings; ``default_level`` replaces the settings' default
+    level when ``NOVELCRAFTER_LOG_LEVEL`` is not set (commands whose output is the result)."""
     global _CONFIGURED
     if _CONFIGURED:
         return
-    level = (level or os.environ.get("NOVELCRAFTER_LOG_LEVEL") or "INFO").upper()
-    fmt = fmt or os.environ.get("NOVELCRAFTER_LOG_FORMAT") or "auto"
+    from novelcrafter.config import get_settings
+
+    settings = get_settings()
+    if not level:
+        given = settings.log_level if "log_level" in settings.model_fields_set else ""
+        level = given or default_level or "INFO"
+    level = level.upper()
+    fmt = fmt or settings.log_format or "auto"
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)

@@ -518,11 +518,7 @@ def open_store(url: str | None = None, settings: Any = None, *, retry_seconds: f
 
     settings = settings or get_settings()
     url = url or settings.store
-    retry = (
-        retry_seconds
-        if retry_seconds is not None
-        else float(os.environ.get("NOVELCRAFTER_STORE_RETRY_SECONDS", "30"))
-    )
+    retry = retry_seconds if retry_seconds is not None else settings.store_retry_seconds
     if url.startswith("s3://"):
         rest = url[len("s3://") :]
         bucket, _, prefix = rest.partition("/")

@@ -316,22 +316,11 @@ def cli_envvars() -> set[str]:
 
 
 def settings_env_names() -> set[str]:
-    """Every environment variable the Settings read (``NOVELCRAFTER_<FIELD>`` or its alias)."""
-    from pydantic import AliasChoices
+    """Every environment variable the settings read (``NOVELCRAFTER_<FIELD>`` or its alias), of
+    every service (the declarations in novelcrafter.config)."""
+    from novelcrafter.config import SETTINGS_CLASSES, env_names
 
-    from novelcrafter.config import Settings
-
-    prefix = Settings.model_config.get("env_prefix", "")
-    names = set()
-    for name, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(str(choice) for choice in alias.choices)
-        elif isinstance(alias, str):
-            names.add(alias)
-        else:
-            names.add(f"{prefix}{name}".upper())
-    return names
+    return {env for cls in SETTINGS_CLASSES for name in cls.model_fields for env in env_names(cls, name)}
 
 
 def host_port(address: str) -> tuple[str, int]:

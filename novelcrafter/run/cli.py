@@ -7,7 +7,11 @@ from typing import Annotated
 
 import typer
 
-from novelcrafter.cli import StoreOpt
+from novelcrafter.cli import StoreOpt, setting_option
+from novelcrafter.config import ConsoleSettings, InferenceSettings
+
+SERVE_ALL_HTTP_LISTEN = "127.0.0.1:8000"
+SERVE_ALL_CONSOLE_LISTEN = "127.0.0.1:8080"
 
 
 def run_command(
@@ -94,21 +98,14 @@ def serve_all_command(
         str, typer.Option("--inference-listen", help="Address of inference")
     ] = "127.0.0.1:50052",
     http_listen: Annotated[
-        str,
-        typer.Option(
-            "--http-listen",
-            envvar="NOVELCRAFTER_HTTP_LISTEN",
-            help="Address of inference's OpenAI-compatible HTTP API; 'off' disables it",
-        ),
-    ] = "127.0.0.1:8000",
+        str | None, setting_option(InferenceSettings, "http_listen", default=SERVE_ALL_HTTP_LISTEN)
+    ] = None,
     console_listen: Annotated[
-        str,
-        typer.Option(
-            "--console-listen",
-            envvar="NOVELCRAFTER_CONSOLE_LISTEN",
-            help="Address of the web console; 'off' disables it",
+        str | None,
+        setting_option(
+            ConsoleSettings, "console_listen", "--console-listen", default=SERVE_ALL_CONSOLE_LISTEN
         ),
-    ] = "127.0.0.1:8080",
+    ] = None,
     device: Annotated[str | None, typer.Option("--device", help="Trainer device: cpu or cuda")] = None,
     log_dir: Annotated[
         Path | None, typer.Option("--log-dir", help="One log file per service here (default: stdout)")
@@ -122,6 +119,13 @@ def serve_all_command(
 
     configure_logging()
     settings = get_settings(store=store)
+    # On loopback by default: the declared defaults (every address) are for a service of its own.
+    http = get_settings(InferenceSettings, http_listen=http_listen)
+    console = get_settings(ConsoleSettings, console_listen=console_listen)
+    http_listen = http.http_listen if "http_listen" in http.model_fields_set else SERVE_ALL_HTTP_LISTEN
+    console_listen = (
+        console.console_listen if "console_listen" in console.model_fields_set else SERVE_ALL_CONSOLE_LISTEN
+    )
     services = LocalServices(
         store=settings.store,
         log_dir=log_dir,

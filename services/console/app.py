@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +26,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from novelcrafter.config import get_settings
 from novelcrafter.errors import InvalidArgument, NotFound, NovelCrafterError
 from novelcrafter.layout import check_book_id
 from novelcrafter.logs import get_logger, kv
@@ -39,7 +39,6 @@ from .security import COOKIE, Guard, Session, safe_next
 
 log = get_logger(__name__)
 HERE = Path(__file__).parent
-DEFAULT_MAX_UPLOAD_MB = 200  # the same default and variable as the ingest service
 SECURITY_HEADERS = {
     "content-security-policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -54,11 +53,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def max_upload_bytes() -> int:
-    raw = os.environ.get("NOVELCRAFTER_MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_MB))
-    try:
-        return int(float(raw) * (1 << 20))
-    except ValueError:
-        return DEFAULT_MAX_UPLOAD_MB << 20
+    return int(get_settings().max_upload_mb * (1 << 20))
 
 
 @dataclass

@@ -6,25 +6,18 @@ from typing import Annotated
 
 import typer
 
+from novelcrafter.cli import setting_option
+from novelcrafter.config import ConsoleSettings, Settings
+
 
 def register(app: typer.Typer, serve_app: typer.Typer) -> None:
     serve_app.command("console")(serve_console)
 
 
 def serve_console(
-    listen: Annotated[
-        str, typer.Option(envvar="NOVELCRAFTER_CONSOLE_LISTEN", help="Address of the web console (HTTP).")
-    ] = "0.0.0.0:8080",
-    ingest: Annotated[
-        str | None,
-        typer.Option(
-            help="Ingest + coordinator gRPC address [env NOVELCRAFTER_COORDINATOR, default 127.0.0.1:50051]"
-        ),
-    ] = None,
-    inference: Annotated[
-        str | None,
-        typer.Option(help="Inference gRPC address [env NOVELCRAFTER_INFERENCE, default 127.0.0.1:50052]"),
-    ] = None,
+    listen: Annotated[str | None, setting_option(ConsoleSettings, "console_listen")] = None,
+    ingest: Annotated[str | None, setting_option(Settings, "coordinator", "--ingest")] = None,
+    inference: Annotated[str | None, setting_option(Settings, "inference", "--inference")] = None,
 ) -> None:
     """The web console for authors: upload a book, train it, watch it, compare base and tuned."""
     from novelcrafter.console.server import serve
@@ -33,5 +26,5 @@ def serve_console(
     from novelcrafter.logs import configure_logging
 
     configure_logging()
-    settings = get_settings(coordinator=ingest, inference=inference)
-    serve(listen, settings.coordinator, settings.inference, settings)
+    settings = get_settings(ConsoleSettings, console_listen=listen, coordinator=ingest, inference=inference)
+    serve(settings.console_listen, settings.coordinator, settings.inference, settings)

@@ -6,13 +6,13 @@ Module-level imports stay light (no torch): heavy modules load inside the comman
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated
 
 import typer
 
-from novelcrafter.config import DEFAULT_HTTP_LISTEN, DEFAULT_INFERENCE_LISTEN
+from novelcrafter.cli import BaseModelOpt, StoreOpt, setting_option
+from novelcrafter.config import DEFAULT_INFERENCE_LISTEN, InferenceSettings, Settings
 
 
 def register(app: typer.Typer, serve_app: typer.Typer) -> None:
@@ -22,101 +22,24 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
 
 def serve_inference(
     listen: Annotated[
-        str | None,
-        typer.Option(
-            help=f"gRPC address to bind [env NOVELCRAFTER_LISTEN, default {DEFAULT_INFERENCE_LISTEN}]"
-        ),
+        str | None, setting_option(Settings, "listen", default=DEFAULT_INFERENCE_LISTEN)
     ] = None,
-    http_listen: Annotated[
-        str,
-        typer.Option(
-            envvar="NOVELCRAFTER_HTTP_LISTEN",
-            help="Address of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-            "/v1/models, /health); 'off' disables it.",
-        ),
-    ] = DEFAULT_HTTP_LISTEN,
-    store: Annotated[
-        str | None,
-        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
-    ] = None,
-    base_model: Annotated[
-        str | None, typer.Option(help="Base model name, hub id or path [env NOVELCRAFTER_BASE_MODEL]")
-    ] = None,
-    watch_interval: Annotated[
-        float,
-        typer.Option(
-            envvar="NOVELCRAFTER_WATCH_INTERVAL", help="Seconds between scans of the store for new adapters."
-        ),
-    ] = 2.0,
-    max_adapters: Annotated[
-        int, typer.Option(envvar="NOVELCRAFTER_MAX_ADAPTERS", help="Adapter versions held in memory (LRU).")
-    ] = 8,
-    max_concurrency: Annotated[
-        int,
-        typer.Option(
-            envvar="NOVELCRAFTER_MAX_CONCURRENCY",
-            help="Generations running at once (batched together); more wait in the queue.",
-        ),
-    ] = 8,
-    max_queued: Annotated[
-        int | None,
-        typer.Option(
-            envvar="NOVELCRAFTER_MAX_QUEUED",
-            help="Requests that wait (in arrival order) for a busy slot; beyond them RESOURCE_EXHAUSTED. "
-            "Default 4 x --max-concurrency; 0 refuses at once when every slot is busy.",
-        ),
-    ] = None,
-    max_new_tokens_cap: Annotated[
-        int, typer.Option(envvar="NOVELCRAFTER_MAX_NEW_TOKENS_CAP", help="Largest max_new_tokens accepted.")
-    ] = 1024,
-    max_prompt_tokens: Annotated[
-        int, typer.Option(envvar="NOVELCRAFTER_MAX_PROMPT_TOKENS", help="Longest prompt accepted, in tokens.")
-    ] = 4096,
-    device: Annotated[str, typer.Option(envvar="NOVELCRAFTER_DEVICE", help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            envvar="NOVELCRAFTER_INFERENCE_DTYPE",
-            help="auto (half on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16",
-        ),
-    ] = "auto",
-    engine: Annotated[
-        str,
-        typer.Option(
-            envvar="NOVELCRAFTER_ENGINE",
-            help="native (our continuous-batching engine) | vllm (generation on a vLLM server at "
-            "--vllm-url; adapters, validation, APIs stay ours).",
-        ),
-    ] = "native",
-    vllm_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="NOVELCRAFTER_VLLM_URL", help="--engine vllm: the vLLM server, http://HOST:PORT."
-        ),
-    ] = None,
-    vllm_adapter_dir: Annotated[
-        str | None,
-        typer.Option(
-            envvar="NOVELCRAFTER_VLLM_ADAPTER_DIR",
-            help="--engine vllm: where validated versions are written for vLLM to load (the same path "
-            "must be readable by the vLLM server) [default $NOVELCRAFTER_HOME/inference/vllm-adapters].",
-        ),
-    ] = None,
-    vllm_model_dir: Annotated[
-        str | None,
-        typer.Option(
-            envvar="NOVELCRAFTER_VLLM_MODEL_DIR",
-            help="--engine vllm: copy the provisioned base model here, for a vLLM server (sharing the "
-            "folder) that starts from it.",
-        ),
-    ] = None,
-    vllm_wait: Annotated[
-        float,
-        typer.Option(
-            envvar="NOVELCRAFTER_VLLM_WAIT",
-            help="--engine vllm: seconds to wait for the vLLM server at start.",
-        ),
-    ] = 600.0,
+    http_listen: Annotated[str | None, setting_option(InferenceSettings, "http_listen")] = None,
+    store: StoreOpt = None,
+    base_model: BaseModelOpt = None,
+    watch_interval: Annotated[float | None, setting_option(InferenceSettings, "watch_interval")] = None,
+    max_adapters: Annotated[int | None, setting_option(InferenceSettings, "max_adapters")] = None,
+    max_concurrency: Annotated[int | None, setting_option(InferenceSettings, "max_concurrency")] = None,
+    max_queued: Annotated[int | None, setting_option(InferenceSettings, "max_queued")] = None,
+    max_new_tokens_cap: Annotated[int | None, setting_option(InferenceSettings, "max_new_tokens_cap")] = None,
+    max_prompt_tokens: Annotated[int | None, setting_option(InferenceSettings, "max_prompt_tokens")] = None,
+    device: Annotated[str | None, setting_option(Settings, "device")] = None,
+    dtype: Annotated[str | None, setting_option(InferenceSettings, "inference_dtype")] = None,
+    engine: Annotated[str | None, setting_option(InferenceSettings, "engine")] = None,
+    vllm_url: Annotated[str | None, setting_option(InferenceSettings, "vllm_url")] = None,
+    vllm_adapter_dir: Annotated[str | None, setting_option(InferenceSettings, "vllm_adapter_dir")] = None,
+    vllm_model_dir: Annotated[str | None, setting_option(InferenceSettings, "vllm_model_dir")] = None,
+    vllm_wait: Annotated[float | None, setting_option(InferenceSettings, "vllm_wait")] = None,
 ) -> None:
     """Serve generation over gRPC (and an OpenAI-compatible HTTP API) with hot-loaded per-book adapters."""
     from novelcrafter.config import get_settings
@@ -124,6 +47,39 @@ def serve_inference(
     from novelcrafter.logs import configure_logging
 
     configure_logging()
+    settings = get_settings(
+        InferenceSettings,
+        store=store,
+        base_model=base_model,
+        listen=listen,
+        http_listen=http_listen,
+        watch_interval=watch_interval,
+        max_adapters=max_adapters,
+        max_concurrency=max_concurrency,
+        max_queued=max_queued,
+        max_new_tokens_cap=max_new_tokens_cap,
+        max_prompt_tokens=max_prompt_tokens,
+        device=device,
+        inference_dtype=dtype,
+        engine=engine,
+        vllm_url=vllm_url,
+        vllm_adapter_dir=vllm_adapter_dir,
+        vllm_model_dir=vllm_model_dir,
+        vllm_wait=vllm_wait,
+    )
+    max_adapters, max_concurrency, max_queued = (
+        settings.max_adapters,
+        settings.max_concurrency,
+        settings.max_queued,
+    )
+    max_new_tokens_cap, max_prompt_tokens = settings.max_new_tokens_cap, settings.max_prompt_tokens
+    watch_interval, engine, vllm_url, vllm_wait = (
+        settings.watch_interval,
+        settings.engine,
+        settings.vllm_url,
+        settings.vllm_wait,
+    )
+    http_listen = settings.http_listen
     for name, value in (("--max-adapters", max_adapters), ("--max-concurrency", max_concurrency)):
         if value < 1:
             raise InvalidArgument(f"{name} must be at least 1")
@@ -149,7 +105,6 @@ def serve_inference(
         raise InvalidArgument(f"--http-listen must be HOST:PORT or off, got {http_listen[:80]!r}")
     from .server import InferenceConfig, serve  # heavy (torch): after the checks of the flags
 
-    settings = get_settings(store=store, base_model=base_model, listen=listen)
     config = InferenceConfig(
         listen=settings.listen or DEFAULT_INFERENCE_LISTEN,
         http_listen=http_listen,
@@ -161,13 +116,13 @@ def serve_inference(
         max_queued=max_queued,
         max_new_tokens_cap=max_new_tokens_cap,
         max_prompt_tokens=max_prompt_tokens,
-        device=device,
-        dtype=dtype,
+        device=settings.device or "auto",
+        dtype=settings.inference_dtype,
         engine=engine,
         vllm_url=(vllm_url or "").strip() or None,
-        vllm_adapter_dir=vllm_adapter_dir,
+        vllm_adapter_dir=settings.vllm_adapter_dir,
         vllm_wait=vllm_wait,
-        vllm_model_dir=vllm_model_dir,
+        vllm_model_dir=settings.vllm_model_dir,
     )
     serve(config, settings)
 
@@ -200,9 +155,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole response as JSON.")] = False,
-    server: Annotated[
-        str | None, typer.Option(help="Inference server HOST:PORT [env NOVELCRAFTER_INFERENCE]")
-    ] = None,
+    server: Annotated[str | None, setting_option(Settings, "inference", "--server")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 600.0,
 ) -> None:
     """Generate text from a book's adapter (or the base model) on a running inference server."""
@@ -211,7 +164,7 @@ def generate(
 
     from .client import build_request, generate_once, generate_stream
 
-    configure_logging(os.environ.get("NOVELCRAFTER_LOG_LEVEL") or "WARNING")
+    configure_logging(default_level="WARNING")
     settings = get_settings(inference=server)
     request = build_request(
         prompt,

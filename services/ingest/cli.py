@@ -6,13 +6,14 @@ Module-level imports stay light: the heavy modules are imported inside the comma
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from novelcrafter.cli import StoreOpt, setting_option
+from novelcrafter.config import DEFAULT_INGEST_LISTEN, Settings
 from novelcrafter.errors import InvalidArgument
 
 UPLOAD_CHUNK = 1 << 20
@@ -25,10 +26,7 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
 
 def ingest(
     book: Annotated[Path, typer.Argument(help="The book PDF.", show_default=False)],
-    store: Annotated[
-        str | None,
-        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
-    ] = None,
+    store: StoreOpt = None,
     password: Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")] = None,
     title: Annotated[str | None, typer.Option(help="Title (default: the PDF's title or file name).")] = None,
     parts: Annotated[int, typer.Option(help="Consecutive training parts.")] = 10,
@@ -56,7 +54,7 @@ def ingest(
     from .params import IngestParams
 
     # The command's own output is the result; library chatter only when asked for.
-    configure_logging(os.environ.get("NOVELCRAFTER_LOG_LEVEL") or "WARNING")
+    configure_logging(default_level="WARNING")
     settings = get_settings(store=store)
     params = IngestParams(
         chunk_sentences=chunk_sentences,
@@ -228,13 +226,8 @@ def _print_summary(manifest: dict, existed: bool, job: Any) -> None:
 
 
 def serve_ingest_command(
-    listen: Annotated[
-        str | None, typer.Option(help="gRPC address to bind [env NOVELCRAFTER_LISTEN, default 0.0.0.0:50051]")
-    ] = None,
-    store: Annotated[
-        str | None,
-        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
-    ] = None,
+    listen: Annotated[str | None, setting_option(Settings, "listen", default=DEFAULT_INGEST_LISTEN)] = None,
+    store: StoreOpt = None,
 ) -> None:
     """Serve IngestService and the job coordinator (JobService) on one port."""
     from novelcrafter.config import get_settings

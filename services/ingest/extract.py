@@ -30,6 +30,7 @@ from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Any
 
+from novelcrafter.config import IngestSettings, get_settings
 from novelcrafter.errors import (
     Aborted,
     FailedPrecondition,
@@ -71,14 +72,6 @@ class Extraction:
         return len(self.pages)
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        return float(raw) if raw.strip() else default
-    except ValueError:
-        return default
-
-
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -96,13 +89,15 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> Limits:
-        workers = int(_env_number("NOVELCRAFTER_EXTRACT_WORKERS", 0)) or usable_cores()
+        """The limits the settings give (``IngestSettings``: ``NOVELCRAFTER_EXTRACT_*``, ``…_MAX_PAGES``)."""
+        settings = get_settings(IngestSettings)
+        workers = int(settings.extract_workers) or usable_cores()
         return cls(
             workers=max(1, min(workers, 32)),
-            memory_mb=int(_env_number("NOVELCRAFTER_EXTRACT_MEMORY_MB", 512)),
-            timeout_s=_env_number("NOVELCRAFTER_EXTRACT_TIMEOUT", 300.0),
-            page_timeout_s=_env_number("NOVELCRAFTER_EXTRACT_PAGE_TIMEOUT", 30.0),
-            max_pages=int(_env_number("NOVELCRAFTER_MAX_PAGES", 5000)),
+            memory_mb=int(settings.extract_memory_mb),
+            timeout_s=settings.extract_timeout,
+            page_timeout_s=settings.extract_page_timeout,
+            max_pages=int(settings.max_pages),
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from novelcrafter.config import IngestSettings, get_settings
 from novelcrafter.errors import FailedPrecondition, InvalidArgument, NovelCrafterError, ResourceExhausted
 from novelcrafter.layout import check_book_id
 from novelcrafter.logs import get_logger, kv
@@ -24,18 +24,13 @@ from .params import IngestParams
 log = get_logger(__name__)
 
 SERVICE_NAME = "novelcrafter.v1.IngestService"
-DEFAULT_MAX_UPLOAD_MB = 200
 EXPORT_CHUNK = 1 << 20
 MAX_PREVIEW = 20  # GetBook's preview_chunks cap: a look at the text, not a download
 
 
 def max_upload_bytes() -> int:
-    """``NOVELCRAFTER_MAX_UPLOAD_MB`` (default 200): the largest PDF IngestBook accepts."""
-    raw = os.environ.get("NOVELCRAFTER_MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_MB))
-    try:
-        return int(float(raw) * 1024 * 1024)
-    except ValueError:
-        return DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
+    """``NOVELCRAFTER_MAX_UPLOAD_MB`` (``Settings.max_upload_mb``): the largest PDF IngestBook accepts."""
+    return int(get_settings().max_upload_mb * 1024 * 1024)
 
 
 def _too_large(limit: int) -> ResourceExhausted:
@@ -51,7 +46,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self.store = store
         self.coordinator = coordinator
         # Each ingest already uses every core; more at once would only thrash.
-        limit = max_concurrent or int(os.environ.get("NOVELCRAFTER_MAX_CONCURRENT_INGESTS", "2"))
+        limit = max_concurrent or get_settings(IngestSettings).max_concurrent_ingests
         self._slots = threading.BoundedSemaphore(max(1, limit))
 
     # -- RPCs -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from novelcrafter.cli import BaseModelOpt, CoordinatorOpt, StoreOpt, setting_option
+from novelcrafter.config import Settings, TrainerSettings
 from novelcrafter.errors import InvalidArgument
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -19,23 +21,14 @@ def register(app: typer.Typer, serve_app: typer.Typer) -> None:
 
 
 def serve_trainer(
-    coordinator: Annotated[
-        str | None,
-        typer.Option(help="Job coordinator address [env NOVELCRAFTER_COORDINATOR, default 127.0.0.1:50051]"),
-    ] = None,
-    store: Annotated[
-        str | None,
-        typer.Option(help="Store URL: a path, file://PATH or s3://BUCKET/PREFIX [env NOVELCRAFTER_STORE]"),
-    ] = None,
-    base_model: Annotated[
-        str | None,
-        typer.Option(help="Base model to preload (name, hub id or path) [env NOVELCRAFTER_BASE_MODEL]"),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    coordinator: CoordinatorOpt = None,
+    store: StoreOpt = None,
+    base_model: BaseModelOpt = None,
+    device: Annotated[str | None, setting_option(Settings, "device")] = None,
     worker_id: Annotated[
         str | None, typer.Option(help="Name of this worker in leases and events [default HOST-PID]")
     ] = None,
-    poll_seconds: Annotated[float, typer.Option(help="Wait between claims when there is no work")] = 2.0,
+    poll_seconds: Annotated[float | None, setting_option(TrainerSettings, "poll_seconds")] = None,
     once: Annotated[bool, typer.Option("--once", help="Handle one part, then exit")] = False,
     max_parts: Annotated[
         int, typer.Option(help="Handle this many parts, then exit (0 = run until stopped)")
@@ -50,6 +43,15 @@ def serve_trainer(
     from novelcrafter.logs import configure_logging
     from novelcrafter.store import open_store
 
+    settings = get_settings(
+        TrainerSettings,
+        coordinator=coordinator,
+        store=store,
+        base_model=base_model,
+        device=device,
+        poll_seconds=poll_seconds,
+    )
+    device, poll_seconds = settings.device or "auto", settings.poll_seconds
     if device not in DEVICES:
         raise InvalidArgument(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
     if poll_seconds <= 0:
@@ -57,7 +59,6 @@ def serve_trainer(
     if max_parts < 0:
         raise InvalidArgument("--max-parts must be >= 0")
     configure_logging()
-    settings = get_settings(coordinator=coordinator, store=store, base_model=base_model)
 
     from novelcrafter.trainer.worker import serve
 

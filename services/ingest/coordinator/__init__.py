@@ -26,12 +26,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .core import DEFAULT_LEASE_SECONDS, Coordinator
+    from novelcrafter.config import DEFAULT_LEASE_SECONDS
+
+    from .core import Coordinator
     from .service import SERVICE_NAME, JobServicer, job_service
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "SERVICE_NAME", "Coordinator", "JobServicer", "job_service"]
 _WHERE = {
-    "DEFAULT_LEASE_SECONDS": ".core",
+    "DEFAULT_LEASE_SECONDS": "novelcrafter.config",
     "Coordinator": ".core",
     "SERVICE_NAME": ".service",
     "JobServicer": ".service",

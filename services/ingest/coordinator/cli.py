@@ -10,16 +10,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from novelcrafter.cli import BaseModelOpt, CoordinatorOpt
 from novelcrafter.train_settings import MAX_ATTEMPTS, LoraSettings, TrainSettings, default_text, help_of
 
-CoordinatorOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--coordinator",
-        help="Address of the job coordinator (JobService) "
-        "(env NOVELCRAFTER_COORDINATOR, default 127.0.0.1:50051)",
-    ),
-]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print JSON on stdout (progress, if any, goes to stderr)")
 ]
@@ -96,9 +89,7 @@ def train(
             help="Start from an existing adapter: BOOK_ID/VERSION or BOOK_ID/latest (default: base model)"
         ),
     ] = None,
-    base_model: Annotated[
-        str | None, typer.Option("--base-model", help="Base model (env NOVELCRAFTER_BASE_MODEL)")
-    ] = None,
+    base_model: BaseModelOpt = None,
     max_attempts: Annotated[
         int | None, typer.Option(help=f"Attempts per part before the job fails (default {MAX_ATTEMPTS})")
     ] = None,

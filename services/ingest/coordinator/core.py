@@ -23,7 +23,6 @@ reach ``max_attempts`` the job fails with the reason.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -33,7 +32,7 @@ from collections.abc import Callable, Iterator
 from google.protobuf import json_format
 
 from novelcrafter import adapters, layout
-from novelcrafter.config import Settings
+from novelcrafter.config import IngestSettings, Settings, get_settings
 from novelcrafter.errors import (
     Aborted,
     FailedPrecondition,
@@ -53,7 +52,6 @@ from .record import SEQ_BLOCK, JobRecord, LeaseInfo, PartData
 
 log = get_logger(__name__)
 
-DEFAULT_LEASE_SECONDS = 60.0
 FLUSH_SECONDS = 2.0  # how often in-memory progress and event history reach the store
 MAX_ERROR_CHARS = 2000
 _WORKER_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
@@ -64,14 +62,8 @@ JOB_NAME = J.JobState.Name
 
 
 def lease_seconds_from_env(explicit: float | None) -> float:
-    if explicit is not None:
-        value = float(explicit)
-    else:
-        raw = os.environ.get("NOVELCRAFTER_LEASE_SECONDS", "")
-        try:
-            value = float(raw) if raw else DEFAULT_LEASE_SECONDS
-        except ValueError:
-            raise InvalidArgument(f"NOVELCRAFTER_LEASE_SECONDS must be a number of seconds (got {raw!r})")
+    """``explicit``, else ``IngestSettings.lease_seconds`` (``NOVELCRAFTER_LEASE_SECONDS``)."""
+    value = float(explicit) if explicit is not None else get_settings(IngestSettings).lease_seconds
     if not 0 < value <= 86400:
         raise InvalidArgument(f"lease seconds must be in (0, 86400] (got {value})")
     return value
