@@ -15,10 +15,10 @@ import pytest
 from novelcrafter.ingest.chunking import make_chunks
 from novelcrafter.ingest.clean import clean_pages, take_raised
 from novelcrafter.ingest.extract import Page
+from novelcrafter.ingest.extract_sandbox import FLAG_RAISED, RAISED_CLOSE, RAISED_OPEN
 from novelcrafter.ingest.params import IngestParams
 from novelcrafter.ingest.pipeline import ingest
 from novelcrafter.ingest.sentences import Sentence
-from novelcrafter.ingest.worker import FLAG_RAISED, RAISED_CLOSE, RAISED_OPEN
 from pdfs import (
     Book,
     Columns,

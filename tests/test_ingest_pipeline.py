@@ -309,6 +309,6 @@ def test_cancelled_ingest_stops_its_workers_and_writes_nothing(tmp_path: Path) -
     workers = [
         p
         for p in psutil.Process().children(recursive=True)
-        if "novelcrafter.ingest.worker" in " ".join(p.cmdline())
+        if "novelcrafter.ingest.extract_sandbox" in " ".join(p.cmdline())
     ]
     assert workers == []

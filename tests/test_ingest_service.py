@@ -257,7 +257,7 @@ def _workers(pid: int) -> list[psutil.Process]:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if "novelcrafter.ingest.worker" in " ".join(child.cmdline()):
+            if "novelcrafter.ingest.extract_sandbox" in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

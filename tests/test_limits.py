@@ -289,7 +289,7 @@ def _extraction_workers(server: psutil.Process) -> list[psutil.Process]:
     found = []
     for child in server.children(recursive=True):
         try:
-            if "novelcrafter.ingest.worker" in " ".join(child.cmdline()):
+            if "novelcrafter.ingest.extract_sandbox" in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

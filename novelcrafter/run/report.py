@@ -83,7 +83,7 @@ def _ok(x: float) -> bool:
 
 def rows_from_job(job: Any) -> list[PartRow]:
     """Rows from a ``jobs_pb2.Job``."""
-    from novelcrafter.v1 import jobs_pb2
+    from novelcrafter.progress import part_state_name
 
     rows = []
     for part in job.parts:
@@ -92,7 +92,7 @@ def rows_from_job(job: Any) -> list[PartRow]:
         rows.append(
             PartRow(
                 index=part.index,
-                state=jobs_pb2.PartState.Name(part.state).removeprefix("PART_STATE_"),
+                state=part_state_name(part.state),
                 steps=m.steps,
                 train_loss=m.train_loss if has_metrics else math.nan,
                 base_perplexity=m.base_perplexity if has_metrics and m.base_perplexity > 0 else math.nan,

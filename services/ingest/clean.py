@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .extract import Line, Page
-from .worker import FLAG_DROP_CAP, FLAG_RAISED, RAISED_CLOSE, RAISED_OPEN
+from .extract_sandbox import FLAG_DROP_CAP, FLAG_RAISED, RAISED_CLOSE, RAISED_OPEN
 
 # --- characters ------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """PDF text extraction: pdfminer.six in worker processes, parallel over pages, bounded.
 
 The service process never parses a PDF. Worker processes (one per core, started as
-``python -m novelcrafter.ingest.worker``) each open the document, take blocks of pages
+``python -m novelcrafter.ingest.extract_sandbox``) each open the document, take blocks of pages
 as the parent hands them out and send back text lines with their positions (JSON).
 Every worker runs under an address-space limit (RLIMIT_AS) and a CPU limit; the parent
 enforces a whole-document timeout and a per-page stall timeout and kills the workers
@@ -126,12 +126,12 @@ PAGES_PER_BLOCK = 4
 
 
 class _Worker:
-    """One ``python -m novelcrafter.ingest.worker`` process and its JSON-lines pipe."""
+    """One ``python -m novelcrafter.ingest.extract_sandbox`` process and its JSON-lines pipe."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "novelcrafter.ingest.worker"],
+            [sys.executable, "-m", "novelcrafter.ingest.extract_sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

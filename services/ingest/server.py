@@ -14,7 +14,7 @@ from novelcrafter.metrics import start_metrics_server
 from novelcrafter.rpc import GrpcServer, start_server
 from novelcrafter.store import Store, open_store
 
-from .servicer import ingest_service
+from .service import ingest_service
 
 log = get_logger(__name__)
 

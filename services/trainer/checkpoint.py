@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from novelcrafter.trainer.training import PartTraining, Progress
-
 from novelcrafter import layout
 from novelcrafter.errors import NotFound, StoreError
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store, file_sha256
+
+from .training import PartTraining, Progress
 
 log = get_logger(__name__)
 
@@ -183,8 +183,9 @@ def find_resume_point(store: Store, job_id: str, part: int, hint: str, print_: s
 def restore(training: PartTraining, checkpoint: Checkpoint) -> None:
     """Put the adapter weights and the full training state of ``checkpoint`` into ``training``."""
     import torch
-    from novelcrafter.trainer.lora import load_trainable_state
     from safetensors.torch import load_file
+
+    from .lora import load_trainable_state
 
     weights = load_file(str(checkpoint.local_dir / "adapter_model.safetensors"), device="cpu")
     load_trainable_state(training.model, weights)

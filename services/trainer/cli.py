@@ -60,7 +60,7 @@ def serve_trainer(
         raise InvalidArgument("--max-parts must be >= 0")
     configure_logging()
 
-    from novelcrafter.trainer.worker import serve
+    from .worker import serve
 
     code = serve(
         settings,

@@ -32,10 +32,10 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from novelcrafter.trainer import packed_forward
-from novelcrafter.trainer.evaluation import EvalInterrupted, base_and_adapter_continuations
-
 from novelcrafter.logs import get_logger, kv
+
+from . import packed_forward
+from .evaluation import EvalInterrupted, base_and_adapter_continuations
 
 log = get_logger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from novelcrafter.trainer.data import collate, pack, tokenize_chunks
-from novelcrafter.trainer.training import batch_nll
+from .data import collate, pack, tokenize_chunks
+from .training import batch_nll
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from novelcrafter.trainer.data import tokenize_chunks
-from novelcrafter.trainer.evaluation import continue_tokens
+from .data import tokenize_chunks
+from .evaluation import continue_tokens
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 48

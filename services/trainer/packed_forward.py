@@ -28,7 +28,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from novelcrafter.trainer.data import IGNORE
+from .data import IGNORE
 
 CE_BLOCK = 256  # tokens per block of the fused linear + cross-entropy (logits: block × vocab)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

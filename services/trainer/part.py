@@ -26,8 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from novelcrafter.trainer import checkpoint as ckpt
-from novelcrafter.trainer.data import (
+from novelcrafter import adapters
+from novelcrafter.errors import FailedPrecondition, NotFound
+from novelcrafter.logs import get_logger, kv
+from novelcrafter.store import Store
+from novelcrafter.train_settings import TrainSettings
+
+from . import checkpoint as ckpt
+from .data import (
     BatchPlan,
     one_per_sequence,
     pack,
@@ -35,20 +41,13 @@ from novelcrafter.trainer.data import (
     replay_texts,
     tokenize_chunks,
 )
-from novelcrafter.trainer.decode import base_and_adapter_greedy
-from novelcrafter.trainer.evaluation import EvalInterrupted, perplexity, without_adapter
-from novelcrafter.trainer.lora import attach, detach
-from novelcrafter.trainer.memorization import EXTRACTED_TOKENS, PROMPT_TOKENS, choose, eligible_chunks, score
-from novelcrafter.trainer.style import METRIC, StyleReference
-from novelcrafter.trainer.training import PartTraining, StepResult, part_seed, set_seed
-
-from novelcrafter import adapters
-from novelcrafter.errors import FailedPrecondition, NotFound
-from novelcrafter.logs import get_logger, kv
-from novelcrafter.store import Store
-from novelcrafter.train_settings import TrainSettings
-
+from .decode import base_and_adapter_greedy
+from .evaluation import EvalInterrupted, perplexity, without_adapter
+from .lora import attach, detach
+from .memorization import EXTRACTED_TOKENS, PROMPT_TOKENS, choose, eligible_chunks, score
 from .reports import Progress
+from .style import METRIC, StyleReference
+from .training import PartTraining, StepResult, part_seed, set_seed
 
 log = get_logger(__name__)
 
@@ -190,7 +189,7 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
     hooks = hooks or PartHooks()
     settings = job.settings
     plan = build_plan(job, base.tokenizer, store)
-    print_ = ckpt.fingerprint(
+    fingerprint = ckpt.fingerprint(
         settings=_fingerprint_settings(settings),
         data=_tokens_digest(plan.sequences),
         init_adapter=job.init_adapter_key,
@@ -214,8 +213,8 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
         raise
     try:
         training = PartTraining(model, plan, settings, base.device, base.tokenizer.pad_token_id)
-        checkpoint_key = _resume(store, job, training, print_)
-        checkpoint_key = _train(store, job, training, print_, checkpoint_key, hooks)
+        checkpoint_key = _resume(store, job, training, fingerprint)
+        checkpoint_key = _train(store, job, training, fingerprint, checkpoint_key, hooks)
         metrics = _evaluate(store, base, job, training, hooks, checkpoint_key)
         out = workdir / "adapter"
         model.save_pretrained(str(out))
@@ -244,8 +243,8 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _resume(store: Store, job: PartJob, training: PartTraining, print_: str) -> str:
-    found = ckpt.find_resume_point(store, job.job_id, job.part, job.resume_checkpoint_key, print_)
+def _resume(store: Store, job: PartJob, training: PartTraining, fingerprint: str) -> str:
+    found = ckpt.find_resume_point(store, job.job_id, job.part, job.resume_checkpoint_key, fingerprint)
     if found is None:
         if job.resume_checkpoint_key:
             log.warning(
@@ -281,7 +280,12 @@ def _update(
 
 
 def _train(
-    store: Store, job: PartJob, training: PartTraining, print_: str, checkpoint_key: str, hooks: PartHooks
+    store: Store,
+    job: PartJob,
+    training: PartTraining,
+    fingerprint: str,
+    checkpoint_key: str,
+    hooks: PartHooks,
 ) -> str:
     every = job.settings.checkpoint_every
     saved_step = training.progress.step if checkpoint_key else -1
@@ -302,17 +306,17 @@ def _train(
         if hooks.should_stop():
             unsaved = training.progress.step > 0 and saved_step != training.progress.step
             if unsaved and not hooks.lease_lost():
-                checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
+                checkpoint_key = ckpt.save(store, job.job_id, job.part, training, fingerprint)
                 hooks.report(_update(training, "checkpoint", "checkpoint before stopping"), checkpoint_key)
             raise Interrupted(checkpoint_key)
         result = training.step()
         hooks.report(_update(training, "train", step=result), "")
         if result.step % every == 0 or training.done:
-            checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
+            checkpoint_key = ckpt.save(store, job.job_id, job.part, training, fingerprint)
             saved_step = result.step
             hooks.report(_update(training, "checkpoint", f"checkpoint at step {result.step}"), checkpoint_key)
     if saved_step != training.progress.step:  # e.g. a resumed, already complete part with no pointer
-        checkpoint_key = ckpt.save(store, job.job_id, job.part, training, print_)
+        checkpoint_key = ckpt.save(store, job.job_id, job.part, training, fingerprint)
     return checkpoint_key
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from novelcrafter.trainer.data import IGNORE, Batch, BatchPlan, collate
 
 from novelcrafter.train_settings import TrainSettings
+
+from .data import IGNORE, Batch, BatchPlan, collate
 
 
 def set_seed(seed: int) -> None:
@@ -72,7 +73,7 @@ def batch_nll(model: Any, batch: Batch, device: str, dtype: Any) -> Any:
     Llama-architecture models with vanilla LoRA take :mod:`packed_forward` (fused projections,
     per-chunk attention, blockwise linear + cross-entropy); anything else the reference path.
     """
-    from novelcrafter.trainer import packed_forward
+    from . import packed_forward
 
     if not packed_forward.supports(model):
         return reference_nll(model, batch, device, dtype)

@@ -16,8 +16,8 @@ argument, else ``NOVELCRAFTER_LEASE_SECONDS``, else 60 s.
 ONE coordinator process per store: claims are made race-free by a lock inside the
 process, not by the store. See :mod:`.core` for durability, restart and attempt rules.
 
-Names are imported lazily so that ``novelcrafter.ingest.coordinator.cli`` (loaded by
-every ``novelcrafter`` invocation) stays cheap.
+Names are imported lazily so that importing the package stays cheap. Its client commands
+(``train``, ``status``) are :mod:`novelcrafter.jobs_cli`.
 """
 
 from __future__ import annotations

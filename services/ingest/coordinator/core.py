@@ -41,12 +41,13 @@ from novelcrafter.errors import (
     StoreError,
 )
 from novelcrafter.logs import get_logger, kv
+from novelcrafter.progress import job_state_name
 from novelcrafter.store import Store, validate_key
 from novelcrafter.train_settings import with_defaults
 from novelcrafter.v1 import common_pb2, jobs_pb2
 
 from . import job_config
-from . import metrics as m
+from . import metrics as coordinator_metrics
 from .events import EventLog
 from .record import SEQ_BLOCK, JobRecord, LeaseInfo, PartData
 
@@ -55,10 +56,6 @@ log = get_logger(__name__)
 FLUSH_SECONDS = 2.0  # how often in-memory progress and event history reach the store
 MAX_ERROR_CHARS = 2000
 _WORKER_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
-
-J = jobs_pb2
-PART_NAME = J.PartState.Name
-JOB_NAME = J.JobState.Name
 
 
 def lease_seconds_from_env(explicit: float | None) -> float:
@@ -77,13 +74,13 @@ class _Change:
         self.events: list[jobs_pb2.JobEvent] = []
 
     def job_state(self, state: int) -> None:
-        self.events.append(J.JobEvent(part_index=-1, job_state=state))
+        self.events.append(jobs_pb2.JobEvent(part_index=-1, job_state=state))
 
     def part_state(self, part: int, state: int) -> None:
-        self.events.append(J.JobEvent(part_index=part, part_state=state))
+        self.events.append(jobs_pb2.JobEvent(part_index=part, part_state=state))
 
     def message(self, text: str, part: int = -1) -> None:
-        self.events.append(J.JobEvent(part_index=part, message=text))
+        self.events.append(jobs_pb2.JobEvent(part_index=part, message=text))
 
 
 class Coordinator:
@@ -136,7 +133,7 @@ class Coordinator:
             rec.seq = rec.seq_reserved = max(rec.seq_reserved, history.last_sequence)
             # Live workers keep their leases: give them one full period from now.
             for index, lease in rec.leases.items():
-                if rec.job.parts[index].state == J.PART_STATE_RUNNING:
+                if rec.job.parts[index].state == jobs_pb2.PART_STATE_RUNNING:
                     lease.expires_at = max(lease.expires_at, now + self.lease_seconds)
                     rec.job.parts[index].lease_expires_at = lease.expires_at
             self._jobs[rec.job_id] = rec
@@ -196,7 +193,7 @@ class Coordinator:
             try:
                 self.store.put_json(layout.job_key(job_id), data)
             except StoreError as exc:
-                m.STORE_WRITE_FAILURES.inc()
+                coordinator_metrics.STORE_WRITE_FAILURES.inc()
                 raise StoreError(f"cannot save the state of job {job_id}: {exc.message}") from exc
             self._written[job_id] = generation
             return True
@@ -267,7 +264,7 @@ class Coordinator:
                     self._events[job_id].dirty = True
 
     def _update_gauges(self) -> None:
-        m.set_job_states(rec.job.state for rec in self._jobs.values())
+        coordinator_metrics.set_job_states(rec.job.state for rec in self._jobs.values())
 
     # --- lookups --------------------------------------------------------------------------------
 
@@ -303,21 +300,25 @@ class Coordinator:
                 self.store, full.init_adapter, full.base_model
             )
         now = time.time()
-        job = J.Job(job_id=layout.new_job_id(), book_id=book_id, state=J.JOB_STATE_PENDING, config=full)
+        job = jobs_pb2.Job(
+            job_id=layout.new_job_id(), book_id=book_id, state=jobs_pb2.JOB_STATE_PENDING, config=full
+        )
         job.created_at = job.updated_at = now
         for index in range(len(parts)):
-            job.parts.add(index=index, state=J.PART_STATE_READY if index == 0 else J.PART_STATE_PENDING)
+            job.parts.add(
+                index=index, state=jobs_pb2.PART_STATE_READY if index == 0 else jobs_pb2.PART_STATE_PENDING
+            )
         rec = JobRecord(job=job, part_data=parts, init_adapter_key=init_key)
         change = _Change(job.job_id)
-        change.job_state(J.JOB_STATE_PENDING)
+        change.job_state(jobs_pb2.JOB_STATE_PENDING)
         start = f" from adapter {full.init_adapter}" if full.init_adapter else ""
         change.message(
             f"job created for book {book_id}: {len(parts)} parts, base model {full.base_model}{start}"
         )
-        change.part_state(0, J.PART_STATE_READY)
+        change.part_state(0, jobs_pb2.PART_STATE_READY)
         with self._lock:
             self._commit(rec, change)
-        m.JOBS_CREATED.inc()
+        coordinator_metrics.JOBS_CREATED.inc()
         log.info("job created", extra=kv(job=job.job_id, book=book_id, parts=len(parts)))
         return _copy(job)
 
@@ -346,22 +347,24 @@ class Coordinator:
 
     def cancel_job(self, job_id: str) -> jobs_pb2.Job:
         def apply(rec: JobRecord, change: _Change) -> None:
-            if rec.job.state == J.JOB_STATE_CANCELLED:
+            if rec.job.state == jobs_pb2.JOB_STATE_CANCELLED:
                 return
             if rec.terminal:
-                raise FailedPrecondition(
-                    f"job {job_id} already finished ({JOB_NAME(rec.job.state).removeprefix('JOB_STATE_')})"
-                )
+                raise FailedPrecondition(f"job {job_id} already finished ({job_state_name(rec.job.state)})")
             # Leases stay on record so the worker's next ReportProgress answers cancelled=true.
             for part in rec.job.parts:
-                if part.state in (J.PART_STATE_PENDING, J.PART_STATE_READY, J.PART_STATE_RUNNING):
-                    part.state = J.PART_STATE_CANCELLED
+                if part.state in (
+                    jobs_pb2.PART_STATE_PENDING,
+                    jobs_pb2.PART_STATE_READY,
+                    jobs_pb2.PART_STATE_RUNNING,
+                ):
+                    part.state = jobs_pb2.PART_STATE_CANCELLED
                     part.lease_expires_at = 0
-                    change.part_state(part.index, J.PART_STATE_CANCELLED)
-            rec.job.state = J.JOB_STATE_CANCELLED
+                    change.part_state(part.index, jobs_pb2.PART_STATE_CANCELLED)
+            rec.job.state = jobs_pb2.JOB_STATE_CANCELLED
             rec.job.error = "cancelled"
             change.message("job cancelled")
-            change.job_state(J.JOB_STATE_CANCELLED)
+            change.job_state(jobs_pb2.JOB_STATE_CANCELLED)
 
         rec = self._mutate(job_id, apply)
         log.info("job cancelled", extra=kv(job=job_id))
@@ -410,7 +413,7 @@ class Coordinator:
             if job_id:
                 rec = self._record(job_id)
                 if rec.terminal:
-                    state = JOB_NAME(rec.job.state).removeprefix("JOB_STATE_")
+                    state = job_state_name(rec.job.state)
                     raise FailedPrecondition(f"job {job_id} is finished ({state}): nothing to claim")
                 if rec.job.config.device and rec.job.config.device != kind:
                     raise FailedPrecondition(
@@ -430,22 +433,26 @@ class Coordinator:
                     # rather than stranding the part until the lease expires.
                     index, lease = held
                     self._extend(rec, index, lease)
-                    return J.ClaimPartResponse(
+                    return jobs_pb2.ClaimPartResponse(
                         assigned=True,
                         lease=self._lease_msg(rec, index, lease),
                         assignment=self._assignment(rec, index),
                     )
-                ready = next((p.index for p in rec.job.parts if p.state == J.PART_STATE_READY), None)
+                ready = next((p.index for p in rec.job.parts if p.state == jobs_pb2.PART_STATE_READY), None)
                 if ready is not None:
                     return self._grant(rec.job_id, ready, worker_id, kind)
-        return J.ClaimPartResponse(assigned=False)
+        return jobs_pb2.ClaimPartResponse(assigned=False)
 
     def _held_by(self, rec: JobRecord, worker_id: str) -> tuple[int, LeaseInfo] | None:
         """A live lease this worker already holds on a running part of ``rec``, if any."""
         now = time.time()
         for index, lease in rec.leases.items():
             part = rec.job.parts[index]
-            if lease.worker_id == worker_id and part.state == J.PART_STATE_RUNNING and lease.expires_at > now:
+            if (
+                lease.worker_id == worker_id
+                and part.state == jobs_pb2.PART_STATE_RUNNING
+                and lease.expires_at > now
+            ):
                 return index, lease
         return None
 
@@ -454,23 +461,23 @@ class Coordinator:
 
         def apply(rec: JobRecord, change: _Change) -> None:
             part = rec.job.parts[index]
-            part.state = J.PART_STATE_RUNNING
+            part.state = jobs_pb2.PART_STATE_RUNNING
             part.worker_id = worker_id
             part.lease_expires_at = lease.expires_at
             rec.leases[index] = lease
-            if rec.job.state == J.JOB_STATE_PENDING:
-                rec.job.state = J.JOB_STATE_RUNNING
-                change.job_state(J.JOB_STATE_RUNNING)
-            change.part_state(index, J.PART_STATE_RUNNING)
+            if rec.job.state == jobs_pb2.JOB_STATE_PENDING:
+                rec.job.state = jobs_pb2.JOB_STATE_RUNNING
+                change.job_state(jobs_pb2.JOB_STATE_RUNNING)
+            change.part_state(index, jobs_pb2.PART_STATE_RUNNING)
             resume = f", resuming from {part.checkpoint_key}" if part.checkpoint_key else ""
             change.message(
                 f"part {index:02d} claimed by worker {worker_id} ({device or 'any device'}){resume}", index
             )
 
         rec = self._mutate(job_id, apply)
-        m.PARTS_CLAIMED.inc()
+        coordinator_metrics.PARTS_CLAIMED.inc()
         log.info("part claimed", extra=kv(job=job_id, part=index, worker=worker_id, device=device))
-        return J.ClaimPartResponse(
+        return jobs_pb2.ClaimPartResponse(
             assigned=True, lease=self._lease_msg(rec, index, lease), assignment=self._assignment(rec, index)
         )
 
@@ -481,7 +488,7 @@ class Coordinator:
         else:
             previous = job.parts[index - 1]
             init_key = layout.adapter_prefix(job.book_id, previous.adapter_version)
-        return J.PartAssignment(
+        return jobs_pb2.PartAssignment(
             job_id=job.job_id,
             book_id=job.book_id,
             part_index=index,
@@ -498,7 +505,7 @@ class Coordinator:
         )
 
     def _lease_msg(self, rec: JobRecord, index: int, lease: LeaseInfo) -> jobs_pb2.Lease:
-        return J.Lease(
+        return jobs_pb2.Lease(
             lease_id=lease.lease_id,
             job_id=rec.job_id,
             part_index=index,
@@ -521,19 +528,19 @@ class Coordinator:
         held = rec.leases.get(lease.part_index)
         where = f"part {lease.part_index} of job {lease.job_id}"
         if held is None or held.lease_id != lease.lease_id:
-            m.STALE_LEASES.inc()
+            coordinator_metrics.STALE_LEASES.inc()
             raise Aborted(
                 f"lease {lease.lease_id[:12]} is not the current lease of {where}: it expired or was replaced"
             )
         if not rec.terminal and held.expires_at <= time.time():
-            m.STALE_LEASES.inc()
+            coordinator_metrics.STALE_LEASES.inc()
             raise Aborted(f"lease {lease.lease_id[:12]} on {where} expired; another worker may take the part")
         return rec, held
 
     def renew_lease(self, lease: jobs_pb2.Lease) -> jobs_pb2.Lease:
         with self._lock:
             rec, held = self._check_lease(lease)
-            if rec.job.state == J.JOB_STATE_CANCELLED:
+            if rec.job.state == jobs_pb2.JOB_STATE_CANCELLED:
                 raise Aborted(f"job {rec.job_id} was cancelled: stop and release the part")
             self._extend(rec, lease.part_index, held)
             return self._lease_msg(rec, lease.part_index, held)
@@ -549,8 +556,10 @@ class Coordinator:
         with self._lock:
             rec, held = self._check_lease(lease)
             index = lease.part_index
-            if rec.job.state == J.JOB_STATE_CANCELLED:
-                return J.ReportProgressResponse(cancelled=True, lease=self._lease_msg(rec, index, held))
+            if rec.job.state == jobs_pb2.JOB_STATE_CANCELLED:
+                return jobs_pb2.ReportProgressResponse(
+                    cancelled=True, lease=self._lease_msg(rec, index, held)
+                )
             if checkpoint_key:
                 self._check_checkpoint_key(rec, index, checkpoint_key)
             if rec.terminal:
@@ -561,15 +570,15 @@ class Coordinator:
                     part = new.job.parts[index]
                     part.checkpoint_key = checkpoint_key
                     _apply_progress(part, progress)
-                    change.events.append(J.JobEvent(part_index=index, progress=progress))
+                    change.events.append(jobs_pb2.JobEvent(part_index=index, progress=progress))
 
                 rec = self._mutate(rec.job_id, apply)
                 held = rec.leases[index]
             else:
                 _apply_progress(rec.job.parts[index], progress)
-                self._append_live(rec, J.JobEvent(part_index=index, progress=progress))
+                self._append_live(rec, jobs_pb2.JobEvent(part_index=index, progress=progress))
             self._extend(rec, index, held)
-            return J.ReportProgressResponse(cancelled=False, lease=self._lease_msg(rec, index, held))
+            return jobs_pb2.ReportProgressResponse(cancelled=False, lease=self._lease_msg(rec, index, held))
 
     def _append_live(self, rec: JobRecord, event: jobs_pb2.JobEvent) -> None:
         """Publish an event that changes no durable state (progress)."""
@@ -596,7 +605,7 @@ class Coordinator:
         with self._lock:
             rec, held = self._check_lease(lease)
             index = lease.part_index
-            if rec.job.state == J.JOB_STATE_CANCELLED:
+            if rec.job.state == jobs_pb2.JOB_STATE_CANCELLED:
                 raise Aborted(f"job {rec.job_id} was cancelled: the part's result is not recorded")
             expected = layout.adapter_version_id(rec.job_id, index)
             if adapter.version != expected:
@@ -630,7 +639,7 @@ class Coordinator:
 
             def apply(new: JobRecord, change: _Change) -> None:
                 part = new.job.parts[index]
-                part.state = J.PART_STATE_SUCCEEDED
+                part.state = jobs_pb2.PART_STATE_SUCCEEDED
                 part.metrics.CopyFrom(metrics)
                 part.adapter_version = expected
                 part.lease_expires_at = 0
@@ -638,19 +647,19 @@ class Coordinator:
                 if metrics.steps:
                     part.step = metrics.steps
                 new.leases.pop(index, None)
-                change.events.append(J.JobEvent(part_index=index, metrics=metrics))
-                change.part_state(index, J.PART_STATE_SUCCEEDED)
+                change.events.append(jobs_pb2.JobEvent(part_index=index, metrics=metrics))
+                change.part_state(index, jobs_pb2.PART_STATE_SUCCEEDED)
                 change.message(f"part {index:02d} succeeded: published adapter {expected}", index)
                 if index + 1 < len(new.job.parts):
-                    new.job.parts[index + 1].state = J.PART_STATE_READY
-                    change.part_state(index + 1, J.PART_STATE_READY)
+                    new.job.parts[index + 1].state = jobs_pb2.PART_STATE_READY
+                    change.part_state(index + 1, jobs_pb2.PART_STATE_READY)
                 else:
-                    new.job.state = J.JOB_STATE_SUCCEEDED
+                    new.job.state = jobs_pb2.JOB_STATE_SUCCEEDED
                     change.message(f"job succeeded: {len(new.job.parts)} parts trained")
-                    change.job_state(J.JOB_STATE_SUCCEEDED)
+                    change.job_state(jobs_pb2.JOB_STATE_SUCCEEDED)
 
             rec = self._mutate(rec.job_id, apply)
-        m.PARTS_COMPLETED.inc()
+        coordinator_metrics.PARTS_COMPLETED.inc()
         log.info("part completed", extra=kv(job=rec.job_id, part=index, worker=held.worker_id))
         return _copy(rec.job)
 
@@ -684,8 +693,8 @@ class Coordinator:
                     part.checkpoint_key = checkpoint_key
                 if release:
                     outcome = "released"
-                    part.state = J.PART_STATE_READY
-                    change.part_state(index, J.PART_STATE_READY)
+                    part.state = jobs_pb2.PART_STATE_READY
+                    change.part_state(index, jobs_pb2.PART_STATE_READY)
                     resume = f"; resumes from {part.checkpoint_key}" if part.checkpoint_key else ""
                     change.message(
                         f"part {index:02d} released by worker {held.worker_id}: {error}{resume}", index
@@ -694,7 +703,7 @@ class Coordinator:
                 outcome = _count_failure(new, index, error, retryable, change)
 
             rec = self._mutate(rec.job_id, apply)
-        m.PARTS_FAILED.labels(outcome).inc()
+        coordinator_metrics.PARTS_FAILED.labels(outcome).inc()
         log.info("part failed", extra=kv(job=rec.job_id, part=index, outcome=outcome, error=error[:200]))
         return _copy(rec.job)
 
@@ -706,7 +715,7 @@ class Coordinator:
                 for rec in self._jobs.values()
                 if not rec.terminal
                 for index, lease in rec.leases.items()
-                if lease.expires_at <= now and rec.job.parts[index].state == J.PART_STATE_RUNNING
+                if lease.expires_at <= now and rec.job.parts[index].state == jobs_pb2.PART_STATE_RUNNING
             ]
             for job_id, index, lease in expired:
 
@@ -724,7 +733,7 @@ class Coordinator:
                     _count_failure(new, index, reason, True, change)
 
                 self._mutate(job_id, apply)
-                m.LEASE_EXPIRIES.inc()
+                coordinator_metrics.LEASE_EXPIRIES.inc()
                 log.warning("lease expired", extra=kv(job=job_id, part=index, worker=lease.worker_id))
 
 
@@ -735,23 +744,23 @@ def _count_failure(rec: JobRecord, index: int, error: str, retryable: bool, chan
     part.error = error
     limit = rec.job.config.max_attempts
     if retryable and part.attempts < limit:
-        part.state = J.PART_STATE_READY
-        change.part_state(index, J.PART_STATE_READY)
+        part.state = jobs_pb2.PART_STATE_READY
+        change.part_state(index, jobs_pb2.PART_STATE_READY)
         change.message(
             f"part {index:02d} attempt {part.attempts} of {limit} failed, will retry: {error}", index
         )
         return "retried"
-    part.state = J.PART_STATE_FAILED
-    change.part_state(index, J.PART_STATE_FAILED)
+    part.state = jobs_pb2.PART_STATE_FAILED
+    change.part_state(index, jobs_pb2.PART_STATE_FAILED)
     why = f"attempt {part.attempts} of {limit}" if retryable else "not retryable"
     rec.job.error = f"part {index:02d} failed ({why}): {error}"
     for later in rec.job.parts[index + 1 :]:
-        if later.state == J.PART_STATE_PENDING:
-            later.state = J.PART_STATE_CANCELLED
-            change.part_state(later.index, J.PART_STATE_CANCELLED)
-    rec.job.state = J.JOB_STATE_FAILED
+        if later.state == jobs_pb2.PART_STATE_PENDING:
+            later.state = jobs_pb2.PART_STATE_CANCELLED
+            change.part_state(later.index, jobs_pb2.PART_STATE_CANCELLED)
+    rec.job.state = jobs_pb2.JOB_STATE_FAILED
     change.message(f"job failed: {rec.job.error}")
-    change.job_state(J.JOB_STATE_FAILED)
+    change.job_state(jobs_pb2.JOB_STATE_FAILED)
     return "failed"
 
 
@@ -763,6 +772,6 @@ def _apply_progress(part: jobs_pb2.Part, progress: jobs_pb2.ProgressUpdate) -> N
 
 
 def _copy(job: jobs_pb2.Job) -> jobs_pb2.Job:
-    out = J.Job()
+    out = jobs_pb2.Job()
     out.CopyFrom(job)
     return out

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge
 
+from novelcrafter.progress import job_state_name
 from novelcrafter.v1 import jobs_pb2
 
 JOBS = Gauge("novelcrafter_coordinator_jobs", "Jobs known to the coordinator, by state", ["state"])
@@ -33,7 +34,7 @@ STORE_WRITE_FAILURES = Counter(
 )
 
 _STATE_LABELS = {
-    value: jobs_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()
+    value: job_state_name(value).lower()
     for value in jobs_pb2.JobState.values()
     if value != jobs_pb2.JOB_STATE_UNSPECIFIED
 }

@@ -1,4 +1,7 @@
-"""``novelcrafter train`` and ``novelcrafter status``: the coordinator's client commands (gRPC)."""
+"""``novelcrafter train`` and ``novelcrafter status``: the job coordinator's client commands (gRPC).
+
+The coordinator itself is served by ``novelcrafter serve ingest`` (:mod:`novelcrafter.ingest.coordinator`).
+"""
 
 from __future__ import annotations
 

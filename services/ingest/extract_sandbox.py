@@ -1,6 +1,6 @@
 """Runs INSIDE an extraction worker process: open the PDF, read pages, send lines back.
 
-Started as ``python -m novelcrafter.ingest.worker``; imports only stdlib and pdfminer. Each
+Started as ``python -m novelcrafter.ingest.extract_sandbox``; imports only stdlib and pdfminer. Each
 worker caps its own address space and CPU time first, so a decompression bomb or a
 content-stream loop ends in that worker, never in the service that started it.
 
