@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("HF_TOKEN", "NOVELCRAFTER_HF_TOKEN"),
         repr=False,
     )
+    hf_endpoint: str | None = setting(
+        None, "Hugging Face Hub endpoint (default: the Hub)", validation_alias=AliasChoices("HF_ENDPOINT")
+    )
     device: str | None = setting(
         None, "where a trainer or inference computes: auto | cpu | cuda (default auto)", flag="--device"
     )

@@ -164,6 +164,11 @@ def latest_key(book_id: str) -> str:
     return adapters_prefix(book_id) + "latest"
 
 
+def version_of_adapter_prefix(prefix: str) -> str:
+    """The version of an adapter version folder ``adapters/<book_id>/<version>/``."""
+    return prefix.rstrip("/").rsplit("/", 1)[-1]
+
+
 def book_of_adapter_key(key: str) -> str | None:
     """The book of a key inside a book's adapters folder (``adapters/<book_id>/…``), else None."""
     parts = key.split("/")
@@ -202,6 +207,9 @@ def model_prefix(name: str) -> str:
     return f"models/{check_model_name(name)}/"
 
 
+MODEL_MANIFEST = "model.json"  # the store's own file in a model folder, never one of the model's
+
+
 def model_manifest_key(name: str) -> str:
     """The model's file list with sizes and sha256. Written last: the model exists once it does."""
-    return model_prefix(name) + "model.json"
+    return model_prefix(name) + MODEL_MANIFEST

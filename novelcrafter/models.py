@@ -97,11 +97,12 @@ def _download_hub(repo_id: str, dest: Path, token: str | None) -> None:
 
 
 def _model_files(src: Path) -> list[Path]:
-    manifest = layout.model_manifest_key("x").rsplit("/", 1)[1]  # the store's own file, never uploaded
     return sorted(
         p
         for p in src.iterdir()
-        if p.is_file() and p.name != manifest and any(fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS)
+        if p.is_file()
+        and p.name != layout.MODEL_MANIFEST
+        and any(fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS)
     )
 
 

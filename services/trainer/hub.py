@@ -12,7 +12,6 @@ huggingface_hub reads), so a test can run its own.
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from novelcrafter.adapters import ADAPTER_FILES, CARD
+from novelcrafter.config import get_settings
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.retry import hub_push_backoff
 
@@ -60,7 +60,7 @@ class HubPusher:
     outcomes: list[PushOutcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.endpoint = self.endpoint or os.environ.get("HF_ENDPOINT") or None
+        self.endpoint = self.endpoint or get_settings().hf_endpoint or None
         self._queue: queue.Queue[PushTask | None] = queue.Queue()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hub-push", daemon=True)

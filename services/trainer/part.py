@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from novelcrafter import adapters
+from novelcrafter import adapters, layout
 from novelcrafter.errors import FailedPrecondition, NotFound
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.store import Store
@@ -230,7 +230,7 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
             base_model=job.base_model,
             metrics=metrics,
             settings=settings.to_dict(),
-            started_from=job.init_adapter_key.rstrip("/").rsplit("/", 1)[-1],
+            started_from=layout.version_of_adapter_prefix(job.init_adapter_key),
         )
         log.info("part published", extra=kv(job=job.job_id, part=job.part, version=meta.version))
         # The caller owns the published copy from here (e.g. for a Hub push, card included).
