@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from novelcrafter.trainer.reports import Progress, metrics_proto
 
@@ -75,3 +77,38 @@ def test_memorization_and_style_reach_the_part_metrics_proto() -> None:
     )
     off = metrics_proto(base_metrics)  # not measured: the fields stay unset, not zeros
     assert not off.HasField("memorization") and not off.HasField("style")
+
+
+def test_part_metrics_record_has_optional_parts_only_when_set() -> None:
+    from novelcrafter.trainer.reports import Extraction, Memorization, PartMetrics, Style
+
+    plain = PartMetrics(
+        train_loss=2.0,
+        base_perplexity=30.0,
+        adapter_perplexity=25.0,
+        train_tokens=100,
+        eval_tokens=10,
+        train_seconds=5.0,
+        eval_seconds=1.0,
+        steps=2,
+        loss_curve=[2.1, 2.0],
+        tokens_per_second=20.0,
+        device="cpu",
+        earlier_perplexity={0: 28.0},
+    )
+    record = plain.to_record()
+    assert "memorization" not in plain and "replay_tokens" not in record and "judge_seconds" not in record
+    assert plain["loss_curve"] == [2.1, 2.0] and dict(plain) == record
+    judged = dataclasses.replace(
+        plain,
+        replay_fraction=0.25,
+        replayed_chunks=2,
+        replay_tokens=40,
+        judge_seconds=1.5,
+        memorization=Memorization(prompts=4, base=Extraction(0.0, 2), adapter=Extraction(0.5, 48)),
+        style=Style("burrows", 0.8, 0.6, 2, new_tokens=64),
+    )
+    record = judged.to_record()
+    assert (record["replay_fraction"], record["replayed_chunks"], record["replay_tokens"]) == (0.25, 2, 40)
+    assert record["memorization"]["control"] is None and record["style"]["new_tokens"] == 64
+    assert metrics_proto(record) == judged.to_proto() == metrics_proto(judged)

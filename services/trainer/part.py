@@ -45,7 +45,7 @@ from .decode import base_and_adapter_greedy
 from .evaluation import EvalInterrupted, perplexity, without_adapter
 from .lora import attach, detach
 from .memorization import EXTRACTED_TOKENS, PROMPT_TOKENS, choose, eligible_chunks, score
-from .reports import Progress
+from .reports import Extraction, Memorization, PartMetrics, Progress, Style, Trained
 from .style import METRIC, StyleReference
 from .training import PartTraining, StepResult, part_seed, set_seed
 
@@ -120,7 +120,7 @@ class Interrupted(Exception):
 
 @dataclass
 class PartResult:
-    metrics: dict[str, Any]
+    metrics: PartMetrics  # reads like its record (meta.json's metrics) too
     adapter: adapters.AdapterMeta
     adapter_dir: Path  # local copy of the published files (the caller deletes it)
     checkpoint_key: str
@@ -228,7 +228,7 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
             job_id=job.job_id,
             part=job.part,
             base_model=job.base_model,
-            metrics=metrics,
+            metrics=metrics.to_record(),
             settings=settings.to_dict(),
             started_from=layout.version_of_adapter_prefix(job.init_adapter_key),
         )
@@ -322,7 +322,7 @@ def _train(
 
 def _evaluate(
     store: Store, base: BaseModel, job: PartJob, training: PartTraining, hooks: PartHooks, checkpoint_key: str
-) -> dict[str, Any]:
+) -> PartMetrics:
     settings = job.settings
     hooks.report(_update(training, "eval", "evaluating held-out perplexity"), "")
     started = time.perf_counter()
@@ -372,40 +372,37 @@ def _evaluate(
         raise Interrupted(checkpoint_key)
     eval_seconds = time.perf_counter() - started
     progress = training.progress
-    replay = (
-        {
-            "replay_fraction": settings.replay_fraction,
-            "replayed_chunks": sum(s.replayed_chunks for s in training.plan.sequences),
-            "replay_tokens": progress.replay_tokens,  # of train_tokens
-        }
-        if settings.replay_fraction > 0
-        else {}
+    replaying = settings.replay_fraction > 0
+    metrics = PartMetrics(
+        train_loss=training.last_epoch_loss(),
+        base_perplexity=base_ppl.perplexity,
+        adapter_perplexity=adapter_ppl.perplexity,
+        earlier_perplexity=earlier,
+        book_perplexity=book_perplexity or None,
+        train_tokens=progress.tokens,
+        replay_fraction=settings.replay_fraction if replaying else None,
+        replayed_chunks=sum(s.replayed_chunks for s in training.plan.sequences) if replaying else 0,
+        replay_tokens=progress.replay_tokens if replaying else 0,
+        eval_tokens=eval_tokens,
+        train_seconds=progress.train_seconds,
+        eval_seconds=eval_seconds,
+        perplexity_seconds=perplexity_seconds,
+        judge_seconds=judged.seconds if judged is not None else None,
+        memorization=judged.memorization if judged is not None else None,
+        style=judged.style if judged is not None else None,
+        steps=progress.step,
+        loss_curve=list(progress.loss_curve),
+        tokens_per_second=progress.tokens / progress.train_seconds if progress.train_seconds else 0.0,
+        device=base.device,
+        trained=Trained(
+            total_steps=training.total_steps,
+            warmup_steps=training.warmup_steps,
+            precision=training.precision,
+            sequences=len(training.plan.sequences),
+            test_chunks=adapter_ppl.chunks,
+            base_model=job.base_model,
+        ),
     )
-    metrics = {
-        "train_loss": training.last_epoch_loss(),
-        "base_perplexity": base_ppl.perplexity,
-        "adapter_perplexity": adapter_ppl.perplexity,
-        "earlier_perplexity": earlier,
-        **({"book_perplexity": book_perplexity} if book_perplexity else {}),
-        "train_tokens": progress.tokens,
-        **replay,
-        "eval_tokens": eval_tokens,
-        "train_seconds": progress.train_seconds,
-        "eval_seconds": eval_seconds,
-        "perplexity_seconds": perplexity_seconds,
-        **judged,
-        "steps": progress.step,
-        "loss_curve": list(progress.loss_curve),
-        "tokens_per_second": progress.tokens / progress.train_seconds if progress.train_seconds else 0.0,
-        "device": base.device,
-        # Beyond PartMetrics: what was trained, for metrics.json.
-        "total_steps": training.total_steps,
-        "warmup_steps": training.warmup_steps,
-        "precision": training.precision,
-        "sequences": len(training.plan.sequences),
-        "test_chunks": adapter_ppl.chunks,
-        "base_model": job.base_model,
-    }
     log.info(
         "part evaluated",
         extra=kv(
@@ -414,17 +411,26 @@ def _evaluate(
             base_ppl=round(base_ppl.perplexity, 3),
             adapter_ppl=round(adapter_ppl.perplexity, 3),
             earlier={k: round(v, 3) for k, v in earlier.items()},
-            memorization=(judged.get("memorization") or {}).get("adapter"),
-            style=(judged.get("style") or {}).get("adapter"),
+            memorization=metrics.memorization.adapter.to_record() if metrics.memorization else None,
+            style=metrics.style.adapter if metrics.style else None,
             eval_seconds=round(eval_seconds, 1),
         ),
     )
     return metrics
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """Memorization and style of a part (each None when not measured), and the time it took."""
+
+    seconds: float
+    memorization: Memorization | None = None
+    style: Style | None = None
+
+
 def _judge(
     store: Store, base: BaseModel, job: PartJob, training: PartTraining, hooks: PartHooks
-) -> dict[str, Any]:
+) -> Judgement | None:
     """Memorization (training chunks, held-out control) and style distance, base and adapter.
 
     One greedy decoding pass (decode.py: the LoRA on the adapter's rows only) holds every prompt
@@ -436,7 +442,7 @@ def _judge(
     settings = job.settings
     mem_on, style_on = settings.memorization_prompts > 0, settings.style_prompts > 0
     if not (mem_on or style_on):
-        return {}
+        return None
     hooks.report(_update(training, "eval", "measuring memorization and style"), "")
     started = time.perf_counter()
     seed = part_seed(settings.seed, job.part)
@@ -466,7 +472,6 @@ def _judge(
     outputs = base_and_adapter_greedy(
         training.model, prompts, new_tokens, device=base.device, should_stop=hooks.should_stop
     )
-    out: dict[str, Any] = {"judge_seconds": 0.0}
     results = {}
     for name, generated in zip(("base", "adapter"), outputs, strict=True):
         memorized = [g[: settings.memorization_new_tokens] for g in generated]
@@ -479,34 +484,30 @@ def _judge(
             ),
         )
     # No chunk long enough for a prompt and an extractable continuation: nothing measured.
+    memorization = style = None
     if mem_on and train:
-        out["memorization"] = {
-            "base": _extraction(results["base"][0]),
-            "adapter": _extraction(results["adapter"][0]),
-            "prompts": len(train),
-            "control": {
-                "base": _extraction(results["base"][1]),
-                "adapter": _extraction(results["adapter"][1]),
-                "prompts": len(control),
-            }
-            if control
-            else None,
-        }
+        memorization = Memorization(
+            prompts=len(train),
+            base=_extraction(results["base"][0]),
+            adapter=_extraction(results["adapter"][0]),
+            control_prompts=len(control) if control else 0,
+            control_base=_extraction(results["base"][1]) if control else None,
+            control_adapter=_extraction(results["adapter"][1]) if control else None,
+        )
     if style_on and styled:
         reference = StyleReference(" ".join(held_out_texts))
-        out["style"] = {
-            "metric": METRIC,
-            "base": reference.distance(results["base"][2]).distance,
-            "adapter": reference.distance(results["adapter"][2]).distance,
-            "prompts": len(styled),
-            "new_tokens": settings.style_new_tokens,
-        }
-    out["judge_seconds"] = time.perf_counter() - started
-    return out
+        style = Style(
+            metric=METRIC,
+            base=reference.distance(results["base"][2]).distance,
+            adapter=reference.distance(results["adapter"][2]).distance,
+            prompts=len(styled),
+            new_tokens=settings.style_new_tokens,
+        )
+    return Judgement(time.perf_counter() - started, memorization, style)
 
 
-def _extraction(result: Any) -> dict[str, Any]:
-    return {"extraction_rate": result.extraction_rate, "longest_copied_tokens": result.longest_copied_tokens}
+def _extraction(result: Any) -> Extraction:
+    return Extraction(result.extraction_rate, result.longest_copied_tokens)
 
 
 def _part_of(key: str, position: int) -> int:

@@ -1,10 +1,11 @@
-"""What a part reports to the coordinator, typed: progress while it trains, metrics when done.
+"""What a part reports, typed: progress while it trains, metrics when done.
 
 :class:`Progress` is one progress update of the training loop (what ``ReportProgress``
-carries); :class:`PartMetrics` is a finished part's results as ``CompletePart`` carries
-them, read from the part's metrics record (the JSON published in ``meta.json``). Both
-build their proto message field by field, so a misspelt name fails instead of being
-dropped.
+carries); :class:`PartMetrics` is a finished part's results: what ``CompletePart`` carries
+(:meth:`PartMetrics.to_proto`) and the metrics record published in ``meta.json``
+(:meth:`PartMetrics.to_record`). Both build their proto message field by field, so a
+misspelt name fails instead of being dropped; both also read like the record they are
+logged or published as (``update["phase"]``, ``metrics["loss_curve"]``).
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ class Extraction:
     def from_record(cls, record: Mapping[str, Any]) -> Extraction:
         return cls(float(record["extraction_rate"]), int(record["longest_copied_tokens"]))
 
+    def to_record(self) -> dict[str, Any]:
+        return {"extraction_rate": self.extraction_rate, "longest_copied_tokens": self.longest_copied_tokens}
+
     def fill(self, out: jobs_pb2.Extraction) -> None:
         out.extraction_rate = _finite(self.extraction_rate)
-        out.longest_copied_tokens = self.longest_copied_tokens
+        out.longest_copied_tokens = int(self.longest_copied_tokens)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,21 @@ class Memorization:
             control_adapter=Extraction.from_record(control["adapter"]) if control.get("adapter") else None,
         )
 
+    def to_record(self) -> dict[str, Any]:
+        control = None
+        if self.control_base is not None and self.control_adapter is not None:
+            control = {
+                "base": self.control_base.to_record(),
+                "adapter": self.control_adapter.to_record(),
+                "prompts": self.control_prompts,
+            }
+        return {
+            "base": self.base.to_record(),
+            "adapter": self.adapter.to_record(),
+            "prompts": self.prompts,
+            "control": control,
+        }
+
 
 @dataclass(frozen=True)
 class Style:
@@ -100,6 +119,7 @@ class Style:
     base: float
     adapter: float
     prompts: int
+    new_tokens: int | None = None  # per continuation (in the record only)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Style:
@@ -107,10 +127,31 @@ class Style:
             str(record["metric"]), float(record["base"]), float(record["adapter"]), int(record["prompts"])
         )
 
+    def to_record(self) -> dict[str, Any]:
+        record = {"metric": self.metric, "base": self.base, "adapter": self.adapter, "prompts": self.prompts}
+        if self.new_tokens is not None:
+            record["new_tokens"] = self.new_tokens
+        return record
+
 
 @dataclass(frozen=True)
-class PartMetrics:
-    """A finished part's results, as the coordinator keeps them."""
+class Trained:
+    """What was trained (in the record only: meta.json, the run's metrics.json)."""
+
+    total_steps: int
+    warmup_steps: int
+    precision: str
+    sequences: int
+    test_chunks: int
+    base_model: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class PartMetrics(Mapping[str, Any]):
+    """A finished part's results: the coordinator's ``PartMetrics`` and more (the record)."""
 
     train_loss: float
     base_perplexity: float
@@ -128,6 +169,12 @@ class PartMetrics:
     replay_tokens: int = 0
     memorization: Memorization | None = None  # None when not measured
     style: Style | None = None
+    # In the record only (each absent from it when None):
+    book_perplexity: dict[str, float] | None = None  # base/adapter over the book so far
+    replay_fraction: float | None = None  # set when the part replayed earlier chunks
+    perplexity_seconds: float | None = None
+    judge_seconds: float | None = None  # set when memorization or style was asked for
+    trained: Trained | None = None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> PartMetrics:
@@ -152,28 +199,72 @@ class PartMetrics:
             style=Style.from_record(style) if style else None,
         )
 
+    def to_record(self) -> dict[str, Any]:
+        """The metrics record (``meta.json``'s ``metrics``): JSON-ready, optional parts only when set."""
+        record: dict[str, Any] = {
+            "train_loss": self.train_loss,
+            "base_perplexity": self.base_perplexity,
+            "adapter_perplexity": self.adapter_perplexity,
+            "earlier_perplexity": dict(self.earlier_perplexity),
+        }
+        if self.book_perplexity:
+            record["book_perplexity"] = dict(self.book_perplexity)
+        record["train_tokens"] = self.train_tokens
+        if self.replay_fraction is not None:
+            record["replay_fraction"] = self.replay_fraction
+            record["replayed_chunks"] = self.replayed_chunks
+            record["replay_tokens"] = self.replay_tokens  # of train_tokens
+        record["eval_tokens"] = self.eval_tokens
+        record["train_seconds"] = self.train_seconds
+        record["eval_seconds"] = self.eval_seconds
+        if self.perplexity_seconds is not None:
+            record["perplexity_seconds"] = self.perplexity_seconds
+        if self.judge_seconds is not None:
+            record["judge_seconds"] = self.judge_seconds
+        if self.memorization is not None:
+            record["memorization"] = self.memorization.to_record()
+        if self.style is not None:
+            record["style"] = self.style.to_record()
+        record["steps"] = self.steps
+        record["loss_curve"] = list(self.loss_curve)
+        record["tokens_per_second"] = self.tokens_per_second
+        record["device"] = self.device
+        if self.trained is not None:
+            record.update(self.trained.to_record())
+        return record
+
+    # -- the read-only mapping view (the record) ---------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return self.to_record()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_record())
+
+    def __len__(self) -> int:
+        return len(self.to_record())
+
     def to_proto(self) -> jobs_pb2.PartMetrics:
         out = jobs_pb2.PartMetrics(
             train_loss=_finite(self.train_loss),
             base_perplexity=_finite(self.base_perplexity),
             adapter_perplexity=_finite(self.adapter_perplexity),
-            train_tokens=self.train_tokens,
-            eval_tokens=self.eval_tokens,
-            train_seconds=self.train_seconds,
-            eval_seconds=self.eval_seconds,
-            steps=self.steps,
-            loss_curve=self.loss_curve,
-            tokens_per_second=self.tokens_per_second,
-            device=self.device,
-            replayed_chunks=self.replayed_chunks,
-            replay_tokens=self.replay_tokens,
+            train_tokens=int(self.train_tokens),
+            eval_tokens=int(self.eval_tokens),
+            train_seconds=float(self.train_seconds),
+            eval_seconds=float(self.eval_seconds),
+            steps=int(self.steps),
+            loss_curve=[float(x) for x in self.loss_curve],
+            tokens_per_second=float(self.tokens_per_second),
+            device=str(self.device),
+            replayed_chunks=int(self.replayed_chunks),
+            replay_tokens=int(self.replay_tokens),
         )
         for part, value in self.earlier_perplexity.items():
-            out.earlier_perplexity[part] = _finite(value)
+            out.earlier_perplexity[int(part)] = _finite(value)
         if self.memorization is not None:
             mem = self.memorization
-            out.memorization.prompts = mem.prompts
-            out.memorization.control_prompts = mem.control_prompts
+            out.memorization.prompts = int(mem.prompts)
+            out.memorization.control_prompts = int(mem.control_prompts)
             for target, source in (
                 (out.memorization.base, mem.base),
                 (out.memorization.adapter, mem.adapter),
@@ -183,16 +274,17 @@ class PartMetrics:
                 if source is not None:
                     source.fill(target)
         if self.style is not None:
-            out.style.metric = self.style.metric
+            out.style.metric = str(self.style.metric)
             out.style.base = _finite(self.style.base)
             out.style.adapter = _finite(self.style.adapter)
-            out.style.prompts = self.style.prompts
+            out.style.prompts = int(self.style.prompts)
         return out
 
 
 def metrics_proto(record: Mapping[str, Any]) -> jobs_pb2.PartMetrics:
-    """A part's metrics record as the ``PartMetrics`` message."""
-    return PartMetrics.from_record(record).to_proto()
+    """A part's metrics (or its record, e.g. from ``meta.json``) as the ``PartMetrics`` message."""
+    metrics = record if isinstance(record, PartMetrics) else PartMetrics.from_record(record)
+    return metrics.to_proto()
 
 
 def _finite(value: float) -> float:
