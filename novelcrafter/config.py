@@ -275,7 +275,7 @@ def flag_of(cls: type[Settings], name: str) -> str | None:
 def help_text(cls: type[Settings], name: str, default: str | None = None) -> str:
     """A flag's help: the setting's meaning, its variable and its default."""
     info = declared(cls, name)
-    shown = default if default is not None else (None if info.default is None else info.default)
+    shown = default if default is not None else info.get_default(call_default_factory=True)
     env = env_names(cls, name)[0]
     return f"{info.description} [env {env}" + (f", default {shown}]" if shown not in (None, "") else "]")
 
@@ -287,9 +287,12 @@ def get_settings(settings_class: type[S] = Settings, /, **overrides: Any) -> S: 
     try:
         settings = settings_class()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'NOVELCRAFTER_' + str(e['loc'][0]).upper() if e['loc'] else '?'}: {e['msg']}"
-            for e in exc.errors()
-        )
+        fields = settings_class.model_fields
+
+        def variable(loc: tuple[Any, ...]) -> str:
+            where = str(loc[0]) if loc else "?"
+            return env_names(settings_class, where)[0] if where in fields else where
+
+        problems = "; ".join(f"{variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         raise InvalidArgument(f"invalid setting: {problems}") from None
     return settings.with_overrides(**overrides)
