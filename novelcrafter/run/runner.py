@@ -39,11 +39,11 @@ QUICK_TRAINING = {
     "max_length": 384,
     "max_steps_per_part": 12,
     "eval_max_chunks": 8,
-    # Memorization and style decode 32 tokens (the least an extraction needs) in one pass for
-    # base and adapter. Measured on a part of this schedule (3 training + 1 held-out chunk of
-    # the sample story, busy 2-core CPU): judging took 38% of the part's training time (48/64
-    # tokens: 41%; held-out perplexity alone: 16%). Decoding is bound by per-step overhead, so
-    # fewer prompts would not help; a 12-step part is simply short. --full keeps 16/48 and 8/64.
+    # Memorization and style decode 32 tokens (the least an extraction needs) in one greedy pass
+    # for base and adapter (trainer/decode.py). On this schedule a part trains 3-12 steps, so
+    # judging is a larger share of it than on a full schedule: measured in `make run` on a
+    # 2-core CPU, 1.7-2.4 s of judging against 10-17 s of training per part. --full keeps the
+    # job defaults (16 prompts × 48 tokens, 8 × 64).
     "memorization_new_tokens": 32,
     "style_new_tokens": 32,
 }
