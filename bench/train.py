@@ -415,7 +415,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sample-book",
         action="store_true",
-        help="the project's own story typeset as a PDF (for machines without ../shared, e.g. a GPU box)",
+        help="the project's own story typeset as a PDF (for machines without a book corpus, e.g. GPUs)",
     )
     p.add_argument("--book-id")
     p.add_argument("--part", type=int, default=0, help="which part's chunks (-1 = all parts)")
