@@ -129,7 +129,9 @@ def test_an_author_logs_in_uploads_trains_watches_and_compares(
     page.keyboard.press("Enter")
     page.wait_for_url(f"{url}/jobs/j-*")
     job_id = page.url.rsplit("/", 1)[-1]
-    page.wait_for_function("document.querySelectorAll('#events li').length > 0")
+    # A selector wait, not wait_for_function: polling a JS string needs eval, which the
+    # console's Content-Security-Policy (script-src 'self') rightly refuses.
+    page.wait_for_selector("#events li", state="attached")
     _shot(page, shots, "04-training-live")
     page.wait_for_selector("body[data-job-done=yes]", timeout=600_000)
     assert page.inner_text("#job-state") == "SUCCEEDED", page.inner_text("main")
