@@ -85,7 +85,9 @@ class TrainSettings:
     style_prompts: int = _setting(
         8, "Held-out prompts continued for the style distance after each part (0 = off)", "optional"
     )
-    style_new_tokens: int = _setting(64, "Tokens generated per style prompt", "optional")
+    # 48 = memorization's default: both judgements share one greedy pass of one length, which
+    # keeps judging within ~15% of a part's training time on CPU (bench/RESULTS.md).
+    style_new_tokens: int = _setting(48, "Tokens generated per style prompt", "optional")
     # Replay (trainer data.py): earlier parts' training chunks make up this share of a part's mix.
     replay_fraction: float = _setting(
         0.0,

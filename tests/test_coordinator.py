@@ -68,7 +68,7 @@ def test_create_job_fills_model_card_defaults_and_persists(server: CoordinatorSe
     )
     assert (tr.warmup_steps, tr.max_length, tr.checkpoint_every, tr.seed) == (100, 1024, 50, 0)
     judging = (tr.memorization_prompts, tr.memorization_new_tokens, tr.style_prompts, tr.style_new_tokens)
-    assert judging == (16, 48, 8, 64)
+    assert judging == (16, 48, 8, 48)
     assert cfg.max_attempts == 3 and cfg.base_model == "smollm2-135m-instruct"
     assert job.state == J.JOB_STATE_PENDING and job.book_id == book
     assert [p.state for p in job.parts] == [J.PART_STATE_READY, J.PART_STATE_PENDING, J.PART_STATE_PENDING]
@@ -97,7 +97,7 @@ def test_memorization_and_style_settings_default_and_zero_turns_off(
     assert TrainSettings.from_job_config(cfg).memorization_prompts == 16
     off = server.create(book, training={"memorization_prompts": 0, "style_prompts": 0}).config
     assert (off.training.memorization_prompts, off.training.style_prompts) == (0, 0)
-    assert (off.training.memorization_new_tokens, off.training.style_new_tokens) == (48, 64)
+    assert (off.training.memorization_new_tokens, off.training.style_new_tokens) == (48, 48)
     settings = TrainSettings.from_job_config(off)
     assert (settings.memorization_prompts, settings.style_prompts) == (0, 0)
 

@@ -43,7 +43,7 @@ QUICK_TRAINING = {
     # for base and adapter (trainer/decode.py). On this schedule a part trains 3-12 steps, so
     # judging is a larger share of it than on a full schedule: measured in `make run` on a
     # 2-core CPU, 1.7-2.4 s of judging against 10-17 s of training per part. --full keeps the
-    # job defaults (16 prompts × 48 tokens, 8 × 64).
+    # job defaults (16 prompts and 8 prompts, 48 tokens).
     "memorization_new_tokens": 32,
     "style_new_tokens": 32,
 }
