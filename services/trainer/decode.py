@@ -141,10 +141,10 @@ def _greedy(
     import torch.nn.functional as F
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    inner = packed_forward._unwrap(model)
+    inner = packed_forward.unwrap(model)
     config = inner.config
     dtype = inner.model.embed_tokens.weight.dtype
-    fused, head = packed_forward._fused_weights(inner, dtype)
+    fused, head = packed_forward.fused_weights(inner, dtype)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     scale = head_dim**-0.5
@@ -156,7 +156,7 @@ def _greedy(
     # copy (half the bytes; fp32 arithmetic) unless fp32 is asked for. The prompt pass and the
     # LoRA deltas stay in the model's dtype.
     step_fused, step_head = (
-        packed_forward._fused_weights(inner, torch.float16)
+        packed_forward.fused_weights(inner, torch.float16)
         if use_kernel and step_weights == "fp16"
         else (fused, head)
     )
@@ -164,7 +164,7 @@ def _greedy(
     def spec(weight: Any, sizes: tuple[int, ...], modules: tuple[Any, ...]) -> tuple[Any, ...]:
         """A projection: its fused weight, output sizes, and its LoRA as (A of all slices, [(slice,
         rank, B * scaling)]) — None without one."""
-        loras = [(i, packed_forward._lora_of(m)) for i, m in enumerate(modules)]
+        loras = [(i, packed_forward.lora_of(m)) for i, m in enumerate(modules)]
         loras = [(i, lo) for i, lo in loras if lo is not None]
         if not loras or not adapter_rows:
             return weight, sizes, None

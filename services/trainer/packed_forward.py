@@ -68,7 +68,7 @@ def _base_linear(module: Any) -> Any:
     return getattr(module, "base_layer", module)
 
 
-def _lora_of(module: Any) -> LoraSlice | None:
+def lora_of(module: Any) -> LoraSlice | None:
     """The active vanilla LoRA of a PEFT ``Linear`` (None for a plain ``nn.Linear``)."""
     if not hasattr(module, "lora_A"):
         return None
@@ -84,7 +84,7 @@ def _lora_of(module: Any) -> LoraSlice | None:
     )
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
     """The ``LlamaForCausalLM`` inside a PeftModel (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base is not None else model
@@ -92,7 +92,7 @@ def _unwrap(model: Any) -> Any:
 
 def supports(model: Any) -> bool:
     """True when this path computes exactly what the model's own forward computes."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "model_type", "") != "llama":
         return False
@@ -130,7 +130,7 @@ class _FusedLayer:
     down: Any
 
 
-def _fused_weights(inner: Any, dtype: Any) -> tuple[list[_FusedLayer], Any]:
+def fused_weights(inner: Any, dtype: Any) -> tuple[list[_FusedLayer], Any]:
     """(per-layer fused weights, lm_head weight) in ``dtype``, built once per base model.
 
     fp32 (the weights' own dtype): the fused tensors are built once and every module's weight
@@ -272,10 +272,10 @@ def packed_nll(model: Any, input_ids: Any, position_ids: Any, labels: Any, dtype
     """
     import torch.nn.functional as F
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = inner.config
     weight_dtype = dtype or inner.model.embed_tokens.weight.dtype
-    fused, head = _fused_weights(inner, weight_dtype)
+    fused, head = fused_weights(inner, weight_dtype)
     spans = segments(position_ids)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
@@ -293,7 +293,7 @@ def packed_nll(model: Any, input_ids: Any, position_ids: Any, labels: Any, dtype
         qkv = Projection(
             weights.qkv,
             weights.qkv_sizes,
-            tuple(_lora_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
+            tuple(lora_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
         )
         q, k, v = qkv(x)
         q = q.view(batch, length, n_heads, head_dim)
@@ -301,14 +301,14 @@ def packed_nll(model: Any, input_ids: Any, position_ids: Any, labels: Any, dtype
         v = v.view(batch, length, n_kv, head_dim)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         out = packed_attention(q, k, v, spans, scale)
-        (out,) = Projection(weights.o, (weights.o.shape[0],), (_lora_of(attn.o_proj),))(out)
+        (out,) = Projection(weights.o, (weights.o.shape[0],), (lora_of(attn.o_proj),))(out)
         hidden = hidden + out
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.post_attention_layernorm.weight, eps)
         gate_up = Projection(
-            weights.gate_up, weights.gate_up_sizes, (_lora_of(mlp.gate_proj), _lora_of(mlp.up_proj))
+            weights.gate_up, weights.gate_up_sizes, (lora_of(mlp.gate_proj), lora_of(mlp.up_proj))
         )
         gate, up = gate_up(x)
-        (out,) = Projection(weights.down, (weights.down.shape[0],), (_lora_of(mlp.down_proj),))(
+        (out,) = Projection(weights.down, (weights.down.shape[0],), (lora_of(mlp.down_proj),))(
             F.silu(gate) * up
         )
         hidden = hidden + out
