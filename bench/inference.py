@@ -206,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", choices=("smollm2", "1b"), default="smollm2", help="1b: a random Llama-3.2-1B-shaped model"
     )
     parser.add_argument("--json", type=Path, help="with --peers or --shape 1b: write the figures here")
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=12,
+        help="with --peers: rounds of one request each to ours and llama.cpp, for the one-stream ratio",
+    )
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
@@ -325,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             ours, 1, args.requests or 6
         )
         measured = inference_peers.measure_ours(stub, books, tok, [m for m, _ in rows], single)
+        measured["paired"] = inference_peers.paired_or_none(
+            ours, model_dir, adapter_dirs, dtype=dtype, tokens=args.tokens, threads=torch.get_num_threads(),
+            ban_ids=ban_ids, rounds=args.paired_rounds,
+        )  # fmt: skip
     engine = server.engine
     server.stop(5)
     peer_report = None

@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,21 @@ def complete(llm, prompt, seed, max_tokens, stream=False):
     return llm.create_completion(prompt, max_tokens=max_tokens, seed=seed, logit_bias=ban,
                                  stream=stream, min_p=0.0, **spec["sampling"])
 
+
+if sys.argv[3:] == ["--paired"]:
+    # Paired mode: the first run's models stay loaded; one request per line read ("i"), one
+    # "[tokens, seconds]" line written, so the caller can interleave llama.cpp with ours.
+    run = spec["runs"][0]
+    llms = [make(lora) for lora in run["loras"]]
+    for llm in llms:
+        complete(llm, spec["prompts"][0], 0, 4)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        i = int(line)
+        started = time.perf_counter()
+        reply = complete(llms[i % len(llms)], spec["prompts"][i % len(spec["prompts"])], i, spec["tokens"])
+        print(json.dumps([reply["usage"]["completion_tokens"], time.perf_counter() - started]), flush=True)
+    sys.exit(0)
 
 result = {}
 for run in spec["runs"]:
@@ -223,7 +239,7 @@ def llamacpp_outtype(dtype: Any) -> str:
     return "bf16" if "bfloat16" in str(dtype) else "f32"
 
 
-def run_llamacpp(
+def _llama_spec(
     model_dir: Path,
     adapter_dirs: list[Path],
     *,
@@ -234,9 +250,9 @@ def run_llamacpp(
     threads: int,
     ban_ids: set[int],
     ttft: list[str],
-    nolora: bool = True,
-) -> dict[str, Any]:
-    """llama.cpp single stream with the adapters (round-robin) and without; TTFT with adapter 0."""
+    nolora: bool,
+) -> tuple[Path, str, dict[str, Any]]:
+    """The llama.cpp peer's python, GGUF type and the spec LLAMA_SCRIPT reads (models converted)."""
     from bench.inference import SAMPLING
 
     log("llama.cpp: finding (or building) the llama-cpp-python peer")
@@ -265,6 +281,117 @@ def run_llamacpp(
         "sampling": sampling,
         "ttft_prompts": ttft,
     }
+    return python, outtype, spec
+
+
+def paired_single_stream(
+    ours: Callable[[int], tuple[int, float]],
+    model_dir: Path,
+    adapter_dirs: list[Path],
+    *,
+    dtype: Any,
+    tokens: int,
+    threads: int,
+    ban_ids: set[int],
+    rounds: int,
+) -> dict[str, Any]:
+    """One stream, ours and llama.cpp (with the adapters) taking turns request by request.
+
+    On a shared machine the speed drifts by ±15% within minutes, so two servers measured one
+    after the other can differ by the drift alone. Here round ``i`` sends request ``i`` (same
+    prompt, adapter and seed) to both, alternating which goes first; while one runs the other
+    waits idle (our server between requests, llama.cpp's process on its stdin). The ratio is
+    the median of the per-round ratios.
+    """
+    from bench.inference import PROMPTS
+
+    python, outtype, spec = _llama_spec(
+        model_dir, adapter_dirs, dtype=dtype, prompts=list(PROMPTS), tokens=tokens, requests=rounds,
+        threads=threads, ban_ids=ban_ids, ttft=[], nolora=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="nc-bench-llamacpp-") as tmp:
+        spec_path = Path(tmp, "spec.json")
+        spec_path.write_text(json.dumps(spec))
+        log(f"paired: ours and llama.cpp ({outtype} GGUF) taking turns, {rounds} rounds")
+        proc = subprocess.Popen(
+            [str(python), "-c", LLAMA_SCRIPT, str(spec_path), str(Path(tmp, "unused.json")), "--paired"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"llama.cpp paired run did not start (exit {proc.poll()})")
+
+            def theirs(i: int) -> tuple[int, float]:
+                proc.stdin.write(f"{i}\n")  # type: ignore[union-attr]
+                proc.stdin.flush()  # type: ignore[union-attr]
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    raise RuntimeError(f"llama.cpp paired run ended (exit {proc.poll()})")
+                done, seconds = json.loads(line)
+                return int(done), float(seconds)
+
+            ours_rates, their_rates = [], []
+            for i in range(rounds):
+                order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+                got = {}
+                for call in order:
+                    done, seconds = call(i)
+                    got[call] = done / seconds
+                ours_rates.append(got[ours])
+                their_rates.append(got[theirs])
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ratios = [a / b for a, b in zip(ours_rates, their_rates, strict=True)]
+    return {
+        "rounds": rounds,
+        "ours": statistics.mean(ours_rates),
+        "llamacpp": statistics.mean(their_rates),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+    }
+
+
+def paired_or_none(
+    ours: Callable[[int], tuple[int, float]], *args: Any, **kwargs: Any
+) -> dict[str, Any] | None:
+    """:func:`paired_single_stream`, or None (reported, the bench goes on) if llama.cpp fails."""
+    try:
+        paired = paired_single_stream(ours, *args, **kwargs)
+    except Exception as exc:
+        error(f"paired one-stream run: {exc} (going on without it)")
+        return None
+    log(
+        f"paired: ours {paired['ours']:.1f} tok/s, llama.cpp {paired['llamacpp']:.1f} tok/s, "
+        f"median ratio {paired['ratio_median']:.2f}x over {paired['rounds']} rounds"
+    )
+    return paired
+
+
+def run_llamacpp(
+    model_dir: Path,
+    adapter_dirs: list[Path],
+    *,
+    dtype: Any,
+    prompts: list[str],
+    tokens: int,
+    requests: int,
+    threads: int,
+    ban_ids: set[int],
+    ttft: list[str],
+    nolora: bool = True,
+) -> dict[str, Any]:
+    """llama.cpp single stream with the adapters (round-robin) and without; TTFT with adapter 0."""
+    python, outtype, spec = _llama_spec(
+        model_dir, adapter_dirs, dtype=dtype, prompts=prompts, tokens=tokens, requests=requests,
+        threads=threads, ban_ids=ban_ids, ttft=ttft, nolora=nolora,
+    )  # fmt: skip
+    loras = spec["runs"][0]["loras"]
+    base = spec["model"]
     with tempfile.TemporaryDirectory(prefix="nc-bench-llamacpp-") as tmp:
         spec_path, out = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
@@ -505,7 +632,12 @@ def build_report(
         "ttft_ours": ours.get("ttft"),
         "ttft_llamacpp": llamacpp.get("ttft"),
         "ttft_vllm": vllm.get("ttft"),
-        "ratio_single_vs_llamacpp": ratio(ours.get("single"), llamacpp.get("lora")),
+        # Paired (interleaved request by request) where measured: the drift of a shared machine
+        # between two separately measured servers is not in it. Unpaired kept beside it.
+        "paired_single": ours.get("paired"),
+        "ratio_single_vs_llamacpp": (ours.get("paired") or {}).get("ratio_median")
+        or ratio(ours.get("single"), llamacpp.get("lora")),
+        "ratio_single_vs_llamacpp_unpaired": ratio(ours.get("single"), llamacpp.get("lora")),
         "ratio_top_vs_vllm": ratio(
             ours_levels.get(top, {}).get("aggregate") if top else None,
             vllm_levels.get(top, {}).get("aggregate") if top else None,
@@ -534,6 +666,7 @@ def format_report(report: dict[str, Any]) -> list[str]:
         return f"{value:.2f}x" if value is not None else "n/a"
 
     s, p = report["settings"], report["precision"]
+    paired = report.get("paired_single")
     levels = sorted(set(report["ours_levels"]) | set(report["vllm_levels"]))
     lines = [
         f"peers: {report['model']}, {s['tokens']} new tokens per request (exactly: end-of-text off), "
@@ -563,7 +696,14 @@ def format_report(report: dict[str, Any]) -> list[str]:
         + " |",
         f"(tok/s; columns 'at N': aggregate tok/s at concurrency N; TTFT: {s['ttft_prompt_tokens']}-token "
         "prompt, median of distinct prompts)",
-        f"ours / llama.cpp, one stream: {x(report['ratio_single_vs_llamacpp'])}",
+        f"ours / llama.cpp, one stream: {x(report['ratio_single_vs_llamacpp'])}"
+        + (
+            f" (paired: median of {paired['rounds']} interleaved rounds, ours {paired['ours']:.1f} vs "
+            f"{paired['llamacpp']:.1f} tok/s in them; measured apart, as in the table: "
+            f"{x(report['ratio_single_vs_llamacpp_unpaired'])})"
+            if paired
+            else ""
+        ),
         f"TTFT ours / llama.cpp: {x(report['ratio_ttft_ours_vs_llamacpp'])} (< 1: ours first)",
     ]
     if s.get("vllm", True):
@@ -840,6 +980,10 @@ def run_shape(args: Any, levels: list[int]) -> int:
             from novelcrafter.models import load_tokenizer
 
             measured = measure_ours(stub, [book], load_tokenizer(model_dir), rows, rows[0])
+            measured["paired"] = paired_or_none(
+                ours, model_dir, [adapter], dtype=dtype, tokens=args.tokens, threads=torch.get_num_threads(),
+                ban_ids=ban, rounds=args.paired_rounds,
+            )  # fmt: skip
         finally:
             server.stop(5)
         report = run_peers(

@@ -68,8 +68,11 @@ def test_measured_bandwidth_has_copy_and_read():
     assert bw["mib"] == 8 and bw["copy_bytes_per_s"] > 0 and bw["read_bytes_per_s"] > 0
 
 
-def _report(llamacpp: dict | None, vllm: dict | None, errors: dict | None = None) -> dict:
+def _report(
+    llamacpp: dict | None, vllm: dict | None, errors: dict | None = None, paired: dict | None = None
+) -> dict:
     ours = {
+        "paired": paired,
         "single": 20.0,
         "levels": {1: {"aggregate": 20.0, "per_stream": 20.0}, 8: {"aggregate": 90.0, "per_stream": 11.0}},
         "ttft": 0.2,
@@ -111,6 +114,24 @@ def test_report_with_every_peer_has_the_figures_and_ratios():
     text = "\n".join(ip.format_report(report))
     assert "ours / llama.cpp, one stream: 1.25x" in text and "ours / vLLM at concurrency 8: 3.00x" in text
     assert "error:" not in text
+
+
+def test_a_paired_run_gives_the_one_stream_ratio_and_the_unpaired_stays_beside_it():
+    llama = {"lora": 16.0, "nolora": 18.0, "ttft": 0.4, "precision": "bf16 GGUF"}
+    paired = {
+        "rounds": 4,
+        "ours": 22.0,
+        "llamacpp": 17.0,
+        "ratio_median": 1.3,
+        "ratios": [1.2, 1.3, 1.3, 1.4],
+    }
+    report = _report(llama, None, paired=paired)
+    assert report["ratio_single_vs_llamacpp"] == pytest.approx(1.3)
+    assert report["ratio_single_vs_llamacpp_unpaired"] == pytest.approx(20.0 / 16.0)
+    assert report["paired_single"]["rounds"] == 4
+    text = "\n".join(ip.format_report(report))
+    assert "ours / llama.cpp, one stream: 1.30x (paired: median of 4 interleaved rounds" in text
+    assert "measured apart, as in the table: 1.25x" in text
 
 
 def test_report_without_peers_says_so_and_keeps_ours():
