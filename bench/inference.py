@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"serving precision: {str(dtype).replace('torch.', '')} (auto on this machine: "
         f"{str(resolve_dtype('cpu')).replace('torch.', '')}); batch invariance: "
-        f"{'exact' if engine.batch_invariant else 'NOT exact'} (decode matmuls >= {engine.min_rows} rows)"
+        f"{'exact' if engine.batch_invariant else 'NOT exact'} (decode matmuls >= {engine.min_rows} rows); "
+        f"CPU kernel: {f'{engine.rowgemm.isa} bf16 loop' if engine.rowgemm is not None else 'off (torch matmuls)'}"
     )
     print(
         f"requests spread over {len(books)} adapters, {args.tokens} new tokens each; baseline reloaded "

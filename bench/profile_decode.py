@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         lora = random_lora(engine, rank=8)
         path = "kernels" if engine.rowgemm is not None else "torch"
+        if engine.rowgemm is not None:
+            print(f"  (kernels: the {engine.rowgemm.isa} bf16 loop)")
         for batch in [int(b) for b in args.batches.split(",")]:
             caches = [engine.new_cache(args.context + args.steps + 8) for _ in range(batch)]
             for cache in caches:

@@ -53,6 +53,46 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_or_the_threads(kern, dt
     assert torch.equal(single(x, w), full)
 
 
+def _cpu_has_avx512() -> bool:
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    return "avx512f" in flags and "avx512bw" in flags
+
+
+def test_the_bf16_loop_is_avx512_where_the_cpu_has_it_and_can_be_asked_for(kern) -> None:
+    best = "avx512" if _cpu_has_avx512() else "avx2"
+    assert kern.isa == best
+    try:
+        assert kern.use_isa("avx2") == "avx2"
+        assert kern.use_isa("avx512") == best  # stays avx2 on a CPU without AVX-512
+        with pytest.raises(ValueError, match="unknown ISA"):
+            kern.use_isa("sse2")
+    finally:
+        kern.use_isa(best)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize(("n", "k"), [(1539, 576), (37, 600), (6, 1536), (5, 13)])
+def test_each_bf16_loop_matches_float64_and_keeps_rows_independent(kern, isa, n, k) -> None:
+    """Both loops on every row count 1..9 (the AVX-512 one tiles up to 4 rows, and k = 600 or
+    13 leaves a tail past its 32-wide chunks): within fp32 rounding of float64, and each row
+    bitwise the same as computed alone."""
+    if isa == "avx512" and not _cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 (F and BW)")
+    best = kern.isa
+    try:
+        assert kern.use_isa(isa) == isa
+        gen = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        x = torch.randn(9, k, generator=gen) * 3
+        full = kern(x, w)
+        assert torch.allclose(full, _reference(x, w), atol=3e-5 * math.sqrt(k) * 4, rtol=1e-5)
+        for rows in range(1, 10):
+            assert torch.equal(kern(x[:rows], w), full[:rows]), rows
+            assert torch.equal(kern(x[rows - 1 : rows], w)[0], full[rows - 1]), rows
+    finally:
+        kern.use_isa(best)
+
+
 def test_accumulate_into_a_column_slice_is_out_plus_scaled_product(kern) -> None:
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(8, 576, generator=gen)

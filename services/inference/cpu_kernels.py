@@ -6,6 +6,9 @@ about half of this machine's read bandwidth, and on a CPU without native bf16 (A
 bf16 matmul is emulated. The kernel reads weights stored in bf16, fp16 or fp32, widens them
 in registers and multiplies in fp32 with software prefetch, and computes every output
 element in one fixed order, so a row's result does not depend on the other rows of the batch.
+Its bf16 loop has an AVX-512 variant, picked at run time where the CPU has AVX-512 (F, BW):
+a cache line per load, and several rows share each widened weight vector (a batch is
+compute-bound on that loop otherwise); measured in ``bench/RESULTS.md``.
 
 The source ships with the package and is compiled once per machine with the system's C++
 compiler into ``$NOVELCRAFTER_HOME/kernels`` (a build of the same source and flags is
@@ -40,7 +43,8 @@ PREBUILT = SOURCE.with_suffix(".so")
 FLAGS = ("-O3", "-march=haswell", "-mtune=generic", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI = 4
+ABI = 5
+ISAS = {"avx2": 0, "avx512": 1}  # the bf16 loops the library carries (chosen at run time)
 
 _lock = threading.Lock()
 _loaded: dict[str, RowGemm | None] = {}
@@ -71,9 +75,25 @@ class RowGemm:
         for name, argtypes in _SIGNATURES.items():
             getattr(library, name).argtypes = argtypes
             getattr(library, name).restype = None
+        library.nc_rowgemm_isa.argtypes = [_I]
+        library.nc_rowgemm_isa.restype = _I
         self._lib = library
         self.threads = max(1, threads)
         self._scratch = torch.empty(0)
+
+    @property
+    def isa(self) -> str:
+        """The bf16 loop in use: "avx512" where the CPU has AVX-512 (F and BW), else "avx2"."""
+        code = self._lib.nc_rowgemm_isa(-1)
+        return next(name for name, value in ISAS.items() if value == code)
+
+    def use_isa(self, name: str) -> str:
+        """Ask for one bf16 loop (process-wide; benchmarks and tests compare the two); returns
+        the one in use, which stays "avx2" on a CPU without AVX-512."""
+        if name not in ISAS:
+            raise ValueError(f"rowgemm: unknown ISA {name!r}; expected one of {sorted(ISAS)}")
+        self._lib.nc_rowgemm_isa(ISAS[name])
+        return self.isa
 
     def __call__(
         self,
