@@ -354,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     print("=" * 78)
     for line in report:
         print(line)
+    kernel = f"{engine.rowgemm.isa} bf16 loop" if engine.rowgemm is not None else "off (torch matmuls)"
     print(
         f"serving precision: {str(dtype).replace('torch.', '')} (auto on this machine: "
         f"{str(resolve_dtype('cpu')).replace('torch.', '')}); batch invariance: "
         f"{'exact' if engine.batch_invariant else 'NOT exact'} (decode matmuls >= {engine.min_rows} rows); "
-        f"CPU kernel: {f'{engine.rowgemm.isa} bf16 loop' if engine.rowgemm is not None else 'off (torch matmuls)'}"
+        f"CPU kernel: {kernel}"
     )
     print(
         f"requests spread over {len(books)} adapters, {args.tokens} new tokens each; baseline reloaded "
