@@ -237,3 +237,67 @@ def test_engine_rows_decode_the_same_alone_and_mixed_with_other_adapters(engines
         assert torch.equal(alone[:, 0], mixed[:, row]), row
     shared = _greedy(engine, PROMPTS, [loras[1]] * 3)  # one adapter on every row: the in-place path
     assert torch.equal(shared[:, 2], mixed[:, 2])
+
+
+def _inverse_cdf_reference(logits: torch.Tensor, params, seen: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The sampling algorithm written out plainly in float64: the kept ids in draw order, and
+    the cumulative probability at which a uniform draw moves past each."""
+    row = logits.double().clone()
+    if params.repetition_penalty != 1.0:
+        for i in set(seen.tolist()):
+            v = float(logits[i])
+            row[i] = v * params.repetition_penalty if v < 0 else v / params.repetition_penalty
+    ids = list(range(row.shape[0]))
+    if 0 < params.top_k < len(ids) or params.top_p < 1.0:  # filters rank: best first, ties by id
+        ids.sort(key=lambda i: (-float(row[i]), i))
+    if 0 < params.top_k < len(ids):
+        ids = ids[: params.top_k]
+    w = torch.exp((row[ids] - row.max()) / params.temperature)
+    if params.top_p < 1.0:
+        before = (torch.cumsum(w, 0) - w).tolist()
+        ids = [i for i, b in zip(ids, before, strict=True) if b < params.top_p * float(w.sum())] or ids[:1]
+        w = w[: len(ids)]
+    return ids, (torch.cumsum(w, 0) / w.sum()).tolist()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "top_k", "penalty"),
+    [(0.8, 0.95, 50, 1.1), (1.0, 1.0, 0, 1.0), (0.7, 0.9, 0, 1.3), (0.0, 1.0, 0, 1.2), (1.3, 0.5, 20, 1.0)],
+)
+def test_the_compiled_sampler_draws_what_the_torch_path_and_a_plain_reference_draw(
+    kern, temperature, top_p, top_k, penalty
+) -> None:
+    from novelcrafter.inference.sampling import SamplingParams, make_generator, next_token
+
+    params = SamplingParams(temperature, top_p, top_k, penalty)
+    logits = torch.randn(4099, generator=torch.Generator().manual_seed(3)) * 3
+    original = logits.clone()
+    seen = torch.tensor([5, 17, 17, int(logits.argmax()), 4098])
+    ours, torch_path, draws = (make_generator(9)[0] for _ in range(3))
+    by_kernel = [next_token(logits, params, ours, seen, kern) for _ in range(200)]
+    by_torch = [next_token(logits, params, torch_path, seen, None) for _ in range(200)]
+    assert torch.equal(logits, original)  # the caller's row is not penalized in place
+    if temperature == 0.0:
+        penalized = logits.clone()
+        penalized[seen] = torch.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+        assert set(by_kernel) == set(by_torch) == {int(penalized.argmax())}
+        return
+    ids, cdf = _inverse_cdf_reference(logits, params, seen)
+    near_edge = 0
+    for a, b in zip(by_kernel, by_torch, strict=True):
+        u = float(torch.rand((), generator=draws, dtype=torch.float64))
+        if min(abs(u - c) for c in cdf) < 1e-9:
+            near_edge += 1  # float rounding may pick the neighbour there
+            continue
+        assert a == b == ids[next((j for j, c in enumerate(cdf) if u < c), len(ids) - 1)]
+    assert near_edge < 3
+    assert len(set(by_kernel)) > 1  # it samples, it does not always pick the best
+
+
+def test_the_compiled_sampler_rejects_what_it_cannot_read(kern) -> None:
+    from novelcrafter.inference.sampling import SamplingParams
+
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        kern.sample(torch.zeros(10), SamplingParams(repetition_penalty=1.2), torch.tensor([3, 10]), 0.5)
+    with pytest.raises(ValueError, match="contiguous fp32 row"):
+        kern.sample(torch.zeros(10, dtype=torch.float64), SamplingParams(), None, 0.5)

@@ -43,14 +43,14 @@ PREBUILT = SOURCE.with_suffix(".so")
 FLAGS = ("-O3", "-march=haswell", "-mtune=generic", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI = 5
+ABI = 6
 ISAS = {"avx2": 0, "avx512": 1}  # the bf16 loops the library carries (chosen at run time)
 
 _lock = threading.Lock()
 _loaded: dict[str, RowGemm | None] = {}
 
 
-_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_P, _L, _I, _F, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float, ctypes.c_double
 _SIGNATURES = {
     "nc_rowgemm": [_I, _P, _L, _L, _P, _L, _P, _L, _F, _I, _I, _P],
     "nc_rmsnorm": [_P, _L, _L, _P, _I, _F, _P],
@@ -77,6 +77,8 @@ class RowGemm:
             getattr(library, name).restype = None
         library.nc_rowgemm_isa.argtypes = [_I]
         library.nc_rowgemm_isa.restype = _I
+        library.nc_sample.argtypes = [_P, _L, _P, _L, _F, _D, _L, _D, _D]
+        library.nc_sample.restype = _L
         self._lib = library
         self.threads = max(1, threads)
         self._scratch = torch.empty(0)
@@ -135,6 +137,31 @@ class RowGemm:
             self._scratch.data_ptr(),
         )
         return out
+
+    def sample(self, logits: torch.Tensor, params: Any, seen: torch.Tensor | None, u: float) -> int:
+        """The next token of one fp32 logits row (penalized in place) for ``params`` (a
+        ``SamplingParams``) and the request's uniform draw ``u``: see ``sampling.next_token``."""
+        if logits.dtype != torch.float32 or logits.dim() != 1 or not logits.is_contiguous():
+            raise ValueError(f"sample: logits must be one contiguous fp32 row, got {tuple(logits.shape)}")
+        vocab = logits.shape[0]
+        count = 0 if seen is None else seen.numel()
+        if seen is not None and (seen.dtype != torch.int64 or not seen.is_contiguous() or seen.dim() != 1):
+            raise ValueError("sample: seen must be a contiguous int64 vector")
+        if count and not 0 <= int(seen.min()) <= int(seen.max()) < vocab:  # type: ignore[union-attr]
+            raise ValueError("sample: a seen id is outside the vocabulary")
+        return int(
+            self._lib.nc_sample(
+                logits.data_ptr(),
+                vocab,
+                seen.data_ptr() if count else None,  # type: ignore[union-attr]
+                count,
+                params.repetition_penalty,
+                params.temperature,
+                params.top_k,
+                params.top_p,
+                u,
+            )
+        )
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or weight.shape != (x.shape[1],):

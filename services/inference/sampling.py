@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,33 +31,63 @@ def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     return gen, seed
 
 
+class Sampler(Protocol):
+    """The compiled sampler (:meth:`cpu_kernels.RowGemm.sample`): the same algorithm as
+    :func:`next_token`'s torch path, for one fp32 logits row, penalized in place."""
+
+    def sample(
+        self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, u: float
+    ) -> int: ...
+
+
 def next_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    seen: torch.Tensor | None,
+    sampler: Sampler | None = None,
 ) -> int:
     """Pick the next token from one row of fp32 logits (HF semantics: penalty, temperature,
-    top-k, then top-p)."""
+    top-k, then top-p; ``seen``: int64 ids for the penalty).
+
+    The draw is one uniform number from ``generator``, mapped through the inverse CDF of the
+    kept tokens, best logit first (ties: lower id first), or in id order when neither top-k
+    nor top-p filters. ``sampler`` (the compiled kernel, where the engine has it) computes the
+    same token faster; a greedy request draws nothing."""
     logits = logits.to("cpu", torch.float32)
-    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+    penalize = params.repetition_penalty != 1.0 and seen is not None and seen.numel() > 0
+    if sampler is not None:
+        u = 0.0 if params.temperature == 0.0 else _uniform(generator)
+        row = logits.clone() if penalize else logits.contiguous()  # penalized in place: a copy
+        return sampler.sample(row, params, seen if penalize else None, u)
+    if penalize:
+        assert seen is not None
         scores = logits.gather(0, seen)
         penalty = params.repetition_penalty
         scores = torch.where(scores < 0, scores * penalty, scores / penalty)
         logits = logits.scatter(0, seen, scores)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[0]:
+    u = _uniform(generator)
+    vocab = logits.shape[0]
+    if 0 < params.top_k < vocab:
         values, indices = torch.topk(logits, params.top_k)  # sorted, descending
-    else:
+    elif params.top_p < 1.0:
         values, indices = torch.sort(logits, descending=True, stable=True)
+    else:
+        values, indices = logits, torch.arange(vocab)
+    weights = torch.exp((values.double() - values.max().double()) / params.temperature)
+    kept = weights.shape[0]
     if params.top_p < 1.0:
-        probs = torch.softmax(values, dim=0)
-        before = torch.cumsum(probs, dim=0) - probs  # mass of strictly better tokens
-        keep = before < params.top_p
-        keep[0] = True
-        values, indices = values[keep], indices[keep]
-    probs = torch.softmax(values, dim=0)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(indices[choice])
+        before = torch.cumsum(weights, dim=0) - weights  # mass of strictly better tokens
+        kept = max(1, int((before < params.top_p * weights.sum()).sum()))
+    cdf = torch.cumsum(weights[:kept], dim=0)
+    choice = int(torch.searchsorted(cdf, u * float(cdf[-1]), right=True))
+    return int(indices[min(choice, kept - 1)])
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator, dtype=torch.float64))
 
 
 class TextAssembler:

@@ -96,7 +96,7 @@ class _Active:
     rng: torch.Generator
     seed: int
     text: TextAssembler
-    seen: list[int]
+    seen: torch.Tensor  # int64: the prompt and every token sampled so far, then free room
     last: int = 0
     generated: int = 0
     first_token_at: float | None = None
@@ -279,8 +279,9 @@ class Scheduler:
             weights = gen.adapter.weights if gen.adapter is not None else None
             rng, seed = make_generator(gen.params.seed)
             cache = self.engine.new_cache(len(gen.prompt_ids) + gen.max_new_tokens)
-            active = _Active(gen, cache, weights, rng, seed, TextAssembler(self.tokenizer, gen.stop), [])
-            active.seen = list(gen.prompt_ids)
+            seen = torch.empty(len(gen.prompt_ids) + gen.max_new_tokens, dtype=torch.int64)
+            seen[: len(gen.prompt_ids)] = torch.tensor(gen.prompt_ids, dtype=torch.int64)
+            active = _Active(gen, cache, weights, rng, seed, TextAssembler(self.tokenizer, gen.stop), seen)
             logits = self.engine.prefill(gen.prompt_ids, cache, weights)
         except Exception as exc:
             log.exception("prefill failed")
@@ -324,10 +325,8 @@ class Scheduler:
         """Sample one token for ``active`` from its logits row; emit text; finish if done."""
         gen = active.gen
         try:
-            seen = (
-                torch.tensor(active.seen, dtype=torch.long) if gen.params.repetition_penalty != 1.0 else None
-            )
-            token = next_token(logits, gen.params, active.rng, seen)
+            seen = active.seen[: len(gen.prompt_ids) + active.generated]
+            token = next_token(logits, gen.params, active.rng, seen, self.engine.rowgemm)
         except Exception as exc:
             log.exception("sampling failed")
             self._finish(active, gen, _as_error(exc))
@@ -339,7 +338,7 @@ class Scheduler:
             self._emit(active, active.text.finish())
             self._finish(active, gen, self._result(active, "eos"))
             return
-        active.seen.append(token)
+        active.seen[len(gen.prompt_ids) + active.generated - 1] = token
         active.last = token
         self._emit(active, active.text.add(token))
         if active.text.stopped:
