@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class RowGemm:
         self._lib = library
         self.threads = max(1, threads)
         self._scratch = torch.empty(0)
+        self._stack_memo: tuple[tuple[weakref.ref[LoraTable], ...], tuple[torch.Tensor, ...]] | None = None
 
     @property
     def isa(self) -> str:
@@ -162,6 +164,32 @@ class RowGemm:
                 u,
             )
         )
+
+    def _stacked(self, adapters: list[LoraTable], layers: int) -> tuple[torch.Tensor, ...]:
+        """The step's adapter tables stacked for the C loop; the last step's are reused when the
+        same tables come again (one stream, or a steady batch). The memo holds them weakly: it
+        never keeps an evicted adapter alive, and a hit needs the very same live tables."""
+        memo = self._stack_memo
+        if (
+            memo is not None
+            and len(memo[0]) == len(adapters)
+            and all(ref() is a for ref, a in zip(memo[0], adapters, strict=True))
+        ):
+            return memo[1]
+        if adapters:
+            stacked = (
+                torch.stack([a.pointers for a in adapters]),
+                torch.stack([a.scales for a in adapters]),
+                torch.stack([a.ranks for a in adapters]),
+            )
+        else:
+            stacked = (
+                torch.zeros(1, layers, 7, 2, dtype=torch.int64),
+                torch.zeros(1, layers, 7),
+                torch.zeros(1, layers, 7, dtype=torch.int64),
+            )
+        self._stack_memo = (tuple(weakref.ref(a) for a in adapters), stacked)
+        return stacked
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or weight.shape != (x.shape[1],):
@@ -254,13 +282,7 @@ class RowGemm:
         rows = h.shape[0]
         layers = weights.shape[0]
         count = len(adapters)
-        if count:
-            pointers = torch.stack([a.pointers for a in adapters])
-            scales = torch.stack([a.scales for a in adapters])
-            ranks = torch.stack([a.ranks for a in adapters])
-        else:
-            pointers = torch.zeros(1, layers, 7, 2, dtype=torch.int64)
-            scales, ranks = torch.zeros(1, layers, 7), torch.zeros(1, layers, 7, dtype=torch.int64)
+        pointers, scales, ranks = self._stacked(adapters, layers)
         if (
             h.dtype != torch.float32
             or not h.is_contiguous()
@@ -369,10 +391,11 @@ class DecodeCaches:
                 raise ValueError(f"decode cache full: length {length} of capacity {k.shape[2]}")
         self.rows = len(keys)
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
-        self.k = torch.tensor([k.data_ptr() for k in keys], dtype=torch.int64)
-        self.v = torch.tensor([v.data_ptr() for v in values], dtype=torch.int64)
-        self.capacity = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64)
-        self.positions = torch.tensor(lengths, dtype=torch.int64)
+        pointers = [[k.data_ptr() for k in keys], [v.data_ptr() for v in values]]
+        table = torch.tensor(  # one tensor, four rows: a step builds this every time
+            [*pointers, [k.shape[2] for k in keys], lengths], dtype=torch.int64
+        )
+        self.k, self.v, self.capacity, self.positions = table.unbind(0)
         self.max_len = max(lengths) + 1
         self._keep = (keys, values)  # the pointers above stay valid while this object lives
 

@@ -368,13 +368,14 @@ class Engine:
         """One step for a batch of sequences, each at its own length; logits [B, vocab] (fp32, CPU)."""
         batch = len(tokens)
         rows = max(batch, self.min_rows)
-        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
-        ids[:batch] = torch.tensor(list(tokens), dtype=torch.long)
         if self.rowgemm is not None and rows == batch:  # the kernels need no padding rows
+            ids = torch.tensor(list(tokens), dtype=torch.long)
             h = self._layers_in_kernels(ids, caches, [c.length for c in caches], adapters)
             for cache in caches:
                 cache.length += 1
             return self._logits(h)
+        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        ids[:batch] = torch.tensor(list(tokens), dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long, device=self.device)
         positions[:batch] = torch.tensor([c.length for c in caches], dtype=torch.long)
         plan = self._plan(adapters, rows)
