@@ -301,3 +301,77 @@ def test_the_compiled_sampler_rejects_what_it_cannot_read(kern) -> None:
         kern.sample(torch.zeros(10), SamplingParams(repetition_penalty=1.2), torch.tensor([3, 10]), 0.5)
     with pytest.raises(ValueError, match="contiguous fp32 row"):
         kern.sample(torch.zeros(10, dtype=torch.float64), SamplingParams(), None, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "isa"),
+    [(torch.bfloat16, "avx2"), (torch.bfloat16, "avx512"), (torch.float32, "avx2"), (torch.float16, "avx2")],
+)
+def test_the_shortlisted_lm_head_is_bitwise_exact_on_the_top_k_and_always_ids_and_screens_the_rest(
+    kern, dtype, isa
+) -> None:
+    if isa == "avx512" and not _cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 (F and BW)")
+    best = kern.isa
+    try:
+        kern.use_isa(isa)
+        _check_shortlist(kern, dtype)
+    finally:
+        kern.use_isa(best)
+
+
+def _check_shortlist(kern, dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(3001, 576, generator=gen) * 0.05).to(dtype)  # 3001: no multiple of any tile
+    w[11] = w[10]  # duplicate rows: the same bounds, kept or screened together
+    x = torch.randn(3, 576, generator=gen) * 2
+    screen = cpu_kernels.LmHeadScreen.build(w)
+    # The bound the screening rests on, checked in float64 for these rows.
+    exact64 = x.double() @ w.double().T
+    approx64 = x.double() @ (screen.q.double() * screen.scale.double()[:, None]).T
+    assert ((exact64 - approx64).abs() <= x.double().norm(dim=1, keepdim=True) * screen.bound.double()).all()
+    full = kern(x, w)
+    always = torch.tensor([7, 7, 3000, int(full[0].argmin())])
+    rows = [cpu_kernels.Shortlist(50, always), cpu_kernels.Shortlist(1), cpu_kernels.Shortlist(200)]
+    out = kern.lm_head_shortlist(x, screen, w, rows)
+    for b, row in enumerate(rows):
+        finite = torch.isfinite(out[b])
+        assert torch.equal(out[b][finite], full[b][finite]), b  # bitwise the full product's
+        best_ids = full[b].topk(row.k).indices.sort().values
+        assert torch.equal(out[b].topk(row.k).indices.sort().values, best_ids)
+        if row.always is not None:
+            assert finite[always].all()
+        assert finite.sum() < 3001 // 2, "nothing was screened out"
+    with pytest.raises(ValueError, match="out of range"):
+        kern.lm_head_shortlist(x[:1], screen, w, [cpu_kernels.Shortlist(50, torch.tensor([3001]))])
+    with pytest.raises(ValueError, match="out of range"):
+        kern.lm_head_shortlist(x[:1], screen, w, [cpu_kernels.Shortlist(0)])
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.0])
+def test_a_shortlisted_decode_samples_exactly_the_tokens_of_the_full_lm_head(engines, temperature) -> None:
+    from novelcrafter.inference.sampling import SamplingParams, make_generator, next_token, shortlist
+
+    engine, loras = engines["auto"]
+    params = SamplingParams(temperature, 0.95, 50, 1.1, 3)
+
+    def run(shortlisted: bool) -> tuple[list[int], bool]:
+        cache, rng, seen = engine.new_cache(64), make_generator(3)[0], list(PROMPTS[0])
+        screened = False
+
+        def need():  # type: ignore[no-untyped-def]
+            return shortlist(params, torch.tensor(seen)) if shortlisted else None
+
+        logits = engine.prefill(PROMPTS[0], cache, loras[0], need())
+        tokens = []
+        for _ in range(12):
+            screened |= bool(torch.isinf(logits).any())
+            token = next_token(logits, params, rng, torch.tensor(seen), engine.rowgemm)
+            tokens.append(token)
+            seen.append(token)
+            logits = engine.decode([token], [cache], [loras[0]], [need()])[0]
+        return tokens, screened
+
+    ours, screened = run(True)
+    assert screened, "the shortlist path did not run"
+    assert (ours, False) == run(False)

@@ -44,7 +44,7 @@ PREBUILT = SOURCE.with_suffix(".so")
 FLAGS = ("-O3", "-march=haswell", "-mtune=generic", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI = 6
+ABI = 7
 ISAS = {"avx2": 0, "avx512": 1}  # the bf16 loops the library carries (chosen at run time)
 
 _lock = threading.Lock()
@@ -57,6 +57,7 @@ _SIGNATURES = {
     "nc_rmsnorm": [_P, _L, _L, _P, _I, _F, _P],
     "nc_silu_mul": [_P, _L, _L, _P],
     "nc_decode_attention": [_P, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _L, _F, _P, _P, _L, _I],
+    "nc_lm_head_shortlist": [_P, _L, _L, _P, _P, _P, _P, _I, _L, _P, _P, _P, _P, _I, _P],
     "nc_decode_layers": [
         *(_P, _L, _L, _L, _P, _I, _F, _L, _L, _L, _L, _L, _P, _P, _P, _P),
         *(_P, _P, _P, _P, _P, _P, _F, _L, _I),
@@ -190,6 +191,57 @@ class RowGemm:
             )
         self._stack_memo = (tuple(weakref.ref(a) for a in adapters), stacked)
         return stacked
+
+    def lm_head_shortlist(
+        self, x: torch.Tensor, screen: LmHeadScreen, weight: torch.Tensor, rows: list[Shortlist]
+    ) -> torch.Tensor:
+        """Logits [B, vocab] of the final-normed rows ``x`` where row b needs only its
+        ``rows[b].k`` best logits and those of ``rows[b].always``: those are exactly the full
+        product's (``x @ weight.T``), every other one is -inf (see the C source for why)."""
+        batch, width = x.shape
+        vocab = weight.shape[0]
+        if (
+            x.dtype != torch.float32
+            or not x.is_contiguous()
+            or len(rows) != batch
+            or weight.shape != (vocab, width)
+            or not weight.is_contiguous()
+            or weight.dtype not in KINDS
+            or screen.q.shape != weight.shape
+        ):
+            raise ValueError("lm_head_shortlist: inputs do not fit")
+        always = []
+        for row in rows:
+            ids = row.always if row.always is not None else torch.empty(0, dtype=torch.int64)
+            if ids.dtype != torch.int64 or ids.dim() != 1 or not ids.is_contiguous():
+                raise ValueError("lm_head_shortlist: always ids must be a contiguous int64 vector")
+            inside = not ids.numel() or 0 <= int(ids.min()) <= int(ids.max()) < vocab
+            if not 1 <= row.k < vocab // 2 or not inside:
+                raise ValueError(f"lm_head_shortlist: k {row.k} or an always id is out of range")
+            always.append(ids)
+        counts = [a.numel() for a in always]
+        table = torch.tensor([[r.k for r in rows], [a.data_ptr() for a in always], counts], dtype=torch.int64)
+        if self._scratch.numel() < batch * width:
+            self._scratch = torch.empty(batch * width)
+        out = torch.empty(batch, vocab)
+        self._lib.nc_lm_head_shortlist(
+            x.data_ptr(),
+            batch,
+            width,
+            screen.q.data_ptr(),
+            screen.scale.data_ptr(),
+            screen.bound.data_ptr(),
+            weight.data_ptr(),
+            KINDS[weight.dtype],
+            vocab,
+            table[0].data_ptr(),
+            table[1].data_ptr(),
+            table[2].data_ptr(),
+            out.data_ptr(),
+            self.threads,
+            self._scratch.data_ptr(),
+        )
+        return out
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or weight.shape != (x.shape[1],):
@@ -326,6 +378,46 @@ class RowGemm:
             caches.max_len,
             self.threads,
         )
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """What a row's sampler reads of its logits: its ``k`` best and those of ``always`` (int64
+    ids whose logits it changes itself, e.g. the repetition penalty's)."""
+
+    k: int
+    always: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LmHeadScreen:
+    """An int8 copy of an LM head that bounds every logit (``lm_head_shortlist``): q [V, K]
+    int8, per-row ``scale`` (w ~ scale * q) and ``bound`` with |x.w - x.(scale q)| plus the
+    fp32 rounding of both sums <= |x| * bound for any x."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    bound: torch.Tensor
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, chunk: int = 4096) -> LmHeadScreen:
+        rows = weight.shape[0]
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(rows)
+        bound = torch.empty(rows)
+        for start in range(0, rows, chunk):  # float64 a chunk at a time: no full-size copy
+            w = weight[start : start + chunk].detach().to("cpu", torch.float64)
+            s32 = (w.abs().amax(dim=1) / 127).float()
+            s32 = torch.where(s32 > 0, s32, torch.ones_like(s32))
+            qc = torch.round(w / s32.double()[:, None]).clamp(-127, 127)
+            approx = qc * s32.double()[:, None]  # what the kernel multiplies by, exactly
+            # 1e-4 (|w| + |s q|) covers the rounding of two fp32 dot products of K terms
+            # (K * 2^-24 < 1e-4 for K < 1677); * (1 + 1e-6) rounds the bound up to fp32.
+            error = (w - approx).norm(dim=1) + 1e-4 * (w.norm(dim=1) + approx.norm(dim=1))
+            q[start : start + chunk] = qc.to(torch.int8)
+            scale[start : start + chunk] = s32
+            bound[start : start + chunk] = (error * (1 + 1e-6)).float()
+        return cls(q, scale, bound)
 
 
 @dataclass(frozen=True)

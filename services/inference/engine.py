@@ -43,12 +43,15 @@ from novelcrafter.errors import FailedPrecondition
 from novelcrafter.logs import get_logger
 
 from . import cpu_kernels
+from .cpu_kernels import Shortlist
 from .lora import SUPPORTED_MODULES, LoraModule, LoraWeights
 
 log = get_logger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CALIBRATION_VERSION = "3"  # bump when the probe changes: cached outcomes then re-measure
+SHORTLIST_MAX_K = 1024  # a sampler's top-k up to this reads the LM head through its int8 screen
+SHORTLIST_MAX_ROWS = 1  # ... in one-row steps (measured: 1.08x a step at 1 row, none at 2: compute-bound)
 KERNEL_MAX_ROWS = 16  # above this many rows (long prompts) the CPU kernel hands over to GEMM
 KERNEL_PREFILL_ROWS = 64  # prompts up to this long are prefilled in the decode kernels (measured:
 # 10 tokens 65 vs 84 ms, 64 tokens 292 vs 409 ms; at 96 torch's GEMM wins)
@@ -123,6 +126,13 @@ class Engine:
         self.batch_invariant = False
         self._buffer: Any = None
         self.fused = self._pack_weights()
+        # The LM head's int8 screen: a row whose sampler reads only its top-k logits gets those
+        # (exact) from ~half the bytes (cpu_kernels.LmHeadScreen, Engine.decode's shortlists).
+        self._screen = (
+            cpu_kernels.LmHeadScreen.build(self.lm_head.weight)
+            if self.rowgemm is not None and getattr(self.lm_head, "bias", None) is None
+            else None
+        )
         if self.rowgemm is not None:  # rotary tables for the decode kernel, every position once
             positions = torch.arange(self.context)[None, :]
             cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
@@ -336,8 +346,15 @@ class Engine:
         return out.reshape(1, self.n_heads, 1, self.head_dim)
 
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[int], cache: KVCache, adapter: LoraWeights | None) -> torch.Tensor:
-        """Run a whole prompt alone (no padding) into ``cache``; the last position's logits (fp32, CPU)."""
+    def prefill(
+        self,
+        ids: Sequence[int],
+        cache: KVCache,
+        adapter: LoraWeights | None,
+        shortlist: Shortlist | None = None,
+    ) -> torch.Tensor:
+        """Run a whole prompt alone (no padding) into ``cache``; the last position's logits (fp32,
+        CPU); ``shortlist``: as :meth:`decode`'s."""
         n = len(ids)
         if n == 0 or n > cache.capacity:
             raise ValueError(f"prompt of {n} tokens does not fit a cache of {cache.capacity}")
@@ -347,7 +364,7 @@ class Engine:
             # attention in the kernel, so the rows of one prompt form a causal prefill.
             h = self._layers_in_kernels(tokens, [cache] * n, list(range(n)), [adapter] * n)
             cache.length = n
-            return self._logits(h[-1:])[0]
+            return self._logits(h[-1:], [shortlist])[0]
         positions = torch.arange(n, device=self.device)
         plan: LoraPlan = [(None, adapter)] if adapter is not None else []
 
@@ -363,9 +380,17 @@ class Engine:
 
     @torch.inference_mode()
     def decode(
-        self, tokens: Sequence[int], caches: Sequence[KVCache], adapters: Sequence[LoraWeights | None]
+        self,
+        tokens: Sequence[int],
+        caches: Sequence[KVCache],
+        adapters: Sequence[LoraWeights | None],
+        shortlists: Sequence[Shortlist | None] | None = None,
     ) -> torch.Tensor:
-        """One step for a batch of sequences, each at its own length; logits [B, vocab] (fp32, CPU)."""
+        """One step for a batch of sequences, each at its own length; logits [B, vocab] (fp32, CPU).
+
+        ``shortlists[b]`` (optional) says row b's sampler reads only some logits (its top k and
+        a few ids): the engine may then return -inf for the others; the ones it reads are
+        exactly what they would be otherwise. None: every logit."""
         batch = len(tokens)
         rows = max(batch, self.min_rows)
         if self.rowgemm is not None and rows == batch:  # the kernels need no padding rows
@@ -373,7 +398,7 @@ class Engine:
             h = self._layers_in_kernels(ids, caches, [c.length for c in caches], adapters)
             for cache in caches:
                 cache.length += 1
-            return self._logits(h)
+            return self._logits(h, shortlists)
         ids = torch.zeros(rows, dtype=torch.long, device=self.device)
         ids[:batch] = torch.tensor(list(tokens), dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -399,11 +424,22 @@ class Engine:
             cache.length += 1
         return self._matmul(self.norm(h), self.lm_head.weight).float()[:batch].cpu()  # sampling: CPU
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits on the CPU of the final hidden states ``h`` [rows, hidden] (kernel path)."""
+    def _logits(self, h: torch.Tensor, shortlists: Sequence[Shortlist | None] | None = None) -> torch.Tensor:
+        """fp32 logits on the CPU of the final hidden states ``h`` [rows, hidden] (kernel path);
+        shortlisted where every row has a shortlist the screen can serve."""
         kern = self.rowgemm
         assert kern is not None
-        return kern(kern.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon), self.lm_head.weight)
+        normed = kern.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon)
+        if self._screen is not None and shortlists is not None and h.shape[0] <= SHORTLIST_MAX_ROWS:
+            rows = [s for s in shortlists if s is not None and self._screened(s)]
+            if len(rows) == h.shape[0]:
+                return kern.lm_head_shortlist(normed, self._screen, self.lm_head.weight, rows)
+        return kern(normed, self.lm_head.weight)
+
+    def _screened(self, shortlist: Shortlist) -> bool:
+        """Whether the screen pays for this shortlist (a k near the vocabulary reads it all)."""
+        always = 0 if shortlist.always is None else shortlist.always.numel()
+        return 1 <= shortlist.k <= SHORTLIST_MAX_K and always <= self.vocab // 8
 
     def _layers_in_kernels(
         self,

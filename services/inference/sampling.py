@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .cpu_kernels import Shortlist
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,6 +40,17 @@ class Sampler(Protocol):
     def sample(
         self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, u: float
     ) -> int: ...
+
+
+def shortlist(params: SamplingParams, seen: torch.Tensor | None) -> Shortlist | None:
+    """The logits :func:`next_token` reads for ``params``: the top k (1 when greedy) and the
+    ``seen`` ids the repetition penalty changes; None when it reads them all (no top-k)."""
+    k = 1 if params.temperature == 0.0 else params.top_k
+    if k <= 0:
+        return None
+    return Shortlist(
+        k, seen if params.repetition_penalty != 1.0 and seen is not None and seen.numel() else None
+    )
 
 
 def next_token(

@@ -25,9 +25,10 @@ import torch
 from novelcrafter.errors import DeadlineExceeded, NovelCrafterError, ResourceExhausted, Unavailable
 from novelcrafter.logs import get_logger
 
+from .cpu_kernels import Shortlist
 from .engine import Engine, KVCache
 from .lora import LoraWeights
-from .sampling import SamplingParams, TextAssembler, make_generator, next_token
+from .sampling import SamplingParams, TextAssembler, make_generator, next_token, shortlist
 
 log = get_logger(__name__)
 
@@ -282,7 +283,7 @@ class Scheduler:
             seen = torch.empty(len(gen.prompt_ids) + gen.max_new_tokens, dtype=torch.int64)
             seen[: len(gen.prompt_ids)] = torch.tensor(gen.prompt_ids, dtype=torch.int64)
             active = _Active(gen, cache, weights, rng, seed, TextAssembler(self.tokenizer, gen.stop), seen)
-            logits = self.engine.prefill(gen.prompt_ids, cache, weights)
+            logits = self.engine.prefill(gen.prompt_ids, cache, weights, self._shortlist(active))
         except Exception as exc:
             log.exception("prefill failed")
             self._finish(None, gen, _as_error(exc))
@@ -301,7 +302,10 @@ class Scheduler:
             self.on_step(len(batch))
         try:
             logits = self.engine.decode(
-                [a.last for a in batch], [a.cache for a in batch], [a.weights for a in batch]
+                [a.last for a in batch],
+                [a.cache for a in batch],
+                [a.weights for a in batch],
+                [self._shortlist(a) for a in batch],
             )
         except Exception as exc:
             log.exception("decode step failed", extra={"fields": {"batch": len(batch)}})
@@ -312,6 +316,13 @@ class Scheduler:
         for row, active in enumerate(batch):
             self._advance(active, logits[row])
         self._active = [a for a in self._active if a.cache is not None]
+
+    @staticmethod
+    def _seen(active: _Active) -> torch.Tensor:
+        return active.seen[: len(active.gen.prompt_ids) + active.generated]
+
+    def _shortlist(self, active: _Active) -> Shortlist | None:
+        return shortlist(active.gen.params, self._seen(active))
 
     def _drop_if_done(self, active: _Active) -> bool:
         if active.cache is None:
@@ -325,8 +336,7 @@ class Scheduler:
         """Sample one token for ``active`` from its logits row; emit text; finish if done."""
         gen = active.gen
         try:
-            seen = active.seen[: len(gen.prompt_ids) + active.generated]
-            token = next_token(logits, gen.params, active.rng, seen, self.engine.rowgemm)
+            token = next_token(logits, gen.params, active.rng, self._seen(active), self.engine.rowgemm)
         except Exception as exc:
             log.exception("sampling failed")
             self._finish(active, gen, _as_error(exc))

@@ -100,8 +100,9 @@ struct Out {
     long ldy;      // row stride of y
     float alpha;   // y = alpha * dot, or y += alpha * dot when accumulating
     bool accumulate;
+    long n_base = 0;  // y holds outputs from n_base on
     inline void put(long m, long n, float dot) const {
-        float* p = y + m * ldy + n;
+        float* p = y + m * ldy + (n - n_base);
         *p = accumulate ? *p + dot * alpha : (alpha == 1.0f ? dot : dot * alpha);
     }
 };
@@ -166,6 +167,18 @@ struct Ahead {
     }
 };
 
+// x for a bf16 loop of ``width`` lanes: each width-chunk of a row with its even elements first,
+// then its odd ones (the tail past the last whole chunk is read from x itself).
+inline void reorder(const float* x, long M, long K, int width, float* xp) {
+    const int half = width / 2;
+    for (long m = 0; m < M; ++m)
+        for (long c = 0; c + width <= K; c += width)
+            for (int i = 0; i < half; ++i) {
+                xp[m * K + c + i] = x[m * K + c + 2 * i];
+                xp[m * K + c + half + i] = x[m * K + c + 2 * i + 1];
+            }
+}
+
 // bf16 weights, 16 at a time: the low halves of a 32-bit lane shifted up are the even
 // elements as fp32, the lane with its low half cleared is the odd one; no widening needed.
 // ``xp`` holds x with each 16-chunk's even elements first, then its odd ones.
@@ -229,12 +242,7 @@ inline void rows_bf16(const float* xp, const float* x, long M, long K, const uin
 void rowgemm_bf16(const float* x, long M, long K, const void* weights, long N, const Out& y, int threads, float* xp,
                   const Next& next) {
     const auto* w = static_cast<const uint16_t*>(weights);
-    for (long m = 0; m < M; ++m)
-        for (long c = 0; c + 16 <= K; c += 16)
-            for (int i = 0; i < 8; ++i) {
-                xp[m * K + c + i] = x[m * K + c + 2 * i];
-                xp[m * K + c + 8 + i] = x[m * K + c + 2 * i + 1];
-            }
+    reorder(x, M, K, 16, xp);
     const long blocks = N / 4;
 #pragma omp parallel num_threads(threads)
     {
@@ -342,12 +350,7 @@ NC_AVX512 __attribute__((noinline)) void tail_bf16_512(const float* xp, const fl
 void rowgemm_bf16_512(const float* x, long M, long K, const void* weights, long N, const Out& y, int threads,
                       float* xp, const Next& next) {
     const auto* w = static_cast<const uint16_t*>(weights);
-    for (long m = 0; m < M; ++m)
-        for (long c = 0; c + 32 <= K; c += 32)
-            for (int i = 0; i < 16; ++i) {
-                xp[m * K + c + i] = x[m * K + c + 2 * i];
-                xp[m * K + c + 16 + i] = x[m * K + c + 2 * i + 1];
-            }
+    reorder(x, M, K, 32, xp);
     const long blocks = N / 4;
 #pragma omp parallel num_threads(threads)
     {
@@ -391,10 +394,94 @@ void gemm(int kind, const float* x, long M, long K, const void* w, long N, float
     else rowgemm<F32>(x, M, K, w, N, out, threads);
 }
 
+
+// --- The LM head, shortlisted -----------------------------------------------------------------
+// A sampler with top-k reads only the k best logits (and those it changes itself, the
+// repetition penalty's). An int8 copy of the LM head (per-row scale s_i, q_i = round(w_i / s_i))
+// gives every logit to within a bound that holds for any input x:
+//     |x.(s_i q_i) - x.w_i| <= |x| |w_i - s_i q_i| + fp32 rounding of both sums
+// (Cauchy-Schwarz; ``bound[i]`` holds |w_i - s_i q_i| plus 1e-4 (|w_i| + |s_i q_i|), which
+// covers the rounding of 576-term fp32 sums ~30x over). A token whose upper bound is below
+// the k-th best lower bound cannot be among the k best: only the others (and the always-exact
+// ids) get their logit from the real weights, with the same arithmetic as the full product, so
+// those logits are bitwise the full ones and the sampler draws the same token; every other
+// logit is -inf. The int8 copy is half the bytes of bf16: a decode step reads ~10% less.
+
+// int8 row dots: MB rows x NB outputs, two chains per output (as the bf16 loop).
+template <int MB, int NB>
+inline void tile_i8(const float* x, long K, const int8_t* q, const float* scale, float* y, long ldy, long m0,
+                    long n0, const int8_t* ahead) {
+    __m256 acc_e[MB][NB], acc_o[MB][NB];
+    for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j) acc_e[i][j] = acc_o[i][j] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * NB), _MM_HINT_T0);
+        for (int j = 0; j < NB; ++j) {
+            const int8_t* row = q + (n0 + j) * K + k;
+            const __m256 we = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row))));
+            const __m256 wo = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8))));
+            for (int i = 0; i < MB; ++i) {
+                const float* xr = x + (m0 + i) * K + k;
+                acc_e[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), we, acc_e[i][j]);
+                acc_o[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), wo, acc_o[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j) {
+            float s = hsum(_mm256_add_ps(acc_e[i][j], acc_o[i][j]));
+            for (long t = k; t < K; ++t) s += x[(m0 + i) * K + t] * static_cast<float>(q[(n0 + j) * K + t]);
+            y[(m0 + i) * ldy + n0 + j] = s * scale[n0 + j];
+        }
+}
+
+// y[m, n] = scale[n] * x[m] . q[n] for every row and output (the approximate logits).
+void gemm_i8(const float* x, long M, long K, const int8_t* q, const float* scale, long N, float* y, long ldy,
+             int threads) {
+    const long blocks = N / 4;
+#pragma omp parallel num_threads(threads)
+    {
+        long b0, b1;
+        share(blocks, omp_get_thread_num(), omp_get_num_threads(), b0, b1);
+        for (long b = b0; b < b1; ++b) {
+            const int8_t* ahead = b + PFB < b1 ? q + (b + PFB) * 4 * K : nullptr;
+            long m = 0;
+            for (; m + 2 <= M; m += 2) tile_i8<2, 4>(x, K, q, scale, y, ldy, m, b * 4, m == 0 ? ahead : nullptr);
+            if (m < M) tile_i8<1, 4>(x, K, q, scale, y, ldy, m, b * 4, m == 0 ? ahead : nullptr);
+        }
+    }
+    for (long n = blocks * 4; n < N; ++n)
+        for (long m = 0; m < M; ++m) tile_i8<1, 1>(x, K, q, scale, y, ldy, m, n, nullptr);
+}
+
+NC_AVX512 __attribute__((noinline)) float exact_bf16_512(const float* xp, const float* x, long K,
+                                                         const uint16_t* w, long n) {
+    float v = 0.0f;
+    tile_bf16_512<1, 1>(xp, x, K, w, Out{&v, 0, 1.0f, false, n}, 0, n, nullptr);
+    return v;
+}
+
+// One output of the full product x @ W.T, bitwise as gemm() computes it (each of its loops
+// computes an output with the same chains whatever the tile). ``xp``: x reordered for the
+// bf16 loop in use (``reorder_for_isa``).
+float exact_dot(int kind, const float* xp, const float* x, long K, const void* w, long n) {
+    if (kind == BF16 && g_isa == 1) return exact_bf16_512(xp, x, K, static_cast<const uint16_t*>(w), n);
+    float v = 0.0f;
+    const Out one{&v, 0, 1.0f, false, n};
+    if (kind == BF16) tile_bf16<1, 1>(xp, x, K, static_cast<const uint16_t*>(w), one, 0, n, nullptr);
+    else if (kind == F16) block<F16, 1, 1>(x, K, static_cast<const uint16_t*>(w), one, 0, n);
+    else block<F32, 1, 1>(x, K, static_cast<const float*>(w), one, 0, n);
+    return v;
+}
+
+inline void reorder_for_isa(const float* x, long M, long K, float* xp) { reorder(x, M, K, g_isa == 1 ? 32 : 16, xp); }
 }  // namespace
 
 extern "C" {
-int nc_rowgemm_abi() { return 6; }
+int nc_rowgemm_abi() { return 7; }
 
 // The bf16 loop in use (1 AVX-512, 0 AVX2); ``want`` >= 0 asks for one (AVX-512 only where the
 // CPU has it), -1 only asks. For benchmarks and tests that compare the two.
@@ -690,6 +777,83 @@ long nc_sample(float* logits, long V, const int64_t* seen, long nseen, float pen
         if (target < acc) return order[i];
     }
     return order[kept - 1];
+}
+
+// The LM head's logits for B rows when row b's sampler reads only its k[b] best logits and
+// those of its always[b] ids (always_n[b] of them; int64): those are exact (bitwise the full
+// product's), every other logit is -inf; 1 <= k[b] < V - always_n[b]. x [B, K] fp32
+// (the final-normed hidden states), q [V, K] int8 with scale[V] and bound[V] (see above), w
+// [V, K] the real weights of ``kind``; out [B, V]; scratch (B * K floats) for the reordered x.
+void nc_lm_head_shortlist(const float* x, long B, long K, const int8_t* q, const float* scale, const float* bound,
+                          const void* w, int kind, long V, const long* k, const int64_t* always,
+                          const long* always_n, float* out, int threads, float* scratch) {
+    gemm_i8(x, B, K, q, scale, V, out, V, threads);
+    if (kind == BF16) reorder_for_isa(x, B, K, scratch);
+    std::vector<uint8_t> keep(V);
+    std::vector<long> ids;
+    std::vector<float> best;
+    for (long b = 0; b < B; ++b) {
+        float* row = out + b * V;
+        const float* xb = x + b * K;
+        const float* xpb = scratch + b * K;
+        double norm2 = 0.0;
+        for (long d = 0; d < K; ++d) norm2 += static_cast<double>(xb[d]) * xb[d];
+        const float nx = static_cast<float>(sqrt(norm2) * (1.0 + 1e-6));  // rounded up
+        std::fill(keep.begin(), keep.end(), 0);
+        const auto* always_b = reinterpret_cast<const int64_t*>(always[b]);
+        for (long i = 0; i < always_n[b]; ++i) keep[always_b[i]] = 1;
+        // The k-th best lower bound over the other ids (a lower bound of the k-th best logit):
+        // a min-ordered k-array; most blocks of 8 hold nothing above its floor.
+        const long kb = k[b];
+        best.assign(kb, -INFINITY);
+        auto offer = [&](float lower) {
+            if (!(lower > best[0])) return;
+            long j = 0;  // best is ascending: shift the smaller ones down, insert
+            while (j + 1 < kb && best[j + 1] < lower) {
+                best[j] = best[j + 1];
+                ++j;
+            }
+            best[j] = lower;
+        };
+        const __m256 vnx = _mm256_set1_ps(nx);
+        long i = 0;
+        for (; i + 8 <= V; i += 8) {
+            const __m256 lower = _mm256_fnmadd_ps(vnx, _mm256_loadu_ps(bound + i), _mm256_loadu_ps(row + i));
+            if (_mm256_movemask_ps(_mm256_cmp_ps(lower, _mm256_set1_ps(best[0]), _CMP_GT_OQ)) == 0) continue;
+            float l8[8];
+            _mm256_storeu_ps(l8, lower);
+            for (int j = 0; j < 8; ++j)
+                if (!keep[i + j]) offer(l8[j]);
+        }
+        for (; i < V; ++i)
+            if (!keep[i]) offer(row[i] - nx * bound[i]);
+        const float floor = best[0];
+        ids.clear();
+        const __m256 vfloor = _mm256_set1_ps(floor), minus_inf = _mm256_set1_ps(-INFINITY);
+        long n = 0;
+        for (; n + 8 <= V; n += 8) {
+            const __m256 upper = _mm256_fmadd_ps(vnx, _mm256_loadu_ps(bound + n), _mm256_loadu_ps(row + n));
+            int mask = _mm256_movemask_ps(_mm256_cmp_ps(upper, vfloor, _CMP_GE_OQ));
+            mask |= static_cast<int>(_mm_movemask_epi8(_mm_cmpgt_epi8(  // the always ids
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep.data() + n)), _mm_setzero_si128())));
+            _mm256_storeu_ps(row + n, minus_inf);
+            for (; mask; mask &= mask - 1) ids.push_back(n + __builtin_ctz(mask));
+        }
+        for (; n < V; ++n) {
+            if (keep[n] || row[n] + nx * bound[n] >= floor) ids.push_back(n);
+            row[n] = -INFINITY;
+        }
+        const long count = static_cast<long>(ids.size());
+        const long row_bytes = K * (kind == F32 ? 4 : 2);
+#pragma omp parallel for num_threads(count > 64 ? threads : 1) schedule(static)
+        for (long c = 0; c < count; ++c) {
+            if (c + 4 < count) {  // scattered rows: ask for one four ahead
+                const char* ahead = static_cast<const char*>(w) + ids[c + 4] * row_bytes;
+                for (long o = 0; o < row_bytes; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+            }
+            row[ids[c]] = exact_dot(kind, xpb, xb, K, w, ids[c]);
+        }
+    }
 }
 }
 
