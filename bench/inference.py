@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         single = next((m for m, _ in rows if m.concurrency == 1), None) or run_level(
             ours, 1, args.requests or 6
         )
-        measured = inference_peers.measure_ours(stub, books, tok, [m for m, _ in rows], single)
+        measured = inference_peers.measure_ours(stub, books, tok, [m for m, _ in rows], single, server.engine)
         measured["paired"] = inference_peers.paired_or_none(
             ours, model_dir, adapter_dirs, dtype=dtype, tokens=args.tokens, threads=torch.get_num_threads(),
             ban_ids=ban_ids, rounds=args.paired_rounds,

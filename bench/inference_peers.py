@@ -613,6 +613,8 @@ def build_report(
     """
     llamacpp, vllm = llamacpp or {}, vllm or {}
     weights = weight_bytes_per_step(config, bytes_per_param)
+    screen = ours.get("lm_head_screen_bytes")
+    ours_bytes = weights["projections"] + screen if screen else weights["total"]
     read = bandwidth["read_bytes_per_s"]
     ours_levels = {int(k): v for k, v in ours.get("levels", {}).items()}
     vllm_levels = {int(k): v for k, v in vllm.get("levels", {}).items()}
@@ -650,8 +652,11 @@ def build_report(
         "ratio_ttft_ours_vs_llamacpp": ratio(ours.get("ttft"), llamacpp.get("ttft")),
         "bandwidth": bandwidth,
         "weight_bytes_per_step": weights,
+        # Ours reads the LM head through its int8 screen in a one-row step (plus the few rows
+        # that may be in the top k, not counted): its fraction is of the bytes it reads.
+        "ours_bytes_per_step": ours_bytes,
         "bandwidth_fraction_single": {
-            "ours": bandwidth_fraction(weights["total"], ours.get("single"), read),
+            "ours": bandwidth_fraction(ours_bytes, ours.get("single"), read),
             "llamacpp": bandwidth_fraction(weights["total"], llamacpp.get("lora"), read),
             "llamacpp_nolora": bandwidth_fraction(weights["total"], llamacpp.get("nolora"), read),
             "vllm": bandwidth_fraction(weights["total"], vllm_single, read),
@@ -729,12 +734,22 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"(projections {w['projections'] / 1e6:.1f} MB + lm_head {w['lm_head'] / 1e6:.1f} MB "
         f"at {s['bytes_per_param']} bytes/param; not counted: embedding "
         "row, norms, LoRA factors, KV cache)",
+        *([_ours_bytes_line(report)] if report.get("ours_bytes_per_step", w["total"]) != w["total"] else []),
         "fraction of the read bandwidth at one stream (bytes/step x tok/s per request, prefill "
         "included / read GB/s): " + ", ".join(f"{k} {v:.1%}" for k, v in frac.items() if v is not None),
     ]
     for peer, message in report["errors"].items():
         lines.append(f"error: {peer}: {message}")
     return lines
+
+
+def _ours_bytes_line(report: dict[str, Any]) -> str:
+    ours, projections = report["ours_bytes_per_step"], report["weight_bytes_per_step"]["projections"]
+    return (
+        f"ours reads {ours / 1e6:.1f} MB per one-stream step: the LM head through its int8 screen "
+        f"({(ours - projections) / 1e6:.1f} MB; plus the rows that may be in the top k, ~1-2% of the "
+        "head, not counted)"
+    )
 
 
 def write_json(path: Path | None, report: dict[str, Any]) -> None:
@@ -746,8 +761,19 @@ def write_json(path: Path | None, report: dict[str, Any]) -> None:
 # --- the --peers run (called from bench/inference.py's main) ----------------------------------
 
 
-def measure_ours(stub: Any, books: list[str], tokenizer: Any, rows: list[Any], single: Any) -> dict[str, Any]:
-    """Ours while the server runs: the level rows already measured, single stream, TTFT."""
+def measure_ours(
+    stub: Any, books: list[str], tokenizer: Any, rows: list[Any], single: Any, engine: Any
+) -> dict[str, Any]:
+    """Ours while the server runs: the level rows already measured, single stream, TTFT, and
+    the bytes of the LM head's int8 screen where a one-row step reads that instead (None: not)."""
+    from novelcrafter.inference.engine import SHORTLIST_MAX_K
+
+    from bench.inference import SAMPLING
+
+    screen = engine._screen if 0 < SAMPLING["top_k"] <= SHORTLIST_MAX_K else None
+    screen_bytes = (
+        sum(t.numel() * t.element_size() for t in (screen.q, screen.scale, screen.bound)) if screen else None
+    )
     prompts = ttft_prompts(tokenizer)
     log(f"ours: time to first token, {TTFT_REPEATS} prompts of {TTFT_PROMPT_TOKENS} tokens")
     ttft, counts = ours_ttft(stub, books[0], prompts)
@@ -757,6 +783,7 @@ def measure_ours(stub: Any, books: list[str], tokenizer: Any, rows: list[Any], s
         "ttft": ttft,
         "ttft_prompt_tokens": counts,
         "ttft_prompts": prompts,
+        "lm_head_screen_bytes": screen_bytes,
     }
 
 
@@ -982,7 +1009,7 @@ def run_shape(args: Any, levels: list[int]) -> int:
                 rows.append(row)
             from novelcrafter.models import load_tokenizer
 
-            measured = measure_ours(stub, [book], load_tokenizer(model_dir), rows, rows[0])
+            measured = measure_ours(stub, [book], load_tokenizer(model_dir), rows, rows[0], server.engine)
             measured["paired"] = paired_or_none(
                 ours, model_dir, [adapter], dtype=dtype, tokens=args.tokens, threads=torch.get_num_threads(),
                 ban_ids=ban, rounds=args.paired_rounds,

@@ -69,10 +69,15 @@ def test_measured_bandwidth_has_copy_and_read():
 
 
 def _report(
-    llamacpp: dict | None, vllm: dict | None, errors: dict | None = None, paired: dict | None = None
+    llamacpp: dict | None,
+    vllm: dict | None,
+    errors: dict | None = None,
+    paired: dict | None = None,
+    screen: int | None = None,
 ) -> dict:
     ours = {
         "paired": paired,
+        "lm_head_screen_bytes": screen,
         "single": 20.0,
         "levels": {1: {"aggregate": 20.0, "per_stream": 20.0}, 8: {"aggregate": 90.0, "per_stream": 11.0}},
         "ttft": 0.2,
@@ -114,6 +119,21 @@ def test_report_with_every_peer_has_the_figures_and_ratios():
     text = "\n".join(ip.format_report(report))
     assert "ours / llama.cpp, one stream: 1.25x" in text and "ours / vLLM at concurrency 8: 3.00x" in text
     assert "error:" not in text
+    assert "int8 screen" not in text  # no screen: ours reads what the table says
+
+
+def test_with_the_lm_head_screen_ours_fraction_is_of_the_bytes_it_reads_and_the_report_says_so():
+    screen = 49152 * 576 + 49152 * 8  # int8 copy + fp32 scale and bound per row
+    report = _report(
+        {"lora": 16.0, "nolora": 18.0, "ttft": 0.4, "precision": "bf16 GGUF"}, None, screen=screen
+    )
+    weights = report["weight_bytes_per_step"]
+    assert report["ours_bytes_per_step"] == weights["projections"] + screen < weights["total"]
+    frac = report["bandwidth_fraction_single"]
+    assert frac["ours"] == pytest.approx((weights["projections"] + screen) * 20.0 / 27e9)
+    assert frac["llamacpp"] == pytest.approx(weights["total"] * 16.0 / 27e9)  # peers read all of it
+    text = "\n".join(ip.format_report(report))
+    assert f"ours reads {(weights['projections'] + screen) / 1e6:.1f} MB per one-stream step" in text
 
 
 def test_a_paired_run_gives_the_one_stream_ratio_and_the_unpaired_stays_beside_it():
