@@ -6,7 +6,9 @@ For the real base model and a rank-8 LoRA on q/v (as the trainer's default), pri
 configuration (torch path or our CPU kernels; fp32 or bf16 weights) and batch size the best and
 median step time, tokens/s, the weight bytes a step reads (every projection and the LM head in
 the serving dtype: the floor a decode step cannot go below) and the fraction of this machine's
-read bandwidth that achieves (measured here: ``torch.sum`` over 512 MiB). With ``--profile`` it
+read bandwidth that achieves (measured here: ``torch.sum`` over 512 MiB). A "+top-50" row is
+the same step when the sampler reads only its top 50 logits (the LM head through its int8
+screen; the bytes counted are those it reads, less the few exact rows). With ``--profile`` it
 adds torch's operator table for the torch path, which is what showed where the time went.
 """
 
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="torch's operator table (torch path)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from novelcrafter.inference.engine import Engine, random_lora
+    from novelcrafter.inference.cpu_kernels import Shortlist
+    from novelcrafter.inference.engine import SHORTLIST_MAX_ROWS, Engine, random_lora
 
     from novelcrafter.logs import configure_logging
     from novelcrafter.models import load_base_model, provision_base_model
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if engine.rowgemm is not None:
             print(f"  (kernels: the {engine.rowgemm.isa} bf16 loop)")
         for batch in [int(b) for b in args.batches.split(",")]:
-            caches = [engine.new_cache(args.context + args.steps + 8) for _ in range(batch)]
+            caches = [engine.new_cache(args.context + 2 * args.steps + 8) for _ in range(batch)]
             for cache in caches:
                 engine.prefill(list(range(100, 100 + args.context)), cache, lora)
             tokens, adapters = [5] * batch, [lora] * batch
@@ -90,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{best * 1e3:7.1f} {median * 1e3:7.1f} | "
                 f"{batch / median:7.1f} | {nbytes / 1e6:6.0f} MB  {nbytes / median / bandwidth:4.0%}"
             )
+            if engine._screen is not None and batch <= SHORTLIST_MAX_ROWS:  # what a top-k sampler gets
+                top = [Shortlist(50)] * batch
+                times = [_timed(engine.decode, tokens, caches, adapters, top) for _ in range(args.steps)]
+                best, median = min(times), statistics.median(times)
+                screened = nbytes - engine.lm_head.weight.numel() * engine.lm_head.weight.element_size()
+                screened += sum(t.numel() * t.element_size() for t in vars(engine._screen).values())
+                print(
+                    f"{'+top-50':>8} {str(dtype).replace('torch.', ''):>7} {batch:>5} | "
+                    f"{best * 1e3:7.1f} {median * 1e3:7.1f} | "
+                    f"{batch / median:7.1f} | {screened / 1e6:6.0f} MB  {screened / median / bandwidth:4.0%}"
+                )
             if args.profile and path == "torch" and batch == 1:
                 from torch.profiler import profile
 

@@ -122,6 +122,9 @@ def test_run_interrupted_stops_services_and_cancels(tmp_path: Path) -> None:
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # A suite started in the background (`make test &`) inherits SIGINT ignored, and so
+            # would the child: Ctrl-C is what this test sends, so give it the default back.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 480
