@@ -770,10 +770,8 @@ def measure_ours(
 
     from bench.inference import SAMPLING
 
-    screen = engine._screen if 0 < SAMPLING["top_k"] <= SHORTLIST_MAX_K else None
-    screen_bytes = (
-        sum(t.numel() * t.element_size() for t in (screen.q, screen.scale, screen.bound)) if screen else None
-    )
+    screen = engine.lm_head_screen if 0 < SAMPLING["top_k"] <= SHORTLIST_MAX_K else None
+    screen_bytes = screen.nbytes if screen is not None else None
     prompts = ttft_prompts(tokenizer)
     log(f"ours: time to first token, {TTFT_REPEATS} prompts of {TTFT_PROMPT_TOKENS} tokens")
     ttft, counts = ours_ttft(stub, books[0], prompts)

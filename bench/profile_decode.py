@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{best * 1e3:7.1f} {median * 1e3:7.1f} | "
                 f"{batch / median:7.1f} | {nbytes / 1e6:6.0f} MB  {nbytes / median / bandwidth:4.0%}"
             )
-            if engine._screen is not None and batch <= SHORTLIST_MAX_ROWS:  # what a top-k sampler gets
+            if engine.lm_head_screen is not None and batch <= SHORTLIST_MAX_ROWS:  # what a top-k sampler gets
                 top = [Shortlist(50)] * batch
                 times = [_timed(engine.decode, tokens, caches, adapters, top) for _ in range(args.steps)]
                 best, median = min(times), statistics.median(times)
                 screened = nbytes - engine.lm_head.weight.numel() * engine.lm_head.weight.element_size()
-                screened += sum(t.numel() * t.element_size() for t in vars(engine._screen).values())
+                screened += engine.lm_head_screen.nbytes
                 print(
                     f"{'+top-50':>8} {str(dtype).replace('torch.', ''):>7} {batch:>5} | "
                     f"{best * 1e3:7.1f} {median * 1e3:7.1f} | "

@@ -147,11 +147,7 @@ class RowGemm:
         if logits.dtype != torch.float32 or logits.dim() != 1 or not logits.is_contiguous():
             raise ValueError(f"sample: logits must be one contiguous fp32 row, got {tuple(logits.shape)}")
         vocab = logits.shape[0]
-        count = 0 if seen is None else seen.numel()
-        if seen is not None and (seen.dtype != torch.int64 or not seen.is_contiguous() or seen.dim() != 1):
-            raise ValueError("sample: seen must be a contiguous int64 vector")
-        if count and not 0 <= int(seen.min()) <= int(seen.max()) < vocab:  # type: ignore[union-attr]
-            raise ValueError("sample: a seen id is outside the vocabulary")
+        count = 0 if seen is None else _checked_ids(seen, vocab, "sample: seen").numel()
         return int(
             self._lib.nc_sample(
                 logits.data_ptr(),
@@ -212,13 +208,10 @@ class RowGemm:
             raise ValueError("lm_head_shortlist: inputs do not fit")
         always = []
         for row in rows:
+            if not 1 <= row.k < vocab // 2:
+                raise ValueError(f"lm_head_shortlist: k {row.k} is out of range")
             ids = row.always if row.always is not None else torch.empty(0, dtype=torch.int64)
-            if ids.dtype != torch.int64 or ids.dim() != 1 or not ids.is_contiguous():
-                raise ValueError("lm_head_shortlist: always ids must be a contiguous int64 vector")
-            inside = not ids.numel() or 0 <= int(ids.min()) <= int(ids.max()) < vocab
-            if not 1 <= row.k < vocab // 2 or not inside:
-                raise ValueError(f"lm_head_shortlist: k {row.k} or an always id is out of range")
-            always.append(ids)
+            always.append(_checked_ids(ids, vocab, "lm_head_shortlist: always"))
         counts = [a.numel() for a in always]
         table = torch.tensor([[r.k for r in rows], [a.data_ptr() for a in always], counts], dtype=torch.int64)
         if self._scratch.numel() < batch * width:
@@ -380,6 +373,16 @@ class RowGemm:
         )
 
 
+def _checked_ids(ids: torch.Tensor, vocab: int, what: str) -> torch.Tensor:
+    """``ids`` if it is a contiguous int64 vector of ids below ``vocab`` (the C code indexes a
+    logits row with them), else ValueError."""
+    if ids.dtype != torch.int64 or ids.dim() != 1 or not ids.is_contiguous():
+        raise ValueError(f"{what} ids must be a contiguous int64 vector")
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise ValueError(f"{what}: an id is out of range, outside the vocabulary of {vocab}")
+    return ids
+
+
 @dataclass(frozen=True)
 class Shortlist:
     """What a row's sampler reads of its logits: its ``k`` best and those of ``always`` (int64
@@ -398,6 +401,11 @@ class LmHeadScreen:
     q: torch.Tensor
     scale: torch.Tensor
     bound: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """What a screened step reads of it (all of it)."""
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.bound))
 
     @classmethod
     def build(cls, weight: torch.Tensor, chunk: int = 4096) -> LmHeadScreen:

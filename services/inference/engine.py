@@ -128,7 +128,7 @@ class Engine:
         self.fused = self._pack_weights()
         # The LM head's int8 screen: a row whose sampler reads only its top-k logits gets those
         # (exact) from ~half the bytes (cpu_kernels.LmHeadScreen, Engine.decode's shortlists).
-        self._screen = (
+        self.lm_head_screen = (
             cpu_kernels.LmHeadScreen.build(self.lm_head.weight)
             if self.rowgemm is not None and getattr(self.lm_head, "bias", None) is None
             else None
@@ -430,10 +430,10 @@ class Engine:
         kern = self.rowgemm
         assert kern is not None
         normed = kern.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon)
-        if self._screen is not None and shortlists is not None and h.shape[0] <= SHORTLIST_MAX_ROWS:
+        if self.lm_head_screen is not None and shortlists is not None and h.shape[0] <= SHORTLIST_MAX_ROWS:
             rows = [s for s in shortlists if s is not None and self._screened(s)]
             if len(rows) == h.shape[0]:
-                return kern.lm_head_shortlist(normed, self._screen, self.lm_head.weight, rows)
+                return kern.lm_head_shortlist(normed, self.lm_head_screen, self.lm_head.weight, rows)
         return kern(normed, self.lm_head.weight)
 
     def _screened(self, shortlist: Shortlist) -> bool:

@@ -394,6 +394,26 @@ void gemm(int kind, const float* x, long M, long K, const void* w, long N, float
     else rowgemm<F32>(x, M, K, w, N, out, threads);
 }
 
+// The k best of v[0, V) (k < V), best first, ties to the lower index, in one pass: the
+// running k-th is a floor most blocks of 8 do not clear (one compare for the block).
+void top_k_ids(const float* v, long V, long k, std::vector<long>& order) {
+    auto better = [&](long a, long b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
+    order.clear();
+    order.reserve(k + 1);
+    auto offer = [&](long i) {  // ids rise, so a later equal value is never better
+        if (static_cast<long>(order.size()) == k && !(v[i] > v[order.back()])) return;
+        order.insert(std::upper_bound(order.begin(), order.end(), i, better), i);
+        if (static_cast<long>(order.size()) > k) order.pop_back();
+    };
+    long i = 0;
+    for (; i < k; ++i) offer(i);
+    for (; i + 8 <= V; i += 8) {
+        const __m256 bar = _mm256_set1_ps(v[order.back()]);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), bar, _CMP_GT_OQ)) == 0) continue;
+        for (long j = i; j < i + 8; ++j) offer(j);
+    }
+    for (; i < V; ++i) offer(i);
+}
 
 // --- The LM head, shortlisted -----------------------------------------------------------------
 // A sampler with top-k reads only the k best logits (and those it changes itself, the
@@ -734,25 +754,12 @@ long nc_sample(float* logits, long V, const int64_t* seen, long nseen, float pen
     const bool by_rank = (top_k > 0 && top_k < V) || top_p < 1.0;
     const long k = top_k > 0 && top_k < V ? top_k : V;
     std::vector<long> order;
-    auto better = [&](long a, long b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-    if (k < V) {  // the k best, kept sorted; ids rise, so a later equal logit is never better
-        order.reserve(k + 1);
-        auto offer = [&](long i) {
-            if (static_cast<long>(order.size()) == k && !(logits[i] > logits[order.back()])) return;
-            order.insert(std::upper_bound(order.begin(), order.end(), i, better), i);
-            if (static_cast<long>(order.size()) > k) order.pop_back();
-        };
-        long i = 0;
-        for (; i < k && i < V; ++i) offer(i);
-        for (; i + 8 <= V; i += 8) {  // most blocks of 8 hold nothing above the k-th: one compare
-            const __m256 bar = _mm256_set1_ps(logits[order.back()]);
-            if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(logits + i), bar, _CMP_GT_OQ)) == 0) continue;
-            for (long j = i; j < i + 8; ++j) offer(j);
-        }
-        for (; i < V; ++i) offer(i);
+    if (k < V) {
+        top_k_ids(logits, V, k, order);
     } else {
         order.resize(V);
         for (long i = 0; i < V; ++i) order[i] = i;
+        auto better = [&](long a, long b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
         if (by_rank) std::sort(order.begin(), order.end(), better);
     }
     float top = logits[order[0]];
@@ -791,7 +798,7 @@ void nc_lm_head_shortlist(const float* x, long B, long K, const int8_t* q, const
     if (kind == BF16) reorder_for_isa(x, B, K, scratch);
     std::vector<uint8_t> keep(V);
     std::vector<long> ids;
-    std::vector<float> best;
+    std::vector<float> lower(V);
     for (long b = 0; b < B; ++b) {
         float* row = out + b * V;
         const float* xb = x + b * K;
@@ -802,32 +809,15 @@ void nc_lm_head_shortlist(const float* x, long B, long K, const int8_t* q, const
         std::fill(keep.begin(), keep.end(), 0);
         const auto* always_b = reinterpret_cast<const int64_t*>(always[b]);
         for (long i = 0; i < always_n[b]; ++i) keep[always_b[i]] = 1;
-        // The k-th best lower bound over the other ids (a lower bound of the k-th best logit):
-        // a min-ordered k-array; most blocks of 8 hold nothing above its floor.
-        const long kb = k[b];
-        best.assign(kb, -INFINITY);
-        auto offer = [&](float lower) {
-            if (!(lower > best[0])) return;
-            long j = 0;  // best is ascending: shift the smaller ones down, insert
-            while (j + 1 < kb && best[j + 1] < lower) {
-                best[j] = best[j + 1];
-                ++j;
-            }
-            best[j] = lower;
-        };
+        // The k-th best lower bound over the other ids: a lower bound of the k-th best logit.
         const __m256 vnx = _mm256_set1_ps(nx);
-        long i = 0;
-        for (; i + 8 <= V; i += 8) {
-            const __m256 lower = _mm256_fnmadd_ps(vnx, _mm256_loadu_ps(bound + i), _mm256_loadu_ps(row + i));
-            if (_mm256_movemask_ps(_mm256_cmp_ps(lower, _mm256_set1_ps(best[0]), _CMP_GT_OQ)) == 0) continue;
-            float l8[8];
-            _mm256_storeu_ps(l8, lower);
-            for (int j = 0; j < 8; ++j)
-                if (!keep[i + j]) offer(l8[j]);
-        }
-        for (; i < V; ++i)
-            if (!keep[i]) offer(row[i] - nx * bound[i]);
-        const float floor = best[0];
+        for (long i = 0; i + 8 <= V; i += 8)
+            _mm256_storeu_ps(lower.data() + i,
+                             _mm256_fnmadd_ps(vnx, _mm256_loadu_ps(bound + i), _mm256_loadu_ps(row + i)));
+        for (long i = V / 8 * 8; i < V; ++i) lower[i] = row[i] - nx * bound[i];
+        for (long i = 0; i < always_n[b]; ++i) lower[always_b[i]] = -INFINITY;
+        top_k_ids(lower.data(), V, k[b], ids);
+        const float floor = lower[ids.back()];
         ids.clear();
         const __m256 vfloor = _mm256_set1_ps(floor), minus_inf = _mm256_set1_ps(-INFINITY);
         long n = 0;
