@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 BOOK   ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast run lint proto images bench clean help
+.PHONY: setup test test-fast run lint proto images images-cpu base-image bench clean help
 
 help:
 	@echo "make setup   create .venv, install pinned dependencies and provision the base model"
@@ -16,7 +16,8 @@ help:
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make lint    ruff, and hadolint on the Dockerfiles"
 	@echo "make proto   regenerate gRPC stubs from proto/"
-	@echo "make images  build the container images (needs Docker)"
+	@echo "make images  build the container images (needs Docker; images-cpu: all but the CUDA trainer)"
+	@echo "make base-image  build the Python 3.11 base from Debian packages (images does it when it cannot pull one)"
 	@echo "make bench   run the benchmarks in bench/"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -51,12 +52,13 @@ proto: $(STAMP)
 	$(PY) -m novelcrafter.protogen
 
 images:
-	@command -v docker >/dev/null 2>&1 || { echo "error: docker not found: make images needs a Docker engine"; exit 1; }
-	docker build -f services/ingest/Dockerfile -t novelcrafter/ingest:latest .
-	docker build -f services/trainer/Dockerfile.cpu -t novelcrafter/trainer:latest .
-	docker build -f services/trainer/Dockerfile.gpu -t novelcrafter/trainer-gpu:latest .
-	docker build -f services/inference/Dockerfile -t novelcrafter/inference:latest .
-	docker build -f services/console/Dockerfile -t novelcrafter/console:latest .
+	deploy/build-images.sh
+
+images-cpu:
+	deploy/build-images.sh ingest trainer inference console
+
+base-image:
+	deploy/base-image.sh
 
 bench: $(STAMP)
 	$(PY) -m bench.ingest

@@ -145,6 +145,37 @@ def version() -> None:
     print(__version__)
 
 
+# The modules of pyproject's optional dependency sets, by the extra that brings them: an image
+# or install without one (ingest's image has no torch) names the extra instead of a traceback.
+EXTRA_OF_MODULE = {
+    "pdfminer": "ingest",
+    "nltk": "ingest",
+    "jinja2": "console",
+    "markdown_it": "console",
+    "starlette": "console",
+    "uvicorn": "console",
+    "torch": "model",
+    "transformers": "model",
+    "peft": "model",
+    "safetensors": "model",
+    "accelerate": "model",
+    "gguf": "model",
+    "huggingface_hub": "model",
+    "matplotlib": "all",
+    "fpdf": "all",
+    "pyphen": "all",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """What to install for a module that an optional dependency set would have brought."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return f"this command needs {module}, which this installation lacks: pip install 'novelcrafter[{extra}]'"
+
+
 def _load_commands() -> None:
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(app, serve_app)
@@ -164,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(exc.message)
     except grpc.RpcError as exc:
         fail(from_rpc_error(exc).message)
+    except ModuleNotFoundError as exc:
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        fail(message)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -232,6 +232,7 @@ def provision_base_model(name: str | None = None, settings: Settings | None = No
                     "uploaded with `novelcrafter model upload`, or a local directory"
                 )
             (tmp / COMPLETE_MARK).write_text(json.dumps({"name": name, "time": time.time()}))
+            _make_readable(tmp)
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
@@ -239,6 +240,32 @@ def provision_base_model(name: str | None = None, settings: Settings | None = No
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a provisioned model the modes of any installed file (directories 0755, files 0644):
+    mkdtemp makes its folder 0700 and some writers make files 0600, while a model is read by
+    other users too (a container's service user, other workers sharing the cache)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def check_readable(model_dir: Path) -> None:
+    """A clear error, before transformers' misleading one ("No such file" for a file that
+    exists), when this process cannot read the model directory or a file in it."""
+    try:
+        files = [path for path in model_dir.rglob("*") if path.is_file()]
+        for path in files:
+            with path.open("rb"):
+                pass
+    except PermissionError as exc:
+        raise FailedPrecondition(
+            f"cannot read the base model: {exc.filename}: permission denied for user {os.getuid()} "
+            "(the model directory and its files must be readable by the service's user)"
+        ) from None
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read the base model in {model_dir}: {exc}") from None
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -264,6 +291,7 @@ def cpu_supports_bf16() -> bool:
 def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
+    check_readable(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -275,6 +303,7 @@ def load_base_model(model_dir: Path, device: str = "cpu", dtype: Any = None) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_readable(model_dir)
     dtype = dtype or torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.to(device)

@@ -40,6 +40,16 @@ DOCKERFILES = {
     "console": ROOT / "services" / "console" / "Dockerfile",
 }
 
+BUILD_SCRIPT = ROOT / "deploy" / "build-images.sh"
+
+
+def built_images(tag: str = "latest") -> dict[str, str]:
+    """What `make images` builds (the table in deploy/build-images.sh): {image:tag: Dockerfile}."""
+    table = BUILD_SCRIPT.read_text().split('IMAGES="', 1)[1].split('"', 1)[0]
+    rows = [line.split() for line in table.splitlines() if line.strip()]
+    return {f"{image}:{tag}": dockerfile for _, dockerfile, image in rows}
+
+
 # --- compose interpolation ------------------------------------------------------------------
 
 _VAR = re.compile(r"\$(?:(\$)|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")

@@ -4,7 +4,9 @@ row's result bitwise independent of the other rows (what seeded generations rely
 
 from __future__ import annotations
 
+import logging
 import math
+import subprocess
 
 import pytest
 import torch
@@ -180,6 +182,38 @@ def test_no_compiler_means_no_kernel_and_a_clear_log_not_a_crash(tmp_path, monke
     monkeypatch.setenv("CXX", "g++")
     monkeypatch.setattr(cpu_kernels, "PREBUILT", tmp_path / "missing.so")
     assert cpu_kernels._open(tmp_path / "home") is None
+
+
+def test_a_prebuilt_kernel_is_loaded_first_and_nothing_is_compiled(tmp_path, monkeypatch, caplog) -> None:
+    """A container image ships rowgemm.so and no compiler: it must load that library, say so,
+    and neither warn about the missing compiler nor compile a second copy where one exists."""
+    prebuilt = tmp_path / "rowgemm.so"
+    assert cpu_kernels._compile(cpu_kernels._compiler(), prebuilt)
+    monkeypatch.setattr(cpu_kernels, "PREBUILT", prebuilt)
+    home = tmp_path / "home"
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.log.name):
+        assert cpu_kernels._open(home) is not None  # a compiler is on PATH here: it is not used
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # and as in the image, with none
+        monkeypatch.setenv("CXX", "g++")
+        assert cpu_kernels._open(home) is not None
+    assert not (home / "kernels").exists(), "compiled although a prebuilt library was there"
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count("CPU kernels on (prebuilt)") == 2, messages
+    assert not [m for m in messages if "compiler" in m or "building" in m], messages
+
+
+def test_a_prebuilt_kernel_of_another_abi_is_ignored_and_rebuilt(tmp_path, monkeypatch, caplog) -> None:
+    stale = tmp_path / "rowgemm.so"
+    source = tmp_path / "stale.cpp"
+    source.write_text('extern "C" int nc_rowgemm_abi() { return -1; }\n')
+    subprocess.run(["g++", "-shared", "-fPIC", "-o", str(stale), str(source)], check=True)
+    monkeypatch.setattr(cpu_kernels, "PREBUILT", stale)
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.log.name):
+        assert cpu_kernels._open(tmp_path / "home") is not None
+    messages = [record.getMessage() for record in caplog.records]
+    assert "CPU kernel of another version ignored" in messages
+    assert "CPU kernels on (built on this machine)" in messages
+    assert list((tmp_path / "home" / "kernels").glob("rowgemm-*.so"))
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from support import NOVELCRAFTER, base_env, free_port
 
+from novelcrafter.config import get_settings
 from novelcrafter.errors import InvalidArgument
 from novelcrafter.models import COMPLETE_MARK, provision_base_model
 
@@ -52,3 +58,66 @@ def test_unknown_model_name_is_a_clear_error() -> None:
         provision_base_model("no-such-model")
     with pytest.raises(InvalidArgument, match="does not exist"):
         provision_base_model("./no/such/dir")
+
+
+def test_a_provisioned_model_is_readable_by_every_user(tmp_path: Path) -> None:
+    """Images provision as root and serve as uid 10001: the directory mkdtemp made (0700) and
+    the weights safetensors wrote (0600) must come out with the modes of installed files."""
+    settings = get_settings(home=str(tmp_path))
+    model_dir = provision_base_model("smollm2-135m-instruct", settings)
+    assert model_dir.stat().st_mode & 0o777 == 0o755
+    modes = {path.name: path.stat().st_mode & 0o777 for path in model_dir.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_model_the_service_user_cannot_read_is_one_clear_error_line(base_model_dir: Path) -> None:
+    """As the symptom was seen in the image: the model root-owned, 0600 in a 0700 folder, the
+    service started as another user; one `error:` line naming the file, not a traceback."""
+    with tempfile.TemporaryDirectory() as tmp:  # pytest's tmp_path is root's own (0700)
+        _serve_an_unreadable_model(base_model_dir, Path(tmp))
+
+
+def _serve_an_unreadable_model(base_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_model_dir / name, model / name)
+    (model / "model.safetensors").write_bytes(b"\0" * 8)
+    (model / "model.safetensors").chmod(0o600)
+    tmp_path.chmod(0o755)
+    model.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o777)
+    env = {**base_env(), "NOVELCRAFTER_HOME": str(home), "HOME": str(home)}
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            NOVELCRAFTER,
+            "serve",
+            "inference",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--http-listen",
+            f"127.0.0.1:{free_port()}",
+            "--store",
+            str(home / "store"),
+            "--base-model",
+            str(model),
+        ],
+        env={**env, "NOVELCRAFTER_METRICS_LISTEN": f"127.0.0.1:{free_port()}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=home,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: cannot read the base model: {model / 'model.safetensors'}: permission denied for user "
+        "65534 (the model directory and its files must be readable by the service's user)"
+    ], result.stderr
+    assert "Traceback" not in result.stderr

@@ -533,19 +533,35 @@ def _library(home: str | Path | None) -> ctypes.CDLL | None:
 
 
 def _open(home: str | Path | None) -> ctypes.CDLL | None:
+    """The prebuilt library where there is one (a container image's), else this machine's own
+    build (compiled once); each start logs which one runs, or why none does."""
     if not supported_cpu():
         log.info("CPU kernels off: needs an x86-64 CPU with AVX2, FMA and F16C")
         return None
-    for path in (PREBUILT, _build(home)):
-        if path is None or not path.exists():
-            continue
-        try:
-            library = ctypes.CDLL(str(path))
-            if library.nc_rowgemm_abi() == ABI:
-                return library
-        except (OSError, AttributeError) as exc:
-            log.warning("CPU kernel not loadable", extra={"fields": {"path": str(path), "error": str(exc)}})
-    return None
+    if PREBUILT.exists():
+        library = _checked(PREBUILT)
+        if library is not None:
+            return library
+    built = _build(home)
+    return _checked(built) if built is not None else None
+
+
+def _checked(path: Path) -> ctypes.CDLL | None:
+    """Open ``path`` if it is a kernel library of this ABI, and say so."""
+    try:
+        library = ctypes.CDLL(str(path))
+        abi = library.nc_rowgemm_abi()
+    except (OSError, AttributeError) as exc:
+        log.warning("CPU kernel not loadable", extra={"fields": {"path": str(path), "error": str(exc)}})
+        return None
+    if abi != ABI:
+        log.warning(
+            "CPU kernel of another version ignored", extra={"fields": {"path": str(path), "abi": abi}}
+        )
+        return None
+    source = "prebuilt" if path == PREBUILT else "built on this machine"
+    log.info(f"CPU kernels on ({source})", extra={"fields": {"path": str(path)}})
+    return library
 
 
 def _compiler() -> str | None:
@@ -555,7 +571,11 @@ def _compiler() -> str | None:
 def _build(home: str | Path | None) -> Path | None:
     compiler = _compiler()
     if compiler is None:
-        log.warning("CPU kernels off: no C++ compiler (g++) to build them; decode uses torch matmuls")
+        log.warning(
+            "CPU kernels off: no prebuilt library and no C++ compiler (g++) to build one; "
+            "decode uses torch matmuls",
+            extra={"fields": {"prebuilt": str(PREBUILT)}},
+        )
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, version)).encode()).hexdigest()[:16]
