@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,53 +70,39 @@ def test_a_provisioned_model_is_readable_by_every_user(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
-def test_a_model_the_service_user_cannot_read_is_one_clear_error_line(base_model_dir: Path) -> None:
-    """As the symptom was seen in the image: the model root-owned, 0600 in a 0700 folder, the
-    service started as another user; one `error:` line naming the file, not a traceback."""
-    with tempfile.TemporaryDirectory() as tmp:  # pytest's tmp_path is root's own (0700)
-        _serve_an_unreadable_model(base_model_dir, Path(tmp))
-
-
-def _serve_an_unreadable_model(base_model_dir: Path, tmp_path: Path) -> None:
+def test_a_model_the_service_cannot_read_is_one_clear_error_line(
+    base_model_dir: Path, tmp_path: Path
+) -> None:
+    """As the symptom was seen in the image: the weights 0600 and another user's; the service
+    started as a user who may not read them (root here, with the capabilities that bypass file
+    permissions dropped: no other user can be assumed to reach the venv); one `error:` line
+    naming the file, not a traceback."""
     model = tmp_path / "model"
     model.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(base_model_dir / name, model / name)
-    (model / "model.safetensors").write_bytes(b"\0" * 8)
-    (model / "model.safetensors").chmod(0o600)
-    tmp_path.chmod(0o755)
-    model.chmod(0o755)
-    home = tmp_path / "home"
-    home.mkdir(mode=0o777)
-    env = {**base_env(), "NOVELCRAFTER_HOME": str(home), "HOME": str(home)}
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"\0" * 8)
+    weights.chmod(0o600)
+    os.chown(weights, 65534, 65534)
+    env = {**base_env(), "NOVELCRAFTER_HOME": str(tmp_path / "home")}
+    ports = {name: f"127.0.0.1:{free_port()}" for name in ("grpc", "http", "metrics")}
     result = subprocess.run(
         [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            NOVELCRAFTER,
-            "serve",
-            "inference",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--http-listen",
-            f"127.0.0.1:{free_port()}",
-            "--store",
-            str(home / "store"),
-            "--base-model",
-            str(model),
+            *("setpriv", "--bounding-set", "-dac_override,-dac_read_search"),
+            *(NOVELCRAFTER, "serve", "inference", "--listen", ports["grpc"], "--http-listen", ports["http"]),
+            *("--store", str(tmp_path / "store"), "--base-model", str(model)),
         ],
-        env={**env, "NOVELCRAFTER_METRICS_LISTEN": f"127.0.0.1:{free_port()}"},
+        env={**env, "NOVELCRAFTER_METRICS_LISTEN": ports["metrics"]},
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=home,
+        cwd=tmp_path,
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        f"error: cannot read the base model: {model / 'model.safetensors'}: permission denied for user "
-        "65534 (the model directory and its files must be readable by the service's user)"
+        f"error: cannot read the base model: {weights}: permission denied for user 0 "
+        "(the model directory and its files must be readable by the service's user)"
     ], result.stderr
     assert "Traceback" not in result.stderr
