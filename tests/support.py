@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -128,3 +130,12 @@ def run_cli(
         input=input,
         cwd=cwd or ROOT,
     )
+
+
+def readme_block(marker: str) -> list[list[str]]:
+    """The commands of the first ```bash block after ``marker`` in README.md, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    assert marker in text, f"no {marker!r} in README.md"
+    block = re.search(r"```bash\n(.*?)```", text.split(marker, 1)[1], re.S)
+    assert block, f"no bash block after {marker!r}"
+    return [shlex.split(line, comments=True) for line in block.group(1).splitlines() if line.strip()]

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
-import shlex
 import shutil
 import subprocess
 import time
@@ -31,7 +29,7 @@ import grpc
 import pytest
 import requests
 from console_support import login
-from support import ROOT, base_env, run_cli
+from support import ROOT, base_env, readme_block, run_cli
 from test_deploy_compose_processes import book_pdf
 
 from novelcrafter.config import Settings
@@ -69,11 +67,8 @@ def run(*argv: str, timeout: float = 600, check: bool = True, **kwargs) -> subpr
 
 
 def quickstart() -> list[list[str]]:
-    """The README's Docker Compose quickstart, one argv per line, comments dropped."""
-    text = (ROOT / "README.md").read_text().split("**Docker Compose quickstart**", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", text, re.S)
-    assert block, "no bash block under the Docker Compose quickstart"
-    return [shlex.split(line, comments=True) for line in block.group(1).splitlines() if line.strip()]
+    """The README's Docker Compose quickstart, one argv per line."""
+    return readme_block("**Docker Compose quickstart**")
 
 
 def test_the_quickstart_is_the_path_this_test_takes() -> None:
@@ -313,7 +308,8 @@ def test_compose_ingests_trains_survives_a_killed_trainer_and_serves(stack: Stac
         )
     assert done.state == jobs_pb2.PART_STATE_SUCCEEDED, done.error
     assert done.worker_id != holding.worker_id and done.step == done.total_steps
-    survivor_log = run("docker", "logs", survivor).stdout + run("docker", "logs", survivor).stderr
+    logs = run("docker", "logs", survivor)
+    survivor_log = logs.stdout + logs.stderr
     resumed = [json.loads(line) for line in survivor_log.splitlines() if "resumed from checkpoint" in line]
     assert resumed, survivor_log[-3000:]
     assert resumed[-1]["job"] == job_id and resumed[-1]["step"] >= 2, resumed

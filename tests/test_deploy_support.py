@@ -43,11 +43,11 @@ DOCKERFILES = {
 BUILD_SCRIPT = ROOT / "deploy" / "build-images.sh"
 
 
-def built_images(tag: str = "latest") -> dict[str, str]:
-    """What `make images` builds (the table in deploy/build-images.sh): {image:tag: Dockerfile}."""
+def built_images() -> dict[str, str]:
+    """What `make images` builds (the table in deploy/build-images.sh): {image:latest: Dockerfile}."""
     table = BUILD_SCRIPT.read_text().split('IMAGES="', 1)[1].split('"', 1)[0]
     rows = [line.split() for line in table.splitlines() if line.strip()]
-    return {f"{image}:{tag}": dockerfile for _, dockerfile, image in rows}
+    return {f"{image}:latest": dockerfile for _, dockerfile, image in rows}
 
 
 # --- compose interpolation ------------------------------------------------------------------

@@ -12,15 +12,13 @@ test writes, `BOOK_ID` is the id `ingest --json` printed, and the default ports 
 from __future__ import annotations
 
 import json
-import re
-import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from fault_support import book_pdf
-from support import NOVELCRAFTER, ROOT, Proc, base_env, free_port
+from support import NOVELCRAFTER, Proc, base_env, free_port, readme_block
 
 from novelcrafter.rpc import connect, wait_for_health
 from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
@@ -28,17 +26,8 @@ from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def readme_block(heading: str) -> list[list[str]]:
-    """The commands of the first ```bash block under ``heading``, comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block, f"no bash block under '## {heading}'"
-    return [shlex.split(line, comments=True) for line in block.group(1).splitlines() if line.strip()]
-
-
 def test_the_using_the_services_block_is_what_the_cli_accepts() -> None:
-    commands = readme_block("Using the services")
+    commands = readme_block("\n## Using the services\n")
     assert [c[:2] for c in commands] == [
         ["novelcrafter", "serve"],
         ["novelcrafter", "ingest"],
@@ -49,7 +38,7 @@ def test_the_using_the_services_block_is_what_the_cli_accepts() -> None:
 
 @pytest.mark.timeout(900)
 def test_using_the_services_commands_work_as_written(tmp_path: Path) -> None:
-    serve, ingest, status, generate = readme_block("Using the services")
+    serve, ingest, status, generate = readme_block("\n## Using the services\n")
     ingest_at, inference_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = base_env(NOVELCRAFTER_COORDINATOR=ingest_at, NOVELCRAFTER_INFERENCE=inference_at)
     (tmp_path / "book.pdf").write_bytes(book_pdf(220, seed=61))  # 22 chunks: 10 parts of 2-3
