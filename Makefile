@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 BOOK   ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast run lint proto images images-cpu base-image bench clean help
+.PHONY: setup test test-fast run lint proto env images images-cpu base-image bench clean help
 
 help:
 	@echo "make setup   create .venv, install pinned dependencies and provision the base model"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make lint    ruff, and hadolint on the Dockerfiles"
 	@echo "make proto   regenerate gRPC stubs from proto/"
+	@echo "make env     write .env for docker compose with new random secrets (keeps an existing .env)"
 	@echo "make images  build the container images (needs Docker; images-cpu: all but the CUDA trainer)"
 	@echo "make base-image  build the Python 3.11 base from Debian packages (images does it when it cannot pull one)"
 	@echo "make bench   run the benchmarks in bench/"
@@ -50,6 +51,9 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) -m novelcrafter.protogen
+
+env:
+	deploy/make-env.sh
 
 images:
 	deploy/build-images.sh

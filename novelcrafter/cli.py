@@ -61,6 +61,7 @@ def setting_option(
 StoreOpt = Annotated[str | None, setting_option(Settings, "store")]
 BaseModelOpt = Annotated[str | None, setting_option(Settings, "base_model")]
 CoordinatorOpt = Annotated[str | None, setting_option(Settings, "coordinator")]
+AllowUnauthenticatedOpt = Annotated[bool | None, setting_option(Settings, "allow_unauthenticated")]
 
 
 @model_app.command("provision")

@@ -23,13 +23,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from novelcrafter.errors import InvalidArgument
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-DEFAULT_INGEST_LISTEN = "0.0.0.0:50051"
-DEFAULT_INFERENCE_LISTEN = "0.0.0.0:50052"
-DEFAULT_HTTP_LISTEN = "0.0.0.0:8000"  # the inference service's OpenAI-compatible HTTP API
-DEFAULT_CONSOLE_LISTEN = "0.0.0.0:8080"
+# Loopback by default: listening anywhere else needs a token or --allow-unauthenticated
+# (novelcrafter/exposure.py). Containers and Kubernetes pass 0.0.0.0 explicitly, with a token.
+DEFAULT_INGEST_LISTEN = "127.0.0.1:50051"
+DEFAULT_INFERENCE_LISTEN = "127.0.0.1:50052"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8000"  # the inference service's OpenAI-compatible HTTP API
+DEFAULT_CONSOLE_LISTEN = "127.0.0.1:8080"
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DEFAULT_INFERENCE = "127.0.0.1:50052"
-DEFAULT_METRICS = {"ingest": "0.0.0.0:9101", "trainer": "0.0.0.0:9102", "inference": "0.0.0.0:9103"}
+# /metrics binds on its service's host (loopback for a trainer, which has no listener) at this port.
+DEFAULT_METRICS_PORTS = {"ingest": 9101, "trainer": 9102, "inference": 9103}
 
 S = TypeVar("S", bound="Settings")
 
@@ -43,31 +46,30 @@ def setting(default: Any = None, help: str = "", *, flag: str | None = None, **k
 
 
 def _number_or_default(default: float) -> BeforeValidator:
-    """A number from the environment; unset, empty or not a number reads as ``default``."""
+    """A number from the environment; unset or empty reads as ``default``. Anything else must be
+    a finite number in the setting's range (checked by its declaration): ``nan`` is an error."""
 
     def parse(value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return float(value) if value.strip() else default
-            except ValueError:
-                return default
+        if isinstance(value, str) and not value.strip():
+            return default
         return default if value is None else value
 
     return BeforeValidator(parse)
 
 
+def bounded(
+    lo: float | None = None, hi: float | None = None, *, above: float | None = None
+) -> dict[str, Any]:
+    """A numeric setting's range (``above``: strictly greater than), always finite."""
+    bounds: dict[str, Any] = {"allow_inf_nan": False, "le": hi}
+    if above is not None:
+        bounds["gt"] = above
+    else:
+        bounds["ge"] = lo
+    return bounds
+
+
 DEFAULT_LEASE_SECONDS = 60.0
-
-
-def _lease_seconds(value: Any) -> Any:
-    if isinstance(value, str):
-        if not value:
-            return DEFAULT_LEASE_SECONDS
-        try:
-            return float(value)
-        except ValueError:
-            raise InvalidArgument(f"NOVELCRAFTER_LEASE_SECONDS must be a number of seconds (got {value!r})")
-    return value
 
 
 class Settings(BaseSettings):
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
 
     store: str = setting("./data", "store URL: a path, `file://…`, or `s3://bucket/prefix`", flag="--store")
     store_retry_seconds: float = setting(
-        30.0, "how long a store operation is retried while the store is unreachable"
+        30.0, "how long a store operation is retried while the store is unreachable", **bounded(0, 3600)
     )
     s3_endpoint: str | None = setting(None, "S3/MinIO endpoint (HOST:PORT or a URL)")
     s3_secure: bool = setting(False, "HTTPS to the S3 endpoint")
@@ -105,8 +107,26 @@ class Settings(BaseSettings):
         "when set, every RPC and HTTP request except health needs `authorization: Bearer <token>`",
         repr=False,
     )  # never logged
+    allow_unauthenticated: bool = setting(
+        False,
+        "serve addresses beyond loopback without NOVELCRAFTER_AUTH_TOKEN (logged as a warning)",
+        flag="--allow-unauthenticated",
+    )
     metrics_listen: str | None = setting(
-        None, "Prometheus `/metrics` address (`off` disables; default: the service's own)"
+        None,
+        "Prometheus `/metrics` address (`off` disables; default: the service's host, port 9101 ingest, "
+        "9102 trainer, 9103 inference); needs the bearer token when one is set",
+    )
+    model_dirs: str | None = setting(
+        None,
+        "directories (`:`-separated) under which a job's `base_model` may name a model folder; "
+        "a job may name no other path",
+    )
+    hub_push: bool = setting(
+        False, "coordinator: accept jobs that push adapters to the Hugging Face Hub (`hub_repo_id`)"
+    )
+    hub_namespace: str | None = setting(
+        None, "coordinator: with NOVELCRAFTER_HUB_PUSH, the only Hub namespace jobs may push to"
     )
     home: Path = setting(
         help="caches (converted base models)", default_factory=lambda: Path.home() / ".cache" / "novelcrafter"
@@ -124,12 +144,14 @@ class Settings(BaseSettings):
         None, "where a trainer or inference computes: auto | cpu | cuda (default auto)", flag="--device"
     )
     max_upload_mb: Annotated[float, _number_or_default(200)] = setting(
-        200, "the largest PDF ingest and the console accept, in MB"
+        200, "the largest PDF ingest and the console accept, in MB", **bounded(above=0, hi=4096)
     )
 
     # gRPC transport
-    max_message_mb: int = setting(64, "gRPC message size limit")
-    grace_seconds: float = setting(30.0, "on SIGTERM, how long in-flight requests may finish")
+    max_message_mb: int = setting(64, "gRPC message size limit", **bounded(1, 2047))
+    grace_seconds: float = setting(
+        30.0, "on SIGTERM, how long in-flight requests may finish", **bounded(0, 3600)
+    )
     tls_cert: str | None = setting(None, "server certificate (PEM); enables TLS on the server")
     tls_key: str | None = setting(None, "server private key (PEM)")
     tls_client_ca: str | None = setting(None, "server: require client certificates signed by this CA")
@@ -143,28 +165,39 @@ class Settings(BaseSettings):
     def with_overrides(self: S, **overrides: Any) -> S:
         """A copy with the given (non-None) values: how CLI flags win over the environment."""
         updates = {k: v for k, v in overrides.items() if v is not None}
-        return self.model_copy(update=updates)
+        if not updates:
+            return self
+        # Validated like the environment: a flag out of range is the same clear error.
+        updated = type(self).model_validate({**self.model_dump(), **updates})
+        updated.__pydantic_fields_set__ = self.model_fields_set | set(updates)  # what was given
+        return updated
 
 
 class IngestSettings(Settings):
     """The ingest service and its job coordinator."""
 
-    max_concurrent_ingests: int = setting(2, "books extracted at once (each uses every core)")
-    max_pages: Annotated[float, _number_or_default(5000)] = setting(5000, "pages a PDF may have")
+    max_concurrent_ingests: int = setting(
+        2, "books extracted at once (each uses every core)", **bounded(1, 64)
+    )
+    max_pages: Annotated[float, _number_or_default(5000)] = setting(
+        5000, "pages a PDF may have", **bounded(1, 1_000_000)
+    )
     extract_memory_mb: Annotated[float, _number_or_default(512)] = setting(
-        512, "memory limit of each extraction worker, in MB"
+        512, "memory limit of each extraction worker, in MB", **bounded(64, 1 << 20)
     )
     extract_timeout: Annotated[float, _number_or_default(300.0)] = setting(
-        300.0, "seconds an extraction may take per document"
+        300.0, "seconds an extraction may take per document", **bounded(above=0, hi=86400)
     )
     extract_page_timeout: Annotated[float, _number_or_default(30.0)] = setting(
-        30.0, "seconds an extraction may take per page"
+        30.0, "seconds an extraction may take per page", **bounded(above=0, hi=86400)
     )
     extract_workers: Annotated[float, _number_or_default(0)] = setting(
-        0, "extraction worker processes (0 = all cores, at most 32)"
+        0, "extraction worker processes (0 = all cores, at most 32)", **bounded(0, 32)
     )
-    lease_seconds: Annotated[float, BeforeValidator(_lease_seconds)] = setting(
-        DEFAULT_LEASE_SECONDS, "coordinator: how long a trainer holds a part without renewing its lease"
+    lease_seconds: Annotated[float, _number_or_default(DEFAULT_LEASE_SECONDS)] = setting(
+        DEFAULT_LEASE_SECONDS,
+        "coordinator: how long a trainer holds a part without renewing its lease",
+        **bounded(above=0, hi=86400),
     )
 
 
@@ -172,7 +205,10 @@ class TrainerSettings(Settings):
     """A trainer worker (``device``: :class:`Settings`)."""
 
     poll_seconds: float = setting(
-        2.0, "trainer: wait between claims when there is no work", flag="--poll-seconds"
+        2.0,
+        "trainer: wait between claims when there is no work",
+        flag="--poll-seconds",
+        **bounded(above=0, hi=3600),
     )
 
 
@@ -185,11 +221,19 @@ class InferenceSettings(Settings):
         flag="--http-listen",
     )
     watch_interval: float = setting(
-        2.0, "inference: seconds between scans of the store for new adapters", flag="--watch-interval"
+        2.0,
+        "inference: seconds between scans of the store for new adapters",
+        flag="--watch-interval",
+        **bounded(above=0, hi=3600),
     )
-    max_adapters: int = setting(8, "inference: adapter versions held in memory (LRU)", flag="--max-adapters")
+    max_adapters: int = setting(
+        8, "inference: adapter versions held in memory (LRU)", flag="--max-adapters", **bounded(1, 1024)
+    )
     max_concurrency: int = setting(
-        8, "inference: generations running at once (batched together)", flag="--max-concurrency"
+        8,
+        "inference: generations running at once (batched together)",
+        flag="--max-concurrency",
+        **bounded(1, 1024),
     )
     max_queued: int | None = setting(
         None,
@@ -197,12 +241,23 @@ class InferenceSettings(Settings):
         "beyond them RESOURCE_EXHAUSTED / HTTP 429; `0`: refuse as soon as every slot is busy "
         "(default 4 × `--max-concurrency`)",
         flag="--max-queued",
+        **bounded(0, 1_000_000),
     )
     max_new_tokens_cap: int = setting(
-        1024, "inference: largest max_new_tokens accepted", flag="--max-new-tokens-cap"
+        1024, "inference: largest max_new_tokens accepted", flag="--max-new-tokens-cap", **bounded(1, 131072)
     )
     max_prompt_tokens: int = setting(
-        4096, "inference: longest prompt accepted, in tokens", flag="--max-prompt-tokens"
+        4096,
+        "inference: longest prompt accepted, in tokens",
+        flag="--max-prompt-tokens",
+        **bounded(1, 131072),
+    )
+    http_max_body_mb: float = setting(
+        2.0,
+        "inference: largest HTTP request body the OpenAI-compatible API accepts, in MB",
+        gt=0,
+        le=64,
+        allow_inf_nan=False,
     )
     inference_dtype: str = setting(
         "auto",
@@ -231,7 +286,10 @@ class InferenceSettings(Settings):
         flag="--vllm-model-dir",
     )
     vllm_wait: float = setting(
-        600.0, "`--engine vllm`: seconds to wait for the vLLM server at start", flag="--vllm-wait"
+        600.0,
+        "`--engine vllm`: seconds to wait for the vLLM server at start",
+        flag="--vllm-wait",
+        **bounded(0, 86400),
     )
 
 
@@ -285,14 +343,16 @@ def get_settings(settings_class: type[S] = Settings, /, **overrides: Any) -> S: 
 
     A variable that does not parse is one :class:`InvalidArgument` naming it."""
     try:
-        settings = settings_class()
+        return settings_class().with_overrides(**overrides)
     except ValidationError as exc:
         fields = settings_class.model_fields
 
         def variable(loc: tuple[Any, ...]) -> str:
             where = str(loc[0]) if loc else "?"
-            return env_names(settings_class, where)[0] if where in fields else where
+            if where not in fields:
+                return where
+            flag = flag_of(settings_class, where)
+            return env_names(settings_class, where)[0] + (f" ({flag})" if flag else "")
 
         problems = "; ".join(f"{variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         raise InvalidArgument(f"invalid setting: {problems}") from None
-    return settings.with_overrides(**overrides)

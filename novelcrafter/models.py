@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -181,7 +182,48 @@ def _download_store(name: str, manifest: dict[str, Any], store: Store, dest: Pat
             raise FailedPrecondition(f"base model store:{name}: {filename} does not match its checksum")
 
 
-def provision_base_model(name: str | None = None, settings: Settings | None = None) -> Path:
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def check_job_base_model(name: str, settings: Settings) -> str:
+    """A job's ``base_model`` (anyone who may create jobs chose it), as the service will use it.
+
+    Allowed: the service's own configured base model, a registry name, ``store:NAME``, a hub
+    id (``owner/name``), or a directory under one of ``NOVELCRAFTER_MODEL_DIRS`` (resolved,
+    symlinks and ``..`` included, so it cannot leave them). Anything else is INVALID_ARGUMENT.
+    """
+    if name == settings.base_model or name in GGUF_MODELS:
+        return name
+    if name.startswith(STORE_SCHEME):
+        try:
+            layout.check_model_name(name.removeprefix(STORE_SCHEME))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"base_model {name[:200]!r}: {exc.message}") from None
+        return name
+    if name.startswith("/"):
+        roots = [Path(r).resolve() for r in (settings.model_dirs or "").split(":") if r.strip()]
+        if not roots:
+            raise InvalidArgument(
+                f"base_model {name[:200]!r}: a job may name a model folder only under "
+                "NOVELCRAFTER_MODEL_DIRS, which this service does not set"
+            )
+        resolved = Path(name).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise InvalidArgument(
+                f"base_model {name[:200]!r} is outside NOVELCRAFTER_MODEL_DIRS ({settings.model_dirs})"
+            )
+        return str(resolved)
+    if HUB_ID_RE.fullmatch(name) and ".." not in name:
+        return name
+    raise InvalidArgument(
+        f"base_model {name[:200]!r}: use {', '.join(GGUF_MODELS)}, a hub id (owner/name), store:NAME, "
+        "or an absolute folder under NOVELCRAFTER_MODEL_DIRS"
+    )
+
+
+def provision_base_model(
+    name: str | None = None, settings: Settings | None = None, *, from_job: bool = False
+) -> Path:
     """Return a local model directory for ``name``, converting/downloading it once.
 
     Concurrent callers (several workers on one host) are serialized by a file lock;
@@ -191,8 +233,10 @@ def provision_base_model(name: str | None = None, settings: Settings | None = No
 
     settings = settings or get_settings()
     name = name or settings.base_model
+    if from_job:  # a job's choice: checked here too, where the files are read
+        name = check_job_base_model(name, settings)
     local = Path(name).expanduser()
-    if local.is_dir():
+    if local.is_dir() and (not from_job or local.is_absolute() or name == settings.base_model):
         if not (local / "config.json").exists():
             raise InvalidArgument(f"base model directory {local} has no config.json")
         return local.resolve()

@@ -50,7 +50,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield {
             "NOVELCRAFTER_S3_ENDPOINT": f"127.0.0.1:{port}",
             "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SECRET_ACCESS_KEY": "moto-test-secret-6b1f0c93d2a4",  # services refuse short ones
         }
     finally:
         proc.terminate()

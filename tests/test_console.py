@@ -274,7 +274,7 @@ def test_serve_console_with_a_bad_address_is_one_error_line() -> None:
     done = run_cli("serve", "console", "--listen", "nonsense", timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
-        "error: cannot listen on 'nonsense' (console): expected HOST:PORT, e.g. 0.0.0.0:8080"
+        "error: cannot listen on 'nonsense' (console): expected HOST:PORT, e.g. 127.0.0.1:8080"
     ]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -74,7 +73,7 @@ def quickstart() -> list[list[str]]:
 def test_the_quickstart_is_the_path_this_test_takes() -> None:
     commands = quickstart()
     assert commands[:3] == [
-        ["cp", ".env.example", ".env"],
+        ["make", "env"],
         ["make", "images-cpu"],
         ["docker", "compose", "up", "-d", "--scale", "trainer=2"],
     ]
@@ -83,9 +82,9 @@ def test_the_quickstart_is_the_path_this_test_takes() -> None:
         ["novelcrafter", "status"],
         ["novelcrafter", "generate"],
     ]
-    assert (
-        "images-cpu:\n\tdeploy/build-images.sh " + " ".join(CPU_SERVICES) in (ROOT / "Makefile").read_text()
-    )
+    makefile = (ROOT / "Makefile").read_text()
+    assert "images-cpu:\n\tdeploy/build-images.sh " + " ".join(CPU_SERVICES) in makefile
+    assert "env:\n\tdeploy/make-env.sh\n" in makefile
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +177,11 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`cp .env.example .env`, every secret replaced; `docker compose up -d --scale trainer=2`."""
+    """`make env` (deploy/make-env.sh: new secrets); `docker compose up -d --scale trainer=2`."""
     directory = tmp_path_factory.mktemp("compose")
-    env = (ROOT / ".env.example").read_text()
-    for placeholder in ("change-me-minio-secret", "change-me-auth-token"):
-        assert placeholder in env
-        env = env.replace(placeholder, secrets.token_hex(24))
+    run(str(ROOT / "deploy" / "make-env.sh"), str(directory / ".env"))
+    env = (directory / ".env").read_text()
+    assert "change-me" not in env
     # A short lease, so that the killed trainer's part is claimed again within seconds.
     (directory / ".env").write_text(env + "NOVELCRAFTER_LEASE_SECONDS=15\n")
     deployment = Stack(directory)

@@ -43,6 +43,7 @@ from test_deploy_support import (
     commented_env_keys,
     copy_sources,
     dockerfile_stages,
+    dotenv_file,
     flag_value,
     host_port,
     kustomize,
@@ -52,6 +53,8 @@ from test_deploy_support import (
     service_env,
     settings_env_names,
 )
+
+from novelcrafter.exposure import weakness
 
 KUBERNETES_VERSION = "1.32"  # the oldest minor we support; the schemas are the API of that release
 # Variables that are not NovelCrafter settings but that our containers legitimately set.
@@ -540,13 +543,23 @@ def test_compose_credentials_come_from_an_uncommitted_env_file() -> None:
     assert ignored.returncode == 0, ".env must be in .gitignore"
     services = load_compose()["services"]
     example = read_env_file(ENV_EXAMPLE)
+    dotenv = read_env_file(dotenv_file())  # what `make env` writes: new secrets, nothing else changed
+    assert dotenv.keys() == example.keys()
+    for secret in ("AWS_SECRET_ACCESS_KEY", "NOVELCRAFTER_AUTH_TOKEN"):
+        assert example[secret].startswith("change-me-") and weakness(example[secret])
+        assert len(dotenv[secret]) == 48 and weakness(dotenv[secret]) is None
+    assert {k: v for k, v in dotenv.items() if not k.endswith(("SECRET_ACCESS_KEY", "AUTH_TOKEN"))} == {
+        k: v for k, v in example.items() if not k.endswith(("SECRET_ACCESS_KEY", "AUTH_TOKEN"))
+    }
+    subprocess.run([str(ROOT / "deploy" / "make-env.sh"), str(dotenv_file())], check=True)
+    assert read_env_file(dotenv_file()) == dotenv  # an existing .env is kept as it is
     for name in APP_SERVICES:
         env = service_env(services[name])
         # The auth token reaches every service, and compose refuses to start without one.
-        assert env["NOVELCRAFTER_AUTH_TOKEN"] == example["NOVELCRAFTER_AUTH_TOKEN"], name
-        assert env["AWS_SECRET_ACCESS_KEY"] == example["AWS_SECRET_ACCESS_KEY"], name
+        assert env["NOVELCRAFTER_AUTH_TOKEN"] == dotenv["NOVELCRAFTER_AUTH_TOKEN"], name
+        assert env["AWS_SECRET_ACCESS_KEY"] == dotenv["AWS_SECRET_ACCESS_KEY"], name
     minio = services["minio"]["environment"]
-    assert minio["MINIO_ROOT_PASSWORD"] == example["AWS_SECRET_ACCESS_KEY"]
+    assert minio["MINIO_ROOT_PASSWORD"] == dotenv["AWS_SECRET_ACCESS_KEY"]
     raw = COMPOSE_FILE.read_text()
     for secret in ("AWS_SECRET_ACCESS_KEY", "NOVELCRAFTER_AUTH_TOKEN"):
         assert example[secret] not in raw, f"{secret}'s value is written into docker-compose.yml"
@@ -575,7 +588,7 @@ def test_compose_ports_agree_with_commands_and_health_checks() -> None:
         assert host == "ingest" and port == 50051
         assert service_env(service)["NOVELCRAFTER_COORDINATOR"] == coordinator
         _, metrics = host_port(service_env(service)["NOVELCRAFTER_METRICS_LISTEN"])
-        assert service["healthcheck"]["test"][-1] == f"http://127.0.0.1:{metrics}/metrics"
+        assert service["healthcheck"]["test"][-1] == f"http://127.0.0.1:{metrics}/healthz"
     endpoint_host, endpoint_port = host_port(service_env(services["ingest"])["NOVELCRAFTER_S3_ENDPOINT"])
     assert endpoint_host == "minio" and endpoint_port == 9000
     assert f"http://minio:{endpoint_port}" in " ".join(services["minio-init"]["command"])

@@ -9,12 +9,14 @@ compose variable interpolation (``${VAR:-default}``, ``${VAR:?error}``, ``$$``),
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,21 +122,30 @@ def commented_env_keys(path: Path) -> set[str]:
     return set(re.findall(r"^#\s+([A-Z][A-Z0-9_]*)=", path.read_text(), flags=re.M))
 
 
+@functools.cache
+def dotenv_file() -> Path:
+    """The ``.env`` a user has: what ``make env`` (deploy/make-env.sh) writes from
+    ``.env.example``, with new secrets, into a folder of its own (never the checkout's)."""
+    target = Path(tempfile.mkdtemp(prefix="dotenv-")) / ".env"
+    subprocess.run([str(ROOT / "deploy" / "make-env.sh"), str(target)], check=True, capture_output=True)
+    return target
+
+
 def load_compose(dotenv: dict[str, str] | None = None) -> dict[str, Any]:
     """docker-compose.yml with YAML merge keys resolved and ``.env`` values interpolated
-    (``.env.example`` stands in for the uncommitted ``.env``)."""
+    (the ``.env`` that ``make env`` writes stands in for the user's)."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    return interpolate_tree(raw, read_env_file(ENV_EXAMPLE) if dotenv is None else dotenv)
+    return interpolate_tree(raw, read_env_file(dotenv_file()) if dotenv is None else dotenv)
 
 
 def service_env(service: dict[str, Any]) -> dict[str, str]:
     """The environment compose gives a service's container (before the image's own ENV):
-    its env_file(s) (``.env`` read as ``.env.example``), then ``environment`` on top."""
+    its env_file(s) (``.env`` as ``make env`` writes it), then ``environment`` on top."""
     env: dict[str, str] = {}
     files = service.get("env_file", [])
     for entry in [files] if isinstance(files, (str, dict)) else files:
         name = entry if isinstance(entry, str) else entry["path"]
-        path = ENV_EXAMPLE if name in (".env", "./.env") else ROOT / name
+        path = dotenv_file() if name in (".env", "./.env") else ROOT / name
         env.update(read_env_file(path))
     environment = service.get("environment", {})
     if isinstance(environment, list):
@@ -299,6 +310,7 @@ def cli_rejections(argvs: list[list[str]]) -> dict[str, str]:
 
 
 _LIST_ENVVARS = r"""
+import functools
 import json
 import typer
 from novelcrafter import cli

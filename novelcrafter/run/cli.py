@@ -7,11 +7,13 @@ from typing import Annotated
 
 import typer
 
-from novelcrafter.cli import StoreOpt, setting_option
-from novelcrafter.config import ConsoleSettings, InferenceSettings
-
-SERVE_ALL_HTTP_LISTEN = "127.0.0.1:8000"
-SERVE_ALL_CONSOLE_LISTEN = "127.0.0.1:8080"
+from novelcrafter.cli import AllowUnauthenticatedOpt, StoreOpt, setting_option
+from novelcrafter.config import (
+    DEFAULT_INFERENCE_LISTEN,
+    DEFAULT_INGEST_LISTEN,
+    ConsoleSettings,
+    InferenceSettings,
+)
 
 
 def run_command(
@@ -93,47 +95,54 @@ def serve_all_command(
     store: StoreOpt = None,
     ingest_listen: Annotated[
         str, typer.Option("--ingest-listen", help="Address of ingest + coordinator")
-    ] = "127.0.0.1:50051",
+    ] = DEFAULT_INGEST_LISTEN,
     inference_listen: Annotated[
         str, typer.Option("--inference-listen", help="Address of inference")
-    ] = "127.0.0.1:50052",
-    http_listen: Annotated[
-        str | None, setting_option(InferenceSettings, "http_listen", default=SERVE_ALL_HTTP_LISTEN)
-    ] = None,
+    ] = DEFAULT_INFERENCE_LISTEN,
+    http_listen: Annotated[str | None, setting_option(InferenceSettings, "http_listen")] = None,
     console_listen: Annotated[
-        str | None,
-        setting_option(
-            ConsoleSettings, "console_listen", "--console-listen", default=SERVE_ALL_CONSOLE_LISTEN
-        ),
+        str | None, setting_option(ConsoleSettings, "console_listen", "--console-listen")
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="Trainer device: cpu or cuda")] = None,
     log_dir: Annotated[
         Path | None, typer.Option("--log-dir", help="One log file per service here (default: stdout)")
     ] = None,
+    allow_unauthenticated: AllowUnauthenticatedOpt = None,
 ) -> None:
     """Ingest (with the coordinator), one trainer worker, inference and the web console on loopback,
     until Ctrl-C."""
     from novelcrafter.config import get_settings
+    from novelcrafter.exposure import check_listen, check_secrets
     from novelcrafter.logs import configure_logging
     from novelcrafter.run.services import LocalServices, serve_forever
 
     configure_logging()
-    settings = get_settings(store=store)
-    # On loopback by default: the declared defaults (every address) are for a service of its own.
-    http = get_settings(InferenceSettings, http_listen=http_listen)
-    console = get_settings(ConsoleSettings, console_listen=console_listen)
-    http_listen = http.http_listen if "http_listen" in http.model_fields_set else SERVE_ALL_HTTP_LISTEN
-    console_listen = (
-        console.console_listen if "console_listen" in console.model_fields_set else SERVE_ALL_CONSOLE_LISTEN
+    settings = get_settings(
+        ConsoleSettings,
+        store=store,
+        console_listen=console_listen,
+        allow_unauthenticated=allow_unauthenticated,
     )
+    http = get_settings(InferenceSettings, http_listen=http_listen)
+    check_secrets(settings)
+    # Refused here, once, rather than by each child after the others started.
+    for listen, what in (
+        (ingest_listen, "ingest"),
+        (inference_listen, "inference"),
+        (http.http_listen, "HTTP API"),
+        (settings.console_listen, "console"),
+    ):
+        if listen.lower() != "off":
+            check_listen(listen, what, settings)
     services = LocalServices(
         store=settings.store,
         log_dir=log_dir,
         ingest_listen=ingest_listen,
         inference_listen=inference_listen,
-        http_listen=http_listen,
-        console_listen=console_listen,
+        http_listen=http.http_listen,
+        console_listen=settings.console_listen,
         device=device,
+        extra_env={"NOVELCRAFTER_ALLOW_UNAUTHENTICATED": "1"} if settings.allow_unauthenticated else {},
     )
     serve_forever(services)
 

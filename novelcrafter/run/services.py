@@ -151,8 +151,8 @@ class LocalServices:
             if self.metrics:
                 port = free_port()
                 env["NOVELCRAFTER_METRICS_LISTEN"] = f"{LOOPBACK}:{port}"
-                if not health:  # a worker has no gRPC server: its /metrics answers for it
-                    health = f"http://{LOOPBACK}:{port}/metrics"
+                if not health:  # a worker has no gRPC server: its metrics port answers for it
+                    health = f"http://{LOOPBACK}:{port}/healthz"
             else:
                 env["NOVELCRAFTER_METRICS_LISTEN"] = "off"
             log_path = self.log_dir / f"{name}.log" if self.log_dir else None

@@ -103,3 +103,24 @@ def safe_next(target: str | None) -> str:
     if target and target.startswith("/") and not target.startswith(("//", "/\\")):
         return target
     return "/books"
+
+
+class LoginThrottle:
+    """Login attempts of all clients together, at most ``per_second``: parallel guesses wait
+    their turn like sequential ones. An attempt that would wait over ``max_wait`` seconds is
+    refused at once (HTTP 429), so waiting attempts stay bounded too. The event loop is
+    single-threaded, so no lock is needed."""
+
+    def __init__(self, per_second: float = 5.0, max_wait: float = 5.0) -> None:
+        self.interval = 1.0 / per_second
+        self.max_wait = max_wait
+        self._next = 0.0
+
+    def reserve(self) -> float | None:
+        """Seconds to wait before this attempt may be checked, or None: refuse it."""
+        now = time.monotonic()
+        start = max(now, self._next)
+        if start - now > self.max_wait:
+            return None
+        self._next = start + self.interval
+        return start - now

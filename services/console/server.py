@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 from typing import Any
 
 from novelcrafter.config import Settings
-from novelcrafter.errors import NovelCrafterError
+from novelcrafter.exposure import bind_tcp
 from novelcrafter.logs import get_logger, kv
 
 from .app import Console
@@ -15,26 +14,6 @@ from .backends import Backends
 from .security import Guard
 
 log = get_logger(__name__)
-DEFAULT_LISTEN = "0.0.0.0:8080"
-
-
-def bind(listen: str) -> socket.socket:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit():
-        raise NovelCrafterError(
-            f"cannot listen on {listen!r} (console): expected HOST:PORT, e.g. 0.0.0.0:8080"
-        )
-    try:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
-        sock.listen(256)
-    except (OSError, ValueError) as exc:
-        raise NovelCrafterError(
-            f"cannot listen on {listen} (console): {getattr(exc, 'strerror', None) or exc}"
-        )
-    return sock
 
 
 def serve(listen: str, ingest: str, inference: str, settings: Settings) -> None:
@@ -59,7 +38,7 @@ def serve(listen: str, ingest: str, inference: str, settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.grace_seconds),
         **tls,
     )
-    sock = bind(listen)
+    sock = bind_tcp(listen, "console", settings)
     log.info(
         "console listening",
         extra=kv(

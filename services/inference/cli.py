@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from novelcrafter.cli import BaseModelOpt, StoreOpt, setting_option
+from novelcrafter.cli import AllowUnauthenticatedOpt, BaseModelOpt, StoreOpt, setting_option
 from novelcrafter.config import DEFAULT_INFERENCE_LISTEN, InferenceSettings, Settings
 
 
@@ -40,10 +40,12 @@ def serve_inference(
     vllm_adapter_dir: Annotated[str | None, setting_option(InferenceSettings, "vllm_adapter_dir")] = None,
     vllm_model_dir: Annotated[str | None, setting_option(InferenceSettings, "vllm_model_dir")] = None,
     vllm_wait: Annotated[float | None, setting_option(InferenceSettings, "vllm_wait")] = None,
+    allow_unauthenticated: AllowUnauthenticatedOpt = None,
 ) -> None:
     """Serve generation over gRPC (and an OpenAI-compatible HTTP API) with hot-loaded per-book adapters."""
     from novelcrafter.config import get_settings
     from novelcrafter.errors import InvalidArgument
+    from novelcrafter.exposure import check_secrets
     from novelcrafter.logs import configure_logging
 
     configure_logging()
@@ -66,7 +68,9 @@ def serve_inference(
         vllm_adapter_dir=vllm_adapter_dir,
         vllm_model_dir=vllm_model_dir,
         vllm_wait=vllm_wait,
+        allow_unauthenticated=allow_unauthenticated,
     )
+    check_secrets(settings)
     max_adapters, max_concurrency, max_queued = (
         settings.max_adapters,
         settings.max_concurrency,

@@ -286,7 +286,7 @@ def serve(config: InferenceConfig, settings: Settings | None = None) -> None:
     server = InferenceServer(config, settings)
     grpc_server = server.start()
     grpc_server.install_signal_handlers()
-    start_metrics_server(settings, "inference")
+    start_metrics_server(settings, "inference", config.listen)
     try:
         server.load()
     except BaseException:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from novelcrafter.cli import StoreOpt, setting_option
+from novelcrafter.cli import AllowUnauthenticatedOpt, StoreOpt, setting_option
 from novelcrafter.config import DEFAULT_INGEST_LISTEN, Settings
 from novelcrafter.errors import InvalidArgument
 
@@ -228,10 +228,16 @@ def _print_summary(manifest: dict, existed: bool, job: Any) -> None:
 def serve_ingest_command(
     listen: Annotated[str | None, setting_option(Settings, "listen", default=DEFAULT_INGEST_LISTEN)] = None,
     store: StoreOpt = None,
+    allow_unauthenticated: AllowUnauthenticatedOpt = None,
 ) -> None:
     """Serve IngestService and the job coordinator (JobService) on one port."""
-    from novelcrafter.config import get_settings
+    from novelcrafter.config import IngestSettings, get_settings
+    from novelcrafter.exposure import check_secrets
 
     from .server import serve_ingest
 
-    serve_ingest(get_settings(listen=listen, store=store))
+    settings = get_settings(
+        IngestSettings, listen=listen, store=store, allow_unauthenticated=allow_unauthenticated
+    )
+    check_secrets(settings)
+    serve_ingest(settings)

@@ -48,18 +48,19 @@ def start_ingest_server(
     from novelcrafter.ingest.coordinator import Coordinator, job_service
 
     store = store or open_store(settings=settings)
+    listen = listen or settings.listen or DEFAULT_INGEST_LISTEN
     coordinator = Coordinator(store, settings)
     try:
         server = start_server(
             [ingest_service(store, coordinator), job_service(coordinator)],
-            listen or settings.listen or DEFAULT_INGEST_LISTEN,
+            listen,
             settings,
         )
     except BaseException:
         coordinator.close()
         raise
     server.on_stop.append(coordinator.close)  # ends WatchJob streams before the grace wait
-    metrics_port = start_metrics_server(settings, "ingest") if metrics else None
+    metrics_port = start_metrics_server(settings, "ingest", listen) if metrics else None
     log.info("ingest service ready", extra=kv(store=store.url, port=server.port))
     return IngestServer(server, coordinator, store, metrics_port)
 

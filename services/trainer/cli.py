@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from novelcrafter.cli import BaseModelOpt, CoordinatorOpt, StoreOpt, setting_option
+from novelcrafter.cli import AllowUnauthenticatedOpt, BaseModelOpt, CoordinatorOpt, StoreOpt, setting_option
 from novelcrafter.config import Settings, TrainerSettings
 from novelcrafter.errors import InvalidArgument
 
@@ -33,6 +33,7 @@ def serve_trainer(
     max_parts: Annotated[
         int, typer.Option(help="Handle this many parts, then exit (0 = run until stopped)")
     ] = 0,
+    allow_unauthenticated: AllowUnauthenticatedOpt = None,
 ) -> None:
     """Claim parts from the coordinator, train, checkpoint, evaluate and publish them.
 
@@ -40,6 +41,7 @@ def serve_trainer(
     released for another worker to resume, and the process exits 0.
     """
     from novelcrafter.config import get_settings
+    from novelcrafter.exposure import check_secrets
     from novelcrafter.logs import configure_logging
     from novelcrafter.store import open_store
 
@@ -50,7 +52,9 @@ def serve_trainer(
         base_model=base_model,
         device=device,
         poll_seconds=poll_seconds,
+        allow_unauthenticated=allow_unauthenticated,
     )
+    check_secrets(settings)
     device, poll_seconds = settings.device or "auto", settings.poll_seconds
     if device not in DEVICES:
         raise InvalidArgument(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")

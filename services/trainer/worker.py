@@ -116,7 +116,8 @@ class Worker:
         from novelcrafter.models import load_base_model, load_tokenizer, provision_base_model
 
         self._base = None  # free the previous one first
-        path = provision_base_model(name, self.settings)
+        # A job's base model is checked against NOVELCRAFTER_MODEL_DIRS (our own is trusted).
+        path = provision_base_model(name, self.settings, from_job=name != self.settings.base_model)
         started = time.monotonic()
         self._base = BaseModel(load_base_model(path, self.device), load_tokenizer(path), name, self.device)
         log.info("base model loaded", extra=kv(model=name, seconds=round(time.monotonic() - started, 1)))

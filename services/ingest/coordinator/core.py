@@ -292,7 +292,7 @@ class Coordinator:
         """Validate the book and config, fill the defaults, persist the job (PENDING, part 0 READY)."""
         layout.check_book_id(book_id)
         full = with_defaults(config or common_pb2.JobConfig(), base_model=self.settings.base_model)
-        job_config.validate(full)
+        job_config.validate(full, self.settings)
         parts = self._book_parts(book_id)
         init_key = ""
         if full.init_adapter:

@@ -10,7 +10,9 @@ import math
 import re
 
 from novelcrafter import adapters, layout
+from novelcrafter.config import Settings
 from novelcrafter.errors import InvalidArgument, NotFound
+from novelcrafter.models import check_job_base_model
 from novelcrafter.store import Store
 from novelcrafter.v1 import common_pb2
 
@@ -22,8 +24,10 @@ _HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def validate(config: common_pb2.JobConfig) -> None:
-    """Raise one :class:`InvalidArgument` listing every problem of a defaults-filled config."""
+def validate(config: common_pb2.JobConfig, settings: Settings) -> None:
+    """Raise one :class:`InvalidArgument` listing every problem of a defaults-filled config.
+
+    ``settings`` (the coordinator's) say which base models and Hub pushes jobs may ask for."""
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -83,14 +87,28 @@ def validate(config: common_pb2.JobConfig) -> None:
         f"device must be empty (any), {' or '.join(DEVICES)} (got {config.device!r})",
     )
     need(0 < config.max_attempts <= 100, f"max_attempts must be in 1..100 (got {config.max_attempts})")
-    need(
-        0 < len(config.base_model) <= 500 and not _CTRL_RE.search(config.base_model),
-        "base_model must be a model name, hub id or path",
-    )
-    need(
-        not config.hub_repo_id or bool(_HUB_REPO_RE.fullmatch(config.hub_repo_id)),
-        f"hub_repo_id must look like 'owner/name' (got {config.hub_repo_id[:100]!r})",
-    )
+    if 0 < len(config.base_model) <= 500 and not _CTRL_RE.search(config.base_model):
+        try:
+            check_job_base_model(config.base_model, settings)
+        except InvalidArgument as exc:
+            problems.append(exc.message)
+    else:
+        problems.append("base_model must be a model name, hub id, store:NAME or folder")
+    if config.hub_repo_id:
+        need(
+            bool(_HUB_REPO_RE.fullmatch(config.hub_repo_id)),
+            f"hub_repo_id must look like 'owner/name' (got {config.hub_repo_id[:100]!r})",
+        )
+        need(
+            settings.hub_push,
+            "hub_repo_id: this coordinator does not push to the Hugging Face Hub "
+            "(the operator allows it with NOVELCRAFTER_HUB_PUSH=1)",
+        )
+        namespace = (settings.hub_namespace or "").strip("/")
+        need(
+            not (settings.hub_push and namespace) or config.hub_repo_id.startswith(namespace + "/"),
+            f"hub_repo_id must be in the namespace {namespace!r} (NOVELCRAFTER_HUB_NAMESPACE)",
+        )
     if problems:
         raise InvalidArgument("invalid job config: " + "; ".join(problems))
 
