@@ -4,9 +4,9 @@
 # characters). An existing .env is kept; only placeholders still in it are replaced.
 #   deploy/make-env.sh [ENV_FILE]        (make env)
 set -eu
-cd "$(dirname "$0")/.."
+example="$(dirname "$0")/../.env.example"
 target=${1:-.env}
-[ -f "$target" ] || { cp .env.example "$target"; chmod 600 "$target"; created=1; }
+[ -f "$target" ] || { cp "$example" "$target"; chmod 600 "$target"; created=1; }
 secret() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 tmp="$target.tmp.$$"
 trap 'rm -f "$tmp"' EXIT
