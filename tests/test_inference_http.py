@@ -99,7 +99,8 @@ class Server:
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})  # as Prometheus
+        with urllib.request.urlopen(request, timeout=10) as response:
             text = response.read().decode()
         return {
             (sample.name, frozenset(sample.labels.items())): sample.value
@@ -710,10 +711,11 @@ def test_tls_with_the_grpc_settings_and_503_while_loading(
         err = api_error(call, openai.InternalServerError)
         assert (err.status_code, err.code) == (503, "service_unavailable")
         assert "still loading the base model" in err.body["message"]
-    err = api_error(  # a body over the message limit is refused before it is parsed
-        lambda: client.completions.create(model="base", prompt="x" * (1 << 20)), openai.BadRequestError
+    err = api_error(  # a body over the body limit is refused before it is read
+        lambda: client.completions.create(model="base", prompt="x" * (3 << 20)), openai.APIStatusError
     )
-    assert "over 1 MB (NOVELCRAFTER_MAX_MESSAGE_MB)" in err.body["message"]
+    assert err.status_code == 413
+    assert "over the 2 MB limit (NOVELCRAFTER_HTTP_MAX_BODY_MB)" in err.body["message"]
 
     for refused in (
         openai.DefaultHttpxClient(verify=tls_context(pki, client_cert=False)),  # no client certificate

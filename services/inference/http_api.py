@@ -8,6 +8,10 @@ blocking parts (adapter resolution, waiting for tokens) run on worker threads; a
 goes away cancels its generation, which frees its slot (or its place in the queue) at the
 scheduler's next step.
 
+Bounded under abuse: a body over ``NOVELCRAFTER_HTTP_MAX_BODY_MB`` is 413 (an announced one before
+any byte is read); JSON is parsed with its nesting depth and number of values capped, large
+bodies on a worker thread, a few at a time; unknown fields are dropped, lists capped.
+
 Model ids: ``base``; ``<book_id>`` (its ``latest``); ``<book_id>:part-N``; ``<book_id>:<version>``.
 Every response's ``model`` (and ``system_fingerprint``) is the exact version that produced it,
 ``<book_id>:<version>`` or ``base``; the extra ``adapter`` object carries its details.
@@ -17,34 +21,41 @@ from __future__ import annotations
 
 import hmac
 import json
-import socket
+import re
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import grpc
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from novelcrafter import layout
-from novelcrafter.config import Settings
-from novelcrafter.errors import InvalidArgument, NotFound, NovelCrafterError, Unauthenticated
+from novelcrafter.config import InferenceSettings, Settings
+from novelcrafter.errors import (
+    InvalidArgument,
+    NotFound,
+    NovelCrafterError,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from novelcrafter.exposure import bind_tcp
 from novelcrafter.logs import get_logger
 
 from . import metrics
 from .client import build_request
 from .registry import BASE, LATEST, LoadedAdapter
 from .scheduler import Finished, Generation, Piece
-from .service import InferenceServicer, status_of, validate_request
+from .service import GenerationSpec, InferenceServicer, Limits, status_of, validate_request
 
 log = get_logger(__name__)
 
@@ -53,6 +64,23 @@ OWNER = "novelcrafter"
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions")
 _FINISH = {"length": "length", "stop": "stop", "eos": "stop"}  # ours -> OpenAI's finish_reason
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+# Request bodies. Prompts are capped at 4,096 tokens and 200,000 characters, so the default limit
+# (2 MB) is ample for any request we would serve.
+DEFAULT_MAX_BODY_MB: float = InferenceSettings.model_fields["http_max_body_mb"].default
+MAX_JSON_DEPTH = 64  # ours nest 4 deep; the stdlib parser recurses once per level
+# Commas and opening brackets, about the number of values: the parser builds a Python object of
+# ~50-100 bytes for each, so 2 MB of `[{},{},…]` would cost ~40× its size. A conversation of
+# MAX_LIST_ITEMS messages needs ~5 per message.
+MAX_JSON_VALUES = 50_000
+MAX_LIST_ITEMS = 4096  # messages, and content parts of a message: more than 4,096 tokens can hold
+INLINE_PARSE_BYTES = 64 * 1024  # smaller bodies are parsed on the event loop (well under a ms)
+PARSERS = 2  # large bodies parsed at once, on worker threads: bounds their transient memory
+_CONTENT_LENGTH = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit() accepts "²")
+# A JSON string, or an unterminated one up to the end: it always matches from a quote, so a scan
+# for them stays linear whatever the input.
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 # --- errors: the one mapping from domain errors to HTTP ------------------------------------------
@@ -81,6 +109,7 @@ ERRORS: dict[grpc.StatusCode, HttpError] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: HttpError(504, "server_error", "timeout"),
 }
 INTERNAL = HttpError(500, "server_error", "internal_error")
+TOO_LARGE = HttpError(413, "invalid_request_error", "request_too_large")
 UNAUTHORIZED = "missing or invalid bearer token (set NOVELCRAFTER_AUTH_TOKEN)"  # the gRPC wording
 
 
@@ -92,6 +121,12 @@ class BadParameter(InvalidArgument):
         self.param = param
 
 
+class BodyTooLarge(ResourceExhausted):
+    """A request body over the HTTP API's limit: 413, not the 429 of a busy server."""
+
+    http = TOO_LARGE
+
+
 def error_body(message: str, kind: HttpError, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind.type, "param": param, "code": kind.code}}
 
@@ -99,7 +134,7 @@ def error_body(message: str, kind: HttpError, param: str | None = None) -> dict[
 def describe_error(exc: BaseException, route: str) -> tuple[HttpError, dict[str, Any]]:
     """The status and OpenAI error body for ``exc``; unexpected errors are logged with an incident id."""
     if isinstance(exc, NovelCrafterError):
-        kind = ERRORS.get(exc.code, INTERNAL)
+        kind = getattr(exc, "http", None) or ERRORS.get(exc.code, INTERNAL)
         log.info(
             "http error", extra={"fields": {"route": route, "status": kind.status, "error": exc.message}}
         )
@@ -117,6 +152,8 @@ def error_response(exc: BaseException, route: str) -> JSONResponse:
     kind, body = describe_error(exc, route)
     # 429 and 503 are worth retrying: OpenAI clients honour Retry-After.
     headers = {"retry-after": "1"} if kind.status in (429, 503) else None
+    if kind.status == 413:  # the rest of the body is not read: end the connection, not drain it
+        headers = {"connection": "close"}
     return JSONResponse(body, kind.status, headers=headers)
 
 
@@ -124,9 +161,10 @@ def error_response(exc: BaseException, route: str) -> JSONResponse:
 
 
 class _Params(BaseModel):
-    """Fields shared by completions and chat. Unknown fields are ignored, as clients send many."""
+    """Fields shared by completions and chat. Unknown fields are dropped (clients send many):
+    ignored, not kept, so junk under an unknown key costs nothing after parsing."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = None
@@ -154,19 +192,19 @@ class CompletionRequest(_Params):
 
 
 class _ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
     role: str
-    content: str | list[_ContentPart] | None = None
+    content: str | Annotated[list[_ContentPart], Field(max_length=MAX_LIST_ITEMS)] | None = None
 
 
 class ChatRequest(_Params):
-    messages: list[_Message]
+    messages: Annotated[list[_Message], Field(max_length=MAX_LIST_ITEMS)]
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
@@ -297,6 +335,77 @@ def _proto(req: _Params, book: str, adapter: str, prompt: str, chat: bool, max_t
         raise BadParameter(f"a parameter is out of range: {exc}")
 
 
+def read_json(body: bytes | bytearray) -> Any:
+    """The JSON document in ``body`` (UTF-8). Its nesting depth and number of values are checked
+    first, by a scan that costs about a pass over the text: the stdlib parser would recurse once
+    per level (RecursionError) and build an object per value before anything could refuse it."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadParameter("the request body is not valid JSON: it is not UTF-8")
+    skeleton = _JSON_STRING.sub("", text)  # strings cannot nest: what is left is the structure
+    opening, closing = skeleton.count("[") + skeleton.count("{"), skeleton.count("]") + skeleton.count("}")
+    if max(opening + skeleton.count(","), closing) > MAX_JSON_VALUES:
+        raise BadParameter(f"the request body holds more than {MAX_JSON_VALUES} JSON values")
+    depth = 0
+    for bracket in _BRACKETS.findall(skeleton):  # at most 2 × MAX_JSON_VALUES of them
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadParameter(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    del skeleton
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BadParameter(f"the request body is not valid JSON: {exc}")
+
+
+def _field_error(exc: ValidationError) -> BadParameter:
+    """One readable 400 for a pydantic error; a list too long wins over the other branches of a union."""
+    errors = exc.errors()
+    first = next((e for e in errors if e["type"] == "too_long"), errors[0])
+    where = ".".join(str(p) for p in first["loc"] if p not in ("str", "list[_ContentPart]"))
+    param = str(first["loc"][0]) if first["loc"] else None
+    if first["type"] == "too_long":
+        return BadParameter(f"{where}: at most {first['ctx']['max_length']} items are accepted", param)
+    return BadParameter(f"{where}: {first['msg']}", param)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request body, validated: all that outlives its JSON (whose size is the client's choice)."""
+
+    spec: GenerationSpec
+    messages: list[dict[str, str]] | None
+    stream: bool
+    include_usage: bool
+
+
+def prepare(body: bytes | bytearray, chat: bool, limits: Limits) -> Prepared:
+    """Parse and validate a completions (or chat) request body, up to what needs the runtime
+    (the adapter, the tokens): the same checks, caps and messages as gRPC."""
+    document = read_json(body)
+    if not isinstance(document, dict):
+        raise BadParameter("the request body must be a JSON object")
+    try:
+        kind: type[_Params] = ChatRequest if chat else CompletionRequest
+        req = kind.model_validate(document)
+    except ValidationError as exc:
+        raise _field_error(exc)
+    del document  # unknown fields (dropped by the model) are freed here
+    book, adapter = parse_model(req.model)
+    _refuse_unsupported(req)
+    messages = None
+    if isinstance(req, ChatRequest):
+        messages = _messages(req)
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        prompt = "\n".join(m["content"] for m in messages)  # what the prompt caps measure
+    else:
+        max_tokens, prompt = req.max_tokens, _prompt(req)
+    spec = validate_request(_proto(req, book, adapter, prompt, chat, max_tokens), limits)
+    include_usage = bool((req.stream_options or {}).get("include_usage"))
+    return Prepared(spec, messages, req.stream, include_usage)
+
+
 # --- one generation ------------------------------------------------------------------------------
 
 
@@ -403,7 +512,11 @@ class HttpApi:
         self.base_model = base_model
         self.created = int(time.time())
         self._expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
-        self._max_body = int(settings.max_message_mb) * 1024 * 1024  # gRPC's message limit
+        # InferenceSettings' (NOVELCRAFTER_HTTP_MAX_BODY_MB); programs that embed the server may
+        # pass plain Settings, which get its default.
+        self._max_body_mb = float(getattr(settings, "http_max_body_mb", DEFAULT_MAX_BODY_MB))
+        self._max_body = int(self._max_body_mb * 1024 * 1024)
+        self._parsers: anyio.CapacityLimiter | None = None
         # Threads that wait on generations, running or queued (max_requests of them at once);
         # sized like the gRPC worker pool.
         self._threads = max(40, 2 * max_requests + 16)
@@ -542,50 +655,53 @@ class HttpApi:
     async def _thread(self, fn: Callable[..., Any], *args: Any, abandon: bool = False) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon, limiter=self.limiter)
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused (before it is all in memory) beyond the message limit."""
-        chunks, size = [], 0
+    async def _body(self, request: Request) -> bytearray:
+        """The request body, refused (413) past the limit: before any byte is read when its
+        announced length is over, else as soon as the bytes received pass it."""
+        announced = request.headers.getlist("content-length")
+        if announced:
+            self._check_length(announced)
+        body = bytearray()
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                raise BadParameter(
-                    f"the request body is over {self._max_body >> 20} MB (NOVELCRAFTER_MAX_MESSAGE_MB)"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+            if len(body) + len(chunk) > self._max_body:
+                raise self._too_large()
+            body += chunk
+        return body
+
+    def _check_length(self, announced: list[str]) -> None:
+        """400 for a Content-Length that is not one number of bytes, 413 for one over the limit."""
+        values = set(announced)
+        value = values.pop()
+        if values or not _CONTENT_LENGTH.fullmatch(value):
+            raise BadParameter(f"invalid Content-Length header {value[:40]!r}: it must be a number of bytes")
+        if len(value) > 18 or int(value) > self._max_body:  # 18 digits: beyond any limit already
+            raise self._too_large()
+
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"the request body is over the {self._max_body_mb:g} MB limit (NOVELCRAFTER_HTTP_MAX_BODY_MB)"
+        )
 
     async def _submit(self, request: Request, chat: bool, labels: dict[str, str]) -> _Job:
-        try:
-            body = json.loads(await self._body(request))
-        except ValueError as exc:
-            raise BadParameter(f"the request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            raise BadParameter("the request body must be a JSON object")
-        try:
-            kind: type[_Params] = ChatRequest if chat else CompletionRequest
-            req = kind.model_validate(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise BadParameter(f"{where}: {first['msg']}", str(first["loc"][0]) if first["loc"] else None)
-        book, adapter = parse_model(req.model)
-        _refuse_unsupported(req)
-        messages = None
-        if isinstance(req, ChatRequest):
-            messages = _messages(req)
-            max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-            prompt = "\n".join(m["content"] for m in messages)  # what the prompt caps measure
-        else:
-            max_tokens, prompt = req.max_tokens, _prompt(req)
-        spec = validate_request(_proto(req, book, adapter, prompt, chat, max_tokens), self.servicer.limits)
-        loaded, gen = await self._thread(self.servicer.start, spec, labels, messages)
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return _Job(gen, loaded, chat=chat, stream=req.stream, include_usage=include_usage)
+        body = await self._body(request)
+        limits = self.servicer.limits
+        if len(body) <= INLINE_PARSE_BYTES:
+            prepared = prepare(body, chat, limits)
+        else:  # off the event loop, and a few at a time: parsing costs several times the body
+            if self._parsers is None:  # created on the server's event loop
+                self._parsers = anyio.CapacityLimiter(PARSERS)
+            prepared = await anyio.to_thread.run_sync(prepare, body, chat, limits, limiter=self._parsers)
+        del body
+        loaded, gen = await self._thread(self.servicer.start, prepared.spec, labels, prepared.messages)
+        return _Job(gen, loaded, chat=chat, stream=prepared.stream, include_usage=prepared.include_usage)
 
     async def _generation(self, request: Request, route: str, chat: bool) -> Response:
         labels = {"book": "unknown", "adapter": "unresolved"}
         try:
             job = await self._submit(request, chat, labels)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            metrics.REQUESTS.labels(route, "CANCELLED", labels["book"], labels["adapter"]).inc()
+            return Response(status_code=499)
         except Exception as exc:
             metrics.REQUESTS.labels(route, status_of(exc), labels["book"], labels["adapter"]).inc()
             return error_response(exc, route)
@@ -659,26 +775,6 @@ class HttpApi:
 # --- the server ----------------------------------------------------------------------------------
 
 
-def bind(listen: str) -> socket.socket:
-    """A listening socket for ``HOST:PORT`` (``[::]:PORT`` for IPv6), bound now so that a busy
-    port is an error at startup, not a log line in a thread."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    try:
-        number = int(port)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:
-        raise NovelCrafterError(f"cannot listen on {listen} (HTTP API): {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, number))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise NovelCrafterError(f"cannot listen on {listen} (HTTP API): {exc.strerror or exc}") from exc
-    return sock
-
-
 class HttpServer:
     """uvicorn on its own thread and event loop, with the gRPC server's TLS settings."""
 
@@ -711,7 +807,7 @@ class HttpServer:
             config.load()  # here, so that a bad certificate fails the start
         except (OSError, ssl.SSLError) as exc:
             raise NovelCrafterError(f"HTTP API: cannot load the TLS certificate or key: {exc}") from exc
-        self._sock = bind(listen)
+        self._sock = bind_tcp(listen, "HTTP API", settings, backlog=2048)
         self.port: int = self._sock.getsockname()[1]
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(

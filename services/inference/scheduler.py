@@ -5,7 +5,9 @@ leave the batch as soon as they finish or are cancelled. At most ``max_concurren
 generation slot; a request beyond them waits in a bounded FIFO queue (``max_queued``) until a
 slot frees, its deadline passes (DEADLINE_EXCEEDED) or it is cancelled, and only a request
 that finds the queue full is refused (RESOURCE_EXHAUSTED). A queued request holds nothing but
-its place: no KV cache, no slot.
+its place: no KV cache, no slot. A request takes its place with :meth:`Scheduler.admit` before it
+is prepared (its adapter resolved, maybe downloaded and loaded; its prompt tokenized), so a
+request the server has no room for is refused before it costs anything.
 Each request holds a strong reference to the adapter version it resolved, so a version
 swapped out or evicted meanwhile stays alive exactly until its last request finishes.
 """
@@ -103,6 +105,28 @@ class _Active:
     first_token_at: float | None = None
 
 
+def server_busy(max_concurrency: int, max_queued: int) -> ResourceExhausted:
+    """The refusal of a request that finds every slot and every queue place taken."""
+    places = f"the queue is full ({max_queued} waiting, " if max_queued else "queueing is off ("
+    return ResourceExhausted(
+        f"server busy: all {max_concurrency} generation slots are taken and {places}"
+        f"NOVELCRAFTER_MAX_QUEUED={max_queued}); retry shortly"
+    )
+
+
+class Admission:
+    """A place held for a request that is being prepared: it counts as taken (a slot, or a place
+    in the queue) until :meth:`Scheduler.submit` uses it or :meth:`release` gives it back."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self.held = True  # guarded by the scheduler's lock
+
+    def release(self) -> None:
+        """Give the place back (the request ended before it was submitted); a no-op once used."""
+        self._scheduler._release(self)
+
+
 class Scheduler:
     """Owns the engine; all model calls happen on its thread."""
 
@@ -130,6 +154,7 @@ class Scheduler:
         self._pending: list[Generation] = []  # hold a slot, not yet prefilled
         self._active: list[_Active] = []
         self._in_flight = 0
+        self._admitted = 0  # places held by requests being prepared, not yet submitted
         self._cond = threading.Condition()
         self._stopping = False
         self.max_batch_seen = 0
@@ -139,29 +164,50 @@ class Scheduler:
 
     # --- API ------------------------------------------------------------------------------------
 
-    def submit(self, gen: Generation) -> Generation:
-        """Give ``gen`` a free slot, or queue it behind the requests already waiting (FIFO);
-        RESOURCE_EXHAUSTED only when the queue is full too."""
+    def admit(self) -> Admission:
+        """Hold a place (a free slot, else a place in the queue) for a request about to be
+        prepared; RESOURCE_EXHAUSTED when every slot and queue place is taken or held."""
         with self._cond:
-            if self._stopping:
-                raise Unavailable("the inference server is shutting down")
+            self._check_room()
+            self._admitted += 1
+        return Admission(self)
+
+    def submit(self, gen: Generation, admission: Admission | None = None) -> Generation:
+        """Give ``gen`` a free slot, or queue it behind the requests already waiting (FIFO), in
+        the place ``admission`` holds for it (taken now if none); RESOURCE_EXHAUSTED only
+        without an admission, when every place is taken."""
+        with self._cond:
+            if admission is None:
+                self._check_room()
+            else:
+                if not admission.held:
+                    raise RuntimeError("this admission was already used or released")
+                admission.held = False
+                self._admitted -= 1
+                if self._stopping:
+                    raise Unavailable("the inference server is shutting down")
             gen.submitted = time.monotonic()  # accepted now: queue wait and latencies count from here
             if self._in_flight < self.max_concurrency and not self._waiting:
                 self._grant_slot(gen, gen.submitted)  # a wait of exactly 0
-            elif len(self._waiting) < self.max_queued:
+            else:  # a place is ours: a slot freed meanwhile goes to the head of the queue
                 self._waiting.append(gen)
-            else:
-                queue = (
-                    f"the queue is full ({len(self._waiting)} waiting, "
-                    if self.max_queued
-                    else "queueing is off ("
-                )
-                raise ResourceExhausted(
-                    f"server busy: all {self.max_concurrency} generation slots are taken and {queue}"
-                    f"NOVELCRAFTER_MAX_QUEUED={self.max_queued}); retry shortly"
-                )
             self._cond.notify()
         return gen
+
+    def _check_room(self) -> None:
+        """Under the lock: Unavailable when stopping, RESOURCE_EXHAUSTED when every slot and
+        queue place is taken, by a generation or by an admitted request being prepared."""
+        if self._stopping:
+            raise Unavailable("the inference server is shutting down")
+        taken = self._in_flight + len(self._waiting) + self._admitted
+        if taken >= self.max_concurrency + self.max_queued:
+            raise server_busy(self.max_concurrency, self.max_queued)
+
+    def _release(self, admission: Admission) -> None:
+        with self._cond:
+            if admission.held:
+                admission.held = False
+                self._admitted -= 1
 
     @property
     def in_flight(self) -> int:

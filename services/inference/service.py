@@ -200,29 +200,37 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         messages: list[dict[str, str]] | None = None,
         deadline: float | None = None,
     ) -> tuple[LoadedAdapter | None, Generation]:
-        """Resolve the adapter, tokenize, check the prompt against the limits and submit: what
-        every API (gRPC here, HTTP in ``http_api``) does with a validated request. ``messages``
-        (a chat conversation) replaces ``spec.prompt`` when given; ``deadline``
+        """Take a place in the scheduler, resolve the adapter, tokenize, check the prompt against
+        the limits and submit: what every API (gRPC here, HTTP in ``http_api``) does with a
+        validated request. The place comes first, so a request the server has no room for is
+        refused (RESOURCE_EXHAUSTED) before its adapter is downloaded, loaded or evicts another.
+        ``messages`` (a chat conversation) replaces ``spec.prompt`` when given; ``deadline``
         (``time.monotonic()``) ends a wait in the queue. Fills ``labels`` (book, adapter) for
         the request counters as soon as the version is known."""
         rt = self.require_runtime()
-        loaded = rt.registry.resolve(spec.book_id, spec.adapter)
-        labels["book"] = loaded.book_id if loaded else "base"
-        labels["adapter"] = loaded.version if loaded else "base"
-        if messages is not None:
-            prompt_ids = rt.tokenizer.encode_messages(messages)
-        else:
-            prompt_ids = rt.tokenizer.encode(spec.prompt, spec.chat)
-        limit = min(self.limits.max_prompt_tokens, rt.context - 1)
-        if len(prompt_ids) > limit:
-            raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; the limit is {limit}")
-        if len(prompt_ids) + spec.max_new_tokens > rt.context:
-            raise InvalidArgument(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({spec.max_new_tokens}) exceeds "
-                f"the model's context of {rt.context} tokens"
+        admission = rt.scheduler.admit()  # a place first: refused requests never load an adapter
+        try:
+            loaded = rt.registry.resolve(spec.book_id, spec.adapter)
+            labels["book"] = loaded.book_id if loaded else "base"
+            labels["adapter"] = loaded.version if loaded else "base"
+            if messages is not None:
+                prompt_ids = rt.tokenizer.encode_messages(messages)
+            else:
+                prompt_ids = rt.tokenizer.encode(spec.prompt, spec.chat)
+            limit = min(self.limits.max_prompt_tokens, rt.context - 1)
+            if len(prompt_ids) > limit:
+                raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; the limit is {limit}")
+            if len(prompt_ids) + spec.max_new_tokens > rt.context:
+                raise InvalidArgument(
+                    f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({spec.max_new_tokens}) exceeds "
+                    f"the model's context of {rt.context} tokens"
+                )
+            gen = Generation(
+                prompt_ids, loaded, spec.params, spec.max_new_tokens, spec.stop, deadline=deadline
             )
-        gen = Generation(prompt_ids, loaded, spec.params, spec.max_new_tokens, spec.stop, deadline=deadline)
-        rt.scheduler.submit(gen)
+            rt.scheduler.submit(gen, admission)
+        finally:
+            admission.release()  # a no-op once submit used it
         return loaded, gen
 
     def Generate(self, request: Any, context: grpc.ServicerContext) -> inference_pb2.GenerateResponse:

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from novelcrafter.errors import DeadlineExceeded, NovelCrafterError, ResourceExhausted, Unavailable
+from novelcrafter.errors import DeadlineExceeded, NovelCrafterError, Unavailable
 from novelcrafter.logs import get_logger
 
 from .lora import AdapterRejected
-from .scheduler import Finished, Generation, Piece
+from .scheduler import Admission, Finished, Generation, Piece, server_busy
 from .vllm_client import StreamDelta, StreamEnd, VllmClient, completion_body
 
 log = get_logger(__name__)
@@ -302,45 +302,64 @@ class VllmScheduler:
         self.on_slot = on_slot
         self._waiting: deque[Generation] = deque()
         self._in_flight = 0
+        self._admitted = 0  # places held by requests being prepared, not yet submitted
         self._workers: set[threading.Thread] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="vllm-dispatch", daemon=True)
         self._thread.start()
 
-    def submit(self, gen: Generation) -> Generation:
+    def admit(self) -> Admission:
+        """Hold a place (a slot, else a queue place) for a request about to be prepared, as the
+        native scheduler does: a request refused for want of room never loads its adapter."""
+        with self._cond:
+            self._check_room()
+            self._admitted += 1
+        return Admission(self)
+
+    def submit(self, gen: Generation, admission: Admission | None = None) -> Generation:
         """Pin the adapter in vLLM (an evicted one stays loaded while a request holds it), then
-        take a free slot or a place in the queue; RESOURCE_EXHAUSTED when both are full."""
+        take a free slot or a place in the queue (the one ``admission`` holds, if given);
+        RESOURCE_EXHAUSTED when both are full."""
         if not self.backend.healthy:
             raise Unavailable("the vLLM server is unavailable or reloading adapters; retry shortly")
         handle = _handle(gen)
         self.backend.acquire(handle)
         try:
-            self._enqueue(gen)
+            self._enqueue(gen, admission)
         except BaseException:
             self.backend.release(handle)
             raise
         return gen
 
-    def _enqueue(self, gen: Generation) -> None:
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise Unavailable("the inference server is shutting down")
+        if self._in_flight + len(self._waiting) + self._admitted >= self.max_concurrency + self.max_queued:
+            raise server_busy(self.max_concurrency, self.max_queued)
+
+    def _release(self, admission: Admission) -> None:
         with self._cond:
-            if self._stopping:
-                raise Unavailable("the inference server is shutting down")
+            if admission.held:
+                admission.held = False
+                self._admitted -= 1
+
+    def _enqueue(self, gen: Generation, admission: Admission | None) -> None:
+        with self._cond:
+            if admission is None:
+                self._check_room()
+            else:
+                if not admission.held:
+                    raise RuntimeError("this admission was already used or released")
+                admission.held = False
+                self._admitted -= 1
+                if self._stopping:
+                    raise Unavailable("the inference server is shutting down")
             gen.submitted = time.monotonic()
             if self._in_flight < self.max_concurrency and not self._waiting:
                 self._admit(gen)
-            elif len(self._waiting) < self.max_queued:
+            else:  # a place is ours: a slot freed meanwhile goes to the head of the queue
                 self._waiting.append(gen)
-            else:
-                queue = (
-                    f"the queue is full ({len(self._waiting)} waiting, "
-                    if self.max_queued
-                    else "queueing is off ("
-                )
-                raise ResourceExhausted(
-                    f"server busy: all {self.max_concurrency} generation slots are taken and {queue}"
-                    f"NOVELCRAFTER_MAX_QUEUED={self.max_queued}); retry shortly"
-                )
             self._cond.notify()
 
     @property
