@@ -149,6 +149,12 @@ class Settings(BaseSettings):
 
     # gRPC transport
     max_message_mb: int = setting(64, "gRPC message size limit", **bounded(1, 2047))
+    max_streams: int = setting(
+        256,
+        "gRPC streaming calls (WatchJob, uploads, downloads, GenerateStream) a server holds open at once, "
+        "on threads of their own: one more is RESOURCE_EXHAUSTED, and short calls are never starved",
+        **bounded(1, 10_000),
+    )
     grace_seconds: float = setting(
         30.0, "on SIGTERM, how long in-flight requests may finish", **bounded(0, 3600)
     )

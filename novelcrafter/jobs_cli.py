@@ -107,7 +107,7 @@ def train(
 ) -> None:
     """Create a training job for an ingested book on the coordinator, and follow it."""
     from novelcrafter.config import get_settings
-    from novelcrafter.errors import FailedPrecondition
+    from novelcrafter.errors import FailedPrecondition, ResourceExhausted
     from novelcrafter.progress import follow_job, job_state_name
     from novelcrafter.rpc import connect
     from novelcrafter.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -162,6 +162,7 @@ def train(
 
     address = settings.coordinator
     follow = watch if watch is not None else (sys.stdout.isatty() and not as_json)
+    # One channel for the whole run: the follower reconnects its stream on it, never a new one.
     with connect(address, settings) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
         job = _call(
@@ -185,6 +186,11 @@ def train(
                     file=sys.stderr,
                 )
                 raise
+            except ResourceExhausted as exc:  # the coordinator's streams are all in use
+                raise ResourceExhausted(
+                    f"cannot follow job {job.job_id}: {exc.message}; the job continues "
+                    f"(see `novelcrafter status {job.job_id}`)"
+                ) from None
         if as_json:
             print(_job_json(job))
         if follow and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:

@@ -5,6 +5,14 @@ errors to status codes, optional bearer-token auth (health stays open), TLS,
 message-size limits, and graceful shutdown on SIGTERM/SIGINT: health flips to
 NOT_SERVING, new RPCs are refused, in-flight RPCs get ``grace_seconds`` to finish.
 
+Capacity: a sync gRPC server holds one thread per call for the call's whole life, so a
+long stream (WatchJob, an upload, a download, GenerateStream) would hold a thread for
+minutes. Streams and short unary calls therefore never compete for threads: streaming
+calls get at most ``max_streams`` threads (one more is refused at once with
+RESOURCE_EXHAUSTED, :class:`StreamLimitInterceptor`) and unary calls keep ``max_workers``
+threads of their own, so a trainer's RenewLease answers in milliseconds however many job
+pages are open.
+
 Client: :func:`connect` makes a channel with the same limits, TLS and token.
 """
 
@@ -24,14 +32,33 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge
 
 from novelcrafter.config import Settings, get_settings
 from novelcrafter.errors import NovelCrafterError
+from novelcrafter.exposure import check_listen
 from novelcrafter.logs import get_logger
 
 log = get_logger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+# Capacity of one server (see the module docstring). Threads = UNARY_WORKERS + NOVELCRAFTER_MAX_STREAMS.
+UNARY_WORKERS = 32  # threads only short unary calls use (ClaimPart, RenewLease, GetJob, …)
+UNARY_BACKLOG_PER_WORKER = 3  # unary calls that may wait for a thread, per thread, before RESOURCE_EXHAUSTED
+TOO_MANY_STREAMS = "too many open streams"  # how a refused stream's message starts
+REFUSAL_LOG_SECONDS = 60.0  # refused streams are logged at most this often (a flood must not flood the log)
+
+OPEN_STREAMS = Gauge(
+    "novelcrafter_grpc_open_streams",
+    "Streaming RPCs in progress (each holds a server thread), by method",
+    ["method"],
+)
+STREAMS_REFUSED = Counter(
+    "novelcrafter_grpc_streams_refused_total",
+    "Streaming RPCs refused with RESOURCE_EXHAUSTED because the server's streams were all in use",
+    ["method"],
+)
 
 
 def _channel_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -146,6 +173,88 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _wrap_handler(handler, lambda _behaviour: deny)
 
 
+class StreamLimitInterceptor(grpc.ServerInterceptor):
+    """At most ``limit`` streaming calls (client-, server- or bidi-streaming) at once.
+
+    Each holds a server thread until it ends; one more is refused at once with
+    RESOURCE_EXHAUSTED instead of waiting for a thread, so streams can never take the threads
+    reserved for unary calls. Health's Watch counts too (it blocks a thread, and needs no token).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._open = 0
+        self._refused_since_log = 0
+        self._last_log = -REFUSAL_LOG_SECONDS
+
+    @property
+    def open(self) -> int:
+        """Streaming calls in progress now."""
+        return self._open
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        method = details.method
+
+        # The slot is taken in the handler's own thread (not here, on gRPC's polling thread):
+        # a call that gRPC then rejects or never runs cannot leak one.
+        def wrap(behaviour: Callable) -> Callable:
+            if handler.response_streaming:
+
+                def stream_behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    self._enter(method, context)
+                    try:
+                        yield from behaviour(request, context)
+                    finally:  # also when gRPC drops the generator (client gone)
+                        self._leave(method)
+
+                return stream_behaviour
+
+            def unary_behaviour(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+                self._enter(method, context)
+                try:
+                    return behaviour(request_iterator, context)
+                finally:
+                    self._leave(method)
+
+            return unary_behaviour
+
+        return _wrap_handler(handler, wrap)
+
+    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        if not self._slots.acquire(blocking=False):
+            STREAMS_REFUSED.labels(method).inc()
+            self._log_refusal(method)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{TOO_MANY_STREAMS} ({self.limit}); try again later"
+            )
+        with self._lock:
+            self._open += 1
+        OPEN_STREAMS.labels(method).inc()
+
+    def _leave(self, method: str) -> None:
+        OPEN_STREAMS.labels(method).dec()
+        with self._lock:
+            self._open -= 1
+        self._slots.release()
+
+    def _log_refusal(self, method: str) -> None:
+        with self._lock:
+            self._refused_since_log += 1
+            now = time.monotonic()
+            if now - self._last_log < REFUSAL_LOG_SECONDS:
+                return
+            refused, self._refused_since_log, self._last_log = self._refused_since_log, 0, now
+        log.warning(
+            "streams refused: all in use",
+            extra={"fields": {"method": method, "limit": self.limit, "refused": refused}},
+        )
+
+
 # --- server ------------------------------------------------------------------------------------
 
 
@@ -156,6 +265,7 @@ class Service:
     name: str  # full service name, e.g. "novelcrafter.v1.IngestService"
     servicer: Any
     add_fn: Callable[[Any, grpc.Server], None]
+    on_stop: Callable[[], None] | None = None  # e.g. end long streams before the grace period
 
 
 @dataclass
@@ -169,6 +279,11 @@ class GrpcServer:
     grace_seconds: float
     _stopped: threading.Event = field(default_factory=threading.Event)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    streams: StreamLimitInterceptor | None = None  # open-stream count and limit
+
+    @property
+    def open_streams(self) -> int:
+        return self.streams.open if self.streams else 0
 
     def set_serving(self, serving: bool, service: str = "") -> None:
         status = (
@@ -227,21 +342,30 @@ def start_server(
     listen: str,
     settings: Settings | None = None,
     *,
-    max_workers: int = 32,
+    max_workers: int = UNARY_WORKERS,
+    max_streams: int | None = None,
     serving: bool = True,
     extra_interceptors: Iterable[grpc.ServerInterceptor] = (),
 ) -> GrpcServer:
     """Build, bind and start a server. ``serving=False`` starts with health NOT_SERVING
-    (e.g. until a model is loaded); call :meth:`GrpcServer.set_serving` later."""
+    (e.g. until a model is loaded); call :meth:`GrpcServer.set_serving` later.
+
+    ``max_workers``: threads for unary calls; ``max_streams``: streaming calls open at once,
+    on threads of their own (the pool has both; default ``NOVELCRAFTER_MAX_STREAMS``)."""
     settings = settings or get_settings()
+    max_streams = max_streams or settings.max_streams
     services = list(services)
+    check_listen(listen, "gRPC " + ", ".join(svc.name.rsplit(".", 1)[-1] for svc in services), settings)
     interceptors: list[grpc.ServerInterceptor] = []
     if settings.auth_token:
         interceptors.append(AuthInterceptor(settings.auth_token))
     interceptors.extend(extra_interceptors)
-    interceptors.append(ErrorInterceptor())
+    streams = StreamLimitInterceptor(max_streams)
+    interceptors.extend([streams, ErrorInterceptor()])
+    # Streams never hold more than max_streams threads, so max_workers threads are always left
+    # for unary calls; the admission limit lets a bounded backlog of unary calls wait for one.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=max_workers + max_streams, thread_name_prefix="grpc"),
         interceptors=interceptors,
         options=[
             *_channel_options(settings),
@@ -251,7 +375,7 @@ def start_server(
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0),
         ],
-        maximum_concurrent_rpcs=max_workers * 4,
+        maximum_concurrent_rpcs=max_streams + max_workers * (1 + UNARY_BACKLOG_PER_WORKER),
     )
     for svc in services:
         svc.add_fn(svc.servicer, server)
@@ -269,7 +393,8 @@ def start_server(
     if port == 0 and not listen.endswith(":0"):
         raise NovelCrafterError(f"cannot listen on {listen}: address in use or not available")
     server.start()
-    srv = GrpcServer(server, port, health_servicer, names, settings.grace_seconds)
+    srv = GrpcServer(server, port, health_servicer, names, settings.grace_seconds, streams=streams)
+    srv.on_stop.extend(svc.on_stop for svc in services if svc.on_stop)
     srv.set_serving(serving)
     log.info(
         "grpc server listening",
@@ -280,6 +405,8 @@ def start_server(
                 "services": ",".join(names),
                 "tls": bool(creds),
                 "auth": bool(settings.auth_token),
+                "unary_workers": max_workers,
+                "max_streams": max_streams,
             }
         },
     )

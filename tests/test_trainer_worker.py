@@ -168,6 +168,7 @@ def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from novelcrafter.ingest.server import start_ingest_server
 
     monkeypatch.setenv("NOVELCRAFTER_METRICS_LISTEN", "off")
+    monkeypatch.setenv("NOVELCRAFTER_HUB_PUSH", "1")  # these jobs push to a (local) Hub
     settings = get_settings(store=str(tmp_path / "store"))
     store = open_store(settings=settings)
     server = start_ingest_server(settings, listen="127.0.0.1:0", store=store, metrics=False)

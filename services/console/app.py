@@ -28,14 +28,14 @@ from starlette.staticfiles import StaticFiles
 
 from novelcrafter.config import get_settings
 from novelcrafter.errors import InvalidArgument, NotFound, NovelCrafterError
-from novelcrafter.layout import check_book_id
+from novelcrafter.layout import MAX_FILENAME_BYTES, MAX_TITLE_CHARS, check_book_id
 from novelcrafter.logs import get_logger, kv
 from novelcrafter.progress import CallbackView, describe_event, follow
 from novelcrafter.v1 import inference_pb2, ingest_pb2, jobs_pb2
 
 from . import forms, views
 from .backends import Backends, call, http_status, ingest_stream, iterate_in_thread
-from .security import COOKIE, Guard, Session, safe_next
+from .security import COOKIE, Guard, LoginThrottle, Session, safe_next
 
 log = get_logger(__name__)
 HERE = Path(__file__).parent
@@ -70,6 +70,7 @@ class Console:
     def __init__(self, backends: Backends, guard: Guard) -> None:
         self.backends = backends
         self.guard = guard
+        self.throttle = LoginThrottle()  # one per process: every client's attempts together
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,  # every page: a title with <script> renders as text
@@ -146,10 +147,19 @@ class Console:
 
     async def login(self, ctx: Context) -> Response:
         target = safe_next(ctx.form.get("next"))
+        wait = self.throttle.reserve()
+        if wait is None:
+            log.info("console login throttled")
+            busy = "Too many login attempts right now. Wait a few seconds and try again."
+            response = self.render(ctx, "login.html", status=429, next=target, failed=busy)
+            response.headers["retry-after"] = "5"
+            return response
+        await asyncio.sleep(wait)
         if not self.guard.check_token(ctx.form.get("token", "")):
             log.info("console login refused")  # never the supplied value
             await asyncio.sleep(1.0)  # slows down guessing
-            return self.render(ctx, "login.html", status=401, next=target, failed=True)
+            wrong = "That token is not right. Try again."
+            return self.render(ctx, "login.html", status=401, next=target, failed=wrong)
         session = self.guard.new_session(authenticated=True)  # a new CSRF token after login
         response = RedirectResponse(target, status_code=303)
         response.headers.append("set-cookie", self.guard.cookie_header(session))
@@ -166,10 +176,25 @@ class Console:
 
     # --- books ---------------------------------------------------------------------------------
 
+    async def _list_books(self) -> ingest_pb2.ListBooksResponse:
+        """Every book: ListBooks answers a page at a time (bounded), so follow its pages."""
+        books = ingest_pb2.ListBooksResponse()
+        token = ""
+        for _ in range(10_000):  # a bound even if a server kept answering the same token
+            page = await call(
+                "ingest",
+                self.backends.ingest.ListBooks,
+                ingest_pb2.ListBooksRequest(page_size=1000, page_token=token),
+                timeout=30,
+            )
+            books.books.extend(page.books)
+            if not page.next_page_token or page.next_page_token == token:
+                break
+            token = page.next_page_token
+        return books
+
     async def books(self, ctx: Context) -> Response:
-        listing = await call(
-            "ingest", self.backends.ingest.ListBooks, ingest_pb2.ListBooksRequest(), timeout=30
-        )
+        listing = await self._list_books()
         books = sorted(listing.books, key=lambda b: -b.created_at)
         return self.render(
             ctx,
@@ -183,7 +208,7 @@ class Console:
         """The PDF is the raw request body (sent by the page's script with its progress bar);
         the options come in the query string. Streamed to IngestBook as it arrives."""
         q = ctx.request.query_params
-        filename = (q.get("filename") or "book.pdf")[:255]
+        filename = (q.get("filename") or "book.pdf").encode()[:MAX_FILENAME_BYTES].decode("utf-8", "ignore")
         if not filename.lower().endswith(".pdf"):
             raise InvalidArgument(f"{filename!r} is not a PDF: choose a .pdf file")
         limit = max_upload_bytes()
@@ -192,7 +217,7 @@ class Console:
             raise _too_large(limit)
         metadata = ingest_pb2.IngestMetadata(
             filename=filename,
-            title=(q.get("title") or "").strip()[:500],
+            title=(q.get("title") or "").strip()[:MAX_TITLE_CHARS],
             params=forms.ingest_params(q),
             size_bytes=int(announced) if announced.isdigit() else 0,
         )
@@ -238,9 +263,7 @@ class Console:
         listing = await call(
             "coordinator", self.backends.jobs.ListJobs, jobs_pb2.ListJobsRequest(), timeout=30
         )
-        books = await call(
-            "ingest", self.backends.ingest.ListBooks, ingest_pb2.ListBooksRequest(), timeout=30
-        )
+        books = await self._list_books()
         titles = {b.book_id: b.title for b in books.books}
         return self.render(
             ctx,
@@ -296,10 +319,16 @@ class Console:
 
     async def job_events(self, ctx: Context) -> Response:
         """Server-sent events from WatchJob (replayed from the start, or after Last-Event-ID)."""
+        # A reconnecting EventSource sends back an id we wrote (a sequence number); anything
+        # else (not ASCII digits, beyond int64) is refused rather than failing the stream.
+        last = ctx.request.headers.get("last-event-id", "").strip()
+        if last and not (last.isascii() and last.isdigit() and len(last) <= 18):
+            raise InvalidArgument(f"Last-Event-ID must be an event sequence number (got {last[:40]!r})")
+        after = int(last or 0)
         job = await self._job(ctx)  # 404 now, as a status, rather than inside the stream
-        last = ctx.request.headers.get("last-event-id", "")
-        after = int(last) if last.isdigit() else 0
-        channel = self.backends.private_channel(self.backends.ingest_address)
+        # The shared channel: one connection however many pages are open. Leaving the page
+        # cancels this page's calls, never the channel.
+        channel, cancel = self.backends.cancellable(self.backends.ingest_address)
 
         def produce(emit: Callable[[Any], None]) -> None:
             view = CallbackView(lambda e: emit(("event", e)))
@@ -308,7 +337,7 @@ class Console:
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                async for kind, item in iterate_in_thread(produce, channel.close):
+                async for kind, item in iterate_in_thread(produce, cancel):
                     if kind == "event":
                         data = views.event_data(item, describe_event(item))
                         yield _sse(data, event="job", id=item.sequence)
@@ -322,9 +351,7 @@ class Console:
     # --- try it --------------------------------------------------------------------------------
 
     async def _choices(self) -> tuple[list[Any], dict[str, list[str]]]:
-        books = await call(
-            "ingest", self.backends.ingest.ListBooks, ingest_pb2.ListBooksRequest(), timeout=30
-        )
+        books = await self._list_books()
         versions: dict[str, list[str]] = {}
         try:
             adapters = await call(
@@ -406,9 +433,7 @@ class Console:
         adapters = await call(
             "inference", self.backends.inference.ListAdapters, inference_pb2.ListAdaptersRequest(), timeout=30
         )
-        books = await call(
-            "ingest", self.backends.ingest.ListBooks, ingest_pb2.ListBooksRequest(), timeout=30
-        )
+        books = await self._list_books()
         listing = await call(
             "coordinator", self.backends.jobs.ListJobs, jobs_pb2.ListJobsRequest(), timeout=30
         )

@@ -9,6 +9,7 @@ queues, so a book is never held whole in memory and a browser that goes away can
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +21,7 @@ import grpc
 
 from novelcrafter.config import Settings
 from novelcrafter.errors import NovelCrafterError, from_rpc_error
-from novelcrafter.rpc import connect
+from novelcrafter.rpc import TOO_MANY_STREAMS, connect
 from novelcrafter.v1 import (
     inference_pb2_grpc,
     ingest_pb2,
@@ -51,12 +52,15 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 
 
 def http_status(exc: NovelCrafterError) -> int:
+    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.message.startswith(TOO_MANY_STREAMS):
+        return 503  # the service is busy (not "too large"): try again later
     return HTTP_STATUS.get(exc.code, 500)
 
 
 @dataclass
 class Backends:
-    """Channels to the services; one of each, shared by all requests (gRPC multiplexes)."""
+    """Channels to the services; one of each, shared by all requests and streams (gRPC
+    multiplexes), so open pages never multiply connections."""
 
     ingest_address: str  # IngestService and JobService (the coordinator) share this process
     inference_address: str
@@ -82,15 +86,71 @@ class Backends:
     def inference(self) -> inference_pb2_grpc.InferenceServiceStub:
         return inference_pb2_grpc.InferenceServiceStub(self.channel(self.inference_address))
 
-    def private_channel(self, address: str) -> grpc.Channel:
-        """A channel of its own, for a long stream whose end we control by closing it."""
-        return connect(address, self.settings)
+    def cancellable(self, address: str) -> tuple[grpc.Channel, Callable[[], None]]:
+        """The shared channel to ``address`` and a function that cancels the streams started
+        through it (e.g. when the browser goes away); the channel itself stays open for
+        everyone else. Unary calls made through it without a deadline get ``UNARY_TIMEOUT``,
+        so nothing started for a page outlives the page for long."""
+        calls = CancellableCalls()
+        return grpc.intercept_channel(self.channel(address), calls), calls.cancel
 
     def close(self) -> None:
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+
+
+class _Details(
+    collections.namedtuple(
+        "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class CancellableCalls(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Keeps the server-streaming calls made through a channel, to cancel them together.
+
+    Cancelling a call (not closing a channel) is how a page's stream ends while the one
+    connection to the service stays shared. A stream started after :meth:`cancel` (a follower
+    reconnecting) is cancelled at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[Any] = []
+        self._cancelled = False
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        if details.timeout is None:
+            details = _Details(
+                details.method,
+                UNARY_TIMEOUT,
+                details.metadata,
+                details.credentials,
+                getattr(details, "wait_for_ready", None),
+                getattr(details, "compression", None),
+            )
+        return continuation(details, request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        call = continuation(details, request)
+        with self._lock:
+            cancelled = self._cancelled
+            if not cancelled:  # ended calls are dropped: a long follow reconnects many times
+                self._calls = [c for c in self._calls if c.is_active()] + [call]
+        if cancelled:
+            call.cancel()
+        return call
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            calls, self._calls = self._calls, []
+        for call in calls:
+            call.cancel()
 
 
 async def call(service: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -392,10 +392,11 @@ class Coordinator:
                 yield event
                 last = event.sequence
 
-    def wake_watchers(self) -> None:
-        """Let waiting WatchJob streams re-check their client (called when a client goes away)."""
-        with self._changed:
-            self._changed.notify_all()
+    def event_log(self, job_id: str) -> EventLog:
+        """The job's events, which WatchJob streams wait on (each job's log wakes only its own)."""
+        with self._lock:
+            self._record(job_id)  # NOT_FOUND / INVALID_ARGUMENT
+            return self._events[job_id]
 
     # --- worker side ----------------------------------------------------------------------------
 

@@ -3,11 +3,18 @@
 History is bounded: when it grows past ``MAX_EVENTS`` the oldest *progress* events go
 first, so state changes, metrics and messages (a handful per part) survive the longest
 and a client that reconnects, even after a coordinator restart, still sees how the job went.
+
+WatchJob streams wait on the log itself (:meth:`EventLog.wait_after`), not on the
+coordinator's lock: a new event wakes only the streams of its job, they read it without
+holding up the trainers' calls, and an idle stream sleeps until an event, its keepalive
+timeout or :meth:`EventLog.wake` (its client left, the server is stopping).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 
 from google.protobuf import json_format
 
@@ -21,17 +28,44 @@ class EventLog:
     def __init__(self, events: list[jobs_pb2.JobEvent] | None = None) -> None:
         self.events: list[jobs_pb2.JobEvent] = list(events or [])
         self.dirty = False  # appended since the last successful persist
+        # Guards ``events``; a leaf lock (nothing else is taken while holding it), so the
+        # coordinator may extend under its own lock while streams read without taking that.
+        self._changed = threading.Condition(threading.Lock())
 
     def extend(self, events: list[jobs_pb2.JobEvent]) -> None:
         if not events:
             return
-        self.events.extend(events)
-        self.dirty = True
-        if len(self.events) > MAX_EVENTS:
-            self._trim()
+        with self._changed:
+            self.events.extend(events)
+            self.dirty = True
+            if len(self.events) > MAX_EVENTS:
+                self._trim()
+            self._changed.notify_all()
 
     def after(self, sequence: int) -> list[jobs_pb2.JobEvent]:
         """Events with a sequence above ``sequence``, oldest first."""
+        with self._changed:
+            return self._after(sequence)
+
+    def wait_after(
+        self, sequence: int, timeout: float, stop: Callable[[], bool] = lambda: False
+    ) -> list[jobs_pb2.JobEvent]:
+        """Events after ``sequence``; if there are none, wait up to ``timeout`` seconds for one,
+        unless ``stop()`` is already true. ``stop`` is checked under the log's lock, so a
+        :meth:`wake` that follows setting what it reads is never missed."""
+        with self._changed:
+            pending = self._after(sequence)
+            if pending or stop():
+                return pending
+            self._changed.wait(timeout)
+            return self._after(sequence)
+
+    def wake(self) -> None:
+        """Wake every stream waiting on this log (they re-check whether to go on)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def _after(self, sequence: int) -> list[jobs_pb2.JobEvent]:
         events = self.events
         if not events or events[-1].sequence <= sequence:
             return []
@@ -46,7 +80,8 @@ class EventLog:
 
     @property
     def last_sequence(self) -> int:
-        return self.events[-1].sequence if self.events else 0
+        with self._changed:
+            return self.events[-1].sequence if self.events else 0
 
     def _trim(self) -> None:
         excess = len(self.events) - TRIM_TO
@@ -61,9 +96,9 @@ class EventLog:
         self.events = kept
 
     def to_jsonl(self) -> str:
-        return "".join(
-            json.dumps(json_format.MessageToDict(e), separators=(",", ":")) + "\n" for e in self.events
-        )
+        with self._changed:
+            events = list(self.events)  # serialized outside the lock: streams keep reading
+        return "".join(json.dumps(json_format.MessageToDict(e), separators=(",", ":")) + "\n" for e in events)
 
     @classmethod
     def from_jsonl(cls, text: str) -> EventLog:

@@ -1,26 +1,50 @@
 """The gRPC face of the coordinator: ``novelcrafter.v1.JobService`` over :class:`Coordinator`.
 
 Validation and errors live in the coordinator (domain errors); the shared error
-interceptor turns them into status codes. This layer only unpacks requests.
+interceptor turns them into status codes. This layer only unpacks requests, and keeps the
+WatchJob streams: each waits on its job's event log (never polling, never on the
+coordinator's lock), woken by a new event, by its client leaving, by the server stopping,
+or by its keepalive timeout.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 
+from novelcrafter.errors import InvalidArgument
 from novelcrafter.rpc import Service
 from novelcrafter.v1 import jobs_pb2, jobs_pb2_grpc
 
 from .core import Coordinator
+from .events import EventLog
 
 SERVICE_NAME = "novelcrafter.v1.JobService"
+# An idle stream wakes this often to re-check its job and the coordinator (a safety net: every
+# change that ends a stream also wakes it at once).
+WATCH_KEEPALIVE_SECONDS = 15.0
+TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        self._lock = threading.Lock()
+        self._watching: dict[threading.Event, EventLog] = {}  # open streams: their stop flag, their log
+        self._closed = False
+
+    def close(self) -> None:
+        """End every WatchJob stream now (the server is stopping); new ones end at once.
+        Runs before the server's grace period, so open streams do not hold the shutdown."""
+        with self._lock:
+            self._closed = True
+            watching = list(self._watching.items())
+        for stop, history in watching:
+            stop.set()
+            history.wake()
 
     # client side
     def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
@@ -40,9 +64,54 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[jobs_pb2.JobEvent]:
-        # A client that cancels wakes the stream at once instead of at its next poll.
-        context.add_callback(self.c.wake_watchers)
-        yield from self.c.watch_job(request.job_id, request.after_sequence, context.is_active)
+        """Replay events after ``after_sequence``, then follow live ones until the job is
+        terminal, the client goes away or the server stops."""
+        job_id, last = request.job_id, request.after_sequence
+        if last < 0:
+            raise InvalidArgument(f"after_sequence must be >= 0 (got {last})")
+        ended = self.c.get_job(job_id).state in TERMINAL  # NOT_FOUND before the stream starts
+        history = self._history(job_id)
+        stop = threading.Event()
+
+        def leave() -> None:  # the client cancelled, or its deadline passed
+            stop.set()
+            history.wake()  # only this job's streams wake, and re-check
+
+        with self._lock:
+            if self._closed or self.c.closed:
+                return
+            self._watching[stop] = history
+        if not context.add_callback(leave):  # the call is already over
+            stop.set()
+        next_check = time.monotonic() + WATCH_KEEPALIVE_SECONDS
+        try:
+            while not stop.is_set():
+                if ended:
+                    pending = history.after(last)
+                else:
+                    pending = history.wait_after(last, WATCH_KEEPALIVE_SECONDS, stop.is_set)
+                for event in pending:
+                    yield event
+                    last = event.sequence
+                    if event.HasField("job_state") and event.job_state in TERMINAL:
+                        ended = True
+                if pending:
+                    continue  # look again before deciding: more may have come meanwhile
+                if ended or self.c.closed or not context.is_active():
+                    return
+                # Keepalive, at most every WATCH_KEEPALIVE_SECONDS (not on every wake-up): the
+                # job may have ended without an event on record (a history lost on restart).
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + WATCH_KEEPALIVE_SECONDS
+                    ended = self.c.get_job(job_id).state in TERMINAL
+        finally:
+            with self._lock:
+                self._watching.pop(stop, None)
+
+    def _history(self, job_id: str) -> EventLog:
+        # The coordinator publishes every event of a job through its EventLog; streams wait on
+        # the log itself, so an event wakes only its own job's streams.
+        return self.c.event_log(job_id)
 
     # worker side
     def ClaimPart(
@@ -76,5 +145,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
 
 def job_service(coordinator: Coordinator) -> Service:
-    """The JobService to pass to :func:`novelcrafter.rpc.start_server`."""
-    return Service(SERVICE_NAME, JobServicer(coordinator), jobs_pb2_grpc.add_JobServiceServicer_to_server)
+    """The JobService to pass to :func:`novelcrafter.rpc.start_server` (its streams end when
+    the server stops, before the grace period)."""
+    servicer = JobServicer(coordinator)
+    return Service(
+        SERVICE_NAME, servicer, jobs_pb2_grpc.add_JobServiceServicer_to_server, on_stop=servicer.close
+    )
