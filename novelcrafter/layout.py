@@ -17,6 +17,9 @@ JOB_ID_RE = re.compile(r"^j-[0-9a-f]{12}$")
 VERSION_RE = re.compile(r"^j-[0-9a-f]{12}-p[0-9]{2,4}$")
 PART_ALIAS_RE = re.compile(r"^part-([0-9]{1,4})$")
 MAX_PARTS = 1000
+# A book's title and upload file name, as IngestBook accepts them (the console cuts to these).
+MAX_TITLE_CHARS = 500
+MAX_FILENAME_BYTES = 255  # UTF-8, as most file systems limit a name
 
 
 def book_id_for(pdf_bytes: bytes) -> str:

@@ -374,6 +374,10 @@ def start_server(
             # of answering GOAWAY "too_many_pings" under gRPC's 5-minute default.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0),
+            # Small receive windows: with BDP probing gRPC grows each stream's HTTP/2 window to
+            # many MB and reads whole uploads into memory ahead of their handler (N uploads x
+            # their size). Without it an upload is read as its handler spools it to disk.
+            ("grpc.http2.bdp_probe", 0),
         ],
         maximum_concurrent_rpcs=max_streams + max_workers * (1 + UNARY_BACKLOG_PER_WORKER),
     )

@@ -26,7 +26,7 @@ from novelcrafter.v1 import common_pb2 as novelcrafter_dot_v1_dot_common__pb2
 from novelcrafter.v1 import jobs_pb2 as novelcrafter_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnovelcrafter/v1/ingest.proto\x12\x0fnovelcrafter.v1\x1a\x1cnovelcrafter/v1/common.proto\x1a\x1anovelcrafter/v1/jobs.proto\"\xca\x01\n\x0eIngestMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.novelcrafter.v1.IngestParams\x12\x12\n\ncreate_job\x18\x05 \x01(\x08\x12.\n\njob_config\x18\x06 \x01(\x0b\x32\x1a.novelcrafter.v1.JobConfig\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\"d\n\x11IngestBookRequest\x12\x33\n\x08metadata\x18\x01 \x01(\x0b\x32\x1f.novelcrafter.v1.IngestMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x81\x01\n\x12IngestBookResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.novelcrafter.v1.BookManifest\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\x12!\n\x03job\x18\x03 \x01(\x0b\x32\x14.novelcrafter.v1.Job\"9\n\x0eGetBookRequest\x12\x0f\n\x07\x62ook_id\x18\x01 \x01(\t\x12\x16\n\x0epreview_chunks\x18\x02 \x01(\x05\"S\n\x0fGetBookResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.novelcrafter.v1.BookManifest\x12\x0f\n\x07preview\x18\x02 \x03(\t\"\x12\n\x10ListBooksRequest\"A\n\x11ListBooksResponse\x12,\n\x05\x62ooks\x18\x01 \x03(\x0b\x32\x1d.novelcrafter.v1.BookManifest\"9\n\x15GetAdapterCardRequest\x12\x0f\n\x07\x62ook_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"^\n\x16GetAdapterCardResponse\x12\x30\n\x07version\x18\x01 \x01(\x0b\x32\x1f.novelcrafter.v1.AdapterVersion\x12\x12\n\nmodel_card\x18\x02 \x01(\t\"8\n\x14\x45xportAdapterRequest\x12\x0f\n\x07\x62ook_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"4\n\x12\x45xportAdapterChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xcc\x03\n\rIngestService\x12W\n\nIngestBook\x12\".novelcrafter.v1.IngestBookRequest\x1a#.novelcrafter.v1.IngestBookResponse(\x01\x12L\n\x07GetBook\x12\x1f.novelcrafter.v1.GetBookRequest\x1a .novelcrafter.v1.GetBookResponse\x12R\n\tListBooks\x12!.novelcrafter.v1.ListBooksRequest\x1a\".novelcrafter.v1.ListBooksResponse\x12\x61\n\x0eGetAdapterCard\x12&.novelcrafter.v1.GetAdapterCardRequest\x1a\'.novelcrafter.v1.GetAdapterCardResponse\x12]\n\rExportAdapter\x12%.novelcrafter.v1.ExportAdapterRequest\x1a#.novelcrafter.v1.ExportAdapterChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnovelcrafter/v1/ingest.proto\x12\x0fnovelcrafter.v1\x1a\x1cnovelcrafter/v1/common.proto\x1a\x1anovelcrafter/v1/jobs.proto\"\xca\x01\n\x0eIngestMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.novelcrafter.v1.IngestParams\x12\x12\n\ncreate_job\x18\x05 \x01(\x08\x12.\n\njob_config\x18\x06 \x01(\x0b\x32\x1a.novelcrafter.v1.JobConfig\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\"d\n\x11IngestBookRequest\x12\x33\n\x08metadata\x18\x01 \x01(\x0b\x32\x1f.novelcrafter.v1.IngestMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x81\x01\n\x12IngestBookResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.novelcrafter.v1.BookManifest\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\x12!\n\x03job\x18\x03 \x01(\x0b\x32\x14.novelcrafter.v1.Job\"9\n\x0eGetBookRequest\x12\x0f\n\x07\x62ook_id\x18\x01 \x01(\t\x12\x16\n\x0epreview_chunks\x18\x02 \x01(\x05\"S\n\x0fGetBookResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.novelcrafter.v1.BookManifest\x12\x0f\n\x07preview\x18\x02 \x03(\t\"9\n\x10ListBooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x11ListBooksResponse\x12,\n\x05\x62ooks\x18\x01 \x03(\x0b\x32\x1d.novelcrafter.v1.BookManifest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x15GetAdapterCardRequest\x12\x0f\n\x07\x62ook_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"^\n\x16GetAdapterCardResponse\x12\x30\n\x07version\x18\x01 \x01(\x0b\x32\x1f.novelcrafter.v1.AdapterVersion\x12\x12\n\nmodel_card\x18\x02 \x01(\t\"8\n\x14\x45xportAdapterRequest\x12\x0f\n\x07\x62ook_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"4\n\x12\x45xportAdapterChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xcc\x03\n\rIngestService\x12W\n\nIngestBook\x12\".novelcrafter.v1.IngestBookRequest\x1a#.novelcrafter.v1.IngestBookResponse(\x01\x12L\n\x07GetBook\x12\x1f.novelcrafter.v1.GetBookRequest\x1a .novelcrafter.v1.GetBookResponse\x12R\n\tListBooks\x12!.novelcrafter.v1.ListBooksRequest\x1a\".novelcrafter.v1.ListBooksResponse\x12\x61\n\x0eGetAdapterCard\x12&.novelcrafter.v1.GetAdapterCardRequest\x1a\'.novelcrafter.v1.GetAdapterCardResponse\x12]\n\rExportAdapter\x12%.novelcrafter.v1.ExportAdapterRequest\x1a#.novelcrafter.v1.ExportAdapterChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,17 +44,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBOOKRESPONSE']._serialized_start=605
   _globals['_GETBOOKRESPONSE']._serialized_end=688
   _globals['_LISTBOOKSREQUEST']._serialized_start=690
-  _globals['_LISTBOOKSREQUEST']._serialized_end=708
-  _globals['_LISTBOOKSRESPONSE']._serialized_start=710
-  _globals['_LISTBOOKSRESPONSE']._serialized_end=775
-  _globals['_GETADAPTERCARDREQUEST']._serialized_start=777
-  _globals['_GETADAPTERCARDREQUEST']._serialized_end=834
-  _globals['_GETADAPTERCARDRESPONSE']._serialized_start=836
-  _globals['_GETADAPTERCARDRESPONSE']._serialized_end=930
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=932
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=988
-  _globals['_EXPORTADAPTERCHUNK']._serialized_start=990
-  _globals['_EXPORTADAPTERCHUNK']._serialized_end=1042
-  _globals['_INGESTSERVICE']._serialized_start=1045
-  _globals['_INGESTSERVICE']._serialized_end=1505
+  _globals['_LISTBOOKSREQUEST']._serialized_end=747
+  _globals['_LISTBOOKSRESPONSE']._serialized_start=749
+  _globals['_LISTBOOKSRESPONSE']._serialized_end=839
+  _globals['_GETADAPTERCARDREQUEST']._serialized_start=841
+  _globals['_GETADAPTERCARDREQUEST']._serialized_end=898
+  _globals['_GETADAPTERCARDRESPONSE']._serialized_start=900
+  _globals['_GETADAPTERCARDRESPONSE']._serialized_end=994
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=996
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=1052
+  _globals['_EXPORTADAPTERCHUNK']._serialized_start=1054
+  _globals['_EXPORTADAPTERCHUNK']._serialized_end=1106
+  _globals['_INGESTSERVICE']._serialized_start=1109
+  _globals['_INGESTSERVICE']._serialized_end=1569
 # @@protoc_insertion_point(module_scope)

@@ -61,14 +61,20 @@ class GetBookResponse(_message.Message):
     def __init__(self, manifest: _Optional[_Union[_common_pb2.BookManifest, _Mapping]] = ..., preview: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListBooksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListBooksResponse(_message.Message):
-    __slots__ = ("books",)
+    __slots__ = ("books", "next_page_token")
     BOOKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     books: _containers.RepeatedCompositeFieldContainer[_common_pb2.BookManifest]
-    def __init__(self, books: _Optional[_Iterable[_Union[_common_pb2.BookManifest, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, books: _Optional[_Iterable[_Union[_common_pb2.BookManifest, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetAdapterCardRequest(_message.Message):
     __slots__ = ("book_id", "adapter")

@@ -80,7 +80,8 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListBooks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One page of the books, in book id order; follow next_page_token for the rest.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -7,6 +7,11 @@ Store layout (keys from ``novelcrafter.layout``)::
 The manifest is the commit point: readers only trust a book whose manifest exists, and a
 failure before it removes whatever this call wrote. The same PDF always has the same id;
 ingesting it again with the same parameters returns the stored manifest unchanged.
+
+Ingests of one book are serialized within the process (:func:`book_lock`), and the manifest is
+written with ``put_if_absent``: of two writers (say, this service and a ``novelcrafter ingest``
+into the same store) exactly one commits and the other returns its manifest. A failed writer
+never removes keys that a committed manifest names.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Protocol
 
 from novelcrafter import layout
 from novelcrafter.errors import Aborted, FailedPrecondition, NotFound, StoreError
@@ -39,10 +46,50 @@ _WORDS = re.compile(r"\S+")
 _SAME_SPLIT = ("chunk_sentences", "test_fraction", "seed")
 
 
+_LOCK_POLL = 0.2  # seconds between checks of ``cancelled`` while waiting for a lock
+
+
 @dataclass
 class IngestResult:
     manifest: dict[str, Any]
     already_existed: bool
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+
+def acquire(lock: _Lock, cancelled: Cancelled | None) -> None:
+    """Wait for ``lock``; a caller that goes away while waiting stops waiting (:class:`Aborted`)."""
+    while not lock.acquire(timeout=_LOCK_POLL):
+        if cancelled is not None and cancelled():
+            raise Aborted("ingest cancelled: the client went away")
+
+
+_book_locks: dict[str, tuple[threading.RLock, int]] = {}  # book id -> (lock, holders and waiters)
+_book_locks_guard = threading.Lock()
+
+
+@contextmanager
+def book_lock(book_id: str, cancelled: Cancelled | None = None) -> Iterator[None]:
+    """Hold the process-wide lock of one book: a second ingest of the same PDF waits here, then
+    finds the first one's manifest (re-entrant, so the service may take it before the pipeline)."""
+    with _book_locks_guard:
+        lock, users = _book_locks.get(book_id) or (threading.RLock(), 0)
+        _book_locks[book_id] = (lock, users + 1)
+    try:
+        acquire(lock, cancelled)
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        with _book_locks_guard:
+            lock, users = _book_locks[book_id]
+            if users == 1:
+                del _book_locks[book_id]  # no entry per book ever seen: the map stays small
+            else:
+                _book_locks[book_id] = (lock, users - 1)
 
 
 def ingest_pdf(
@@ -87,6 +134,24 @@ def ingest(
     if not isinstance(params, IngestParams):
         params = IngestParams.from_dict(params)
     book_id = layout.book_id_for(pdf_bytes)
+    with book_lock(book_id, cancelled):
+        return _ingest(
+            store, book_id, pdf_bytes, title, password, params, progress, filename, limits, cancelled
+        )
+
+
+def _ingest(
+    store: Store,
+    book_id: str,
+    pdf_bytes: bytes,
+    title: str | None,
+    password: str | None,
+    params: IngestParams,
+    progress: Progress | None,
+    filename: str | None,
+    limits: Limits | None,
+    cancelled: Cancelled | None,
+) -> IngestResult:
     existing = _stored_manifest(store, book_id)
     if existing is not None:
         _check_same_params(existing, params)
@@ -158,7 +223,12 @@ def ingest(
     }
     if cancelled is not None and cancelled():
         raise Aborted("ingest cancelled: the client went away")
-    _write(store, book_id, pdf_bytes, text, parts, manifest, progress, cancelled)
+    if not _write(store, book_id, pdf_bytes, text, parts, manifest, progress, cancelled):
+        # Another process committed this book meanwhile: its manifest is the book.
+        existing = get_book(store, book_id)
+        _check_same_params(existing, params)
+        log.info("book ingested meanwhile by another writer", extra=kv(book_id=book_id))
+        return IngestResult(existing, True)
     log.info(
         "book ingested",
         extra=kv(
@@ -208,33 +278,69 @@ def _write(
     manifest: dict[str, Any],
     progress: Progress | None,
     cancelled: Cancelled | None = None,
-) -> None:
-    """Everything first, the manifest last; on failure remove what was written (no half book)."""
-    objects: list[tuple[str, bytes]] = [
-        (layout.source_key(book_id), pdf_bytes),
-        (layout.text_key(book_id), text.encode()),
-    ]
+) -> bool:
+    """Everything first, the manifest last and only if absent (the commit). Return whether this
+    call committed (False: another writer's manifest got there first). On failure, remove what this
+    call wrote, but never keys that a committed manifest names."""
+    objects: dict[str, bytes] = {
+        layout.source_key(book_id): pdf_bytes,
+        layout.text_key(book_id): text.encode(),
+    }
     for part in parts:
-        objects.append((layout.part_train_key(book_id, part.index), _jsonl(part.train)))
-        objects.append((layout.part_test_key(book_id, part.index), _jsonl(part.test)))
+        objects[layout.part_train_key(book_id, part.index)] = _jsonl(part.train)
+        objects[layout.part_test_key(book_id, part.index)] = _jsonl(part.test)
+    manifest_data = json.dumps(manifest, indent=1, sort_keys=True, default=str).encode()
     written: list[str] = []
     try:
-        for done, (key, data) in enumerate(objects):
+        for done, (key, data) in enumerate(objects.items()):
             if cancelled is not None and cancelled():
                 raise Aborted("ingest cancelled: the client went away")
             store.put(key, data)
             written.append(key)
             _step(progress, "write", done + 1, len(objects) + 1)
-        store.put_json(layout.manifest_key(book_id), manifest)
+        committed = store.put_if_absent(layout.manifest_key(book_id), manifest_data)
         _step(progress, "write", len(objects) + 1, len(objects) + 1)
     except BaseException:
-        if not store.exists(layout.manifest_key(book_id)):
-            for key in written:
-                try:
-                    store.delete(key)
-                except StoreError:
-                    log.warning("could not remove a partial write", extra=kv(key=key))
+        _remove_uncommitted(store, book_id, {key: objects[key] for key in written}, manifest["params"])
         raise
+    if committed:
+        # A failed writer in another process may have removed some of these keys after we wrote
+        # them (it saw no manifest yet): put them back, the book must be whole.
+        _restore_missing(store, book_id, objects)
+    return committed
+
+
+def _remove_uncommitted(
+    store: Store, book_id: str, written: dict[str, bytes], params: dict[str, Any]
+) -> None:
+    """Remove what a failed ingest wrote, unless another writer's manifest now names those keys."""
+    if not written:
+        return
+    try:
+        if store.exists(layout.manifest_key(book_id)):
+            return  # another writer committed: the keys belong to its book now
+        for key in written:
+            try:
+                store.delete(key)
+            except StoreError:
+                log.warning("could not remove a partial write", extra=kv(key=key))
+        # Another process may have committed while we deleted: put back what we removed from
+        # under it. Only identical bytes: the source and text always, the parts if cut alike.
+        other = _stored_manifest(store, book_id)
+        if other is not None:
+            same_cut = other.get("params") == params
+            shared = (layout.source_key(book_id), layout.text_key(book_id))
+            _restore_missing(store, book_id, {k: v for k, v in written.items() if same_cut or k in shared})
+    except StoreError as exc:
+        log.warning("could not clean up a failed ingest", extra=kv(book_id=book_id, error=str(exc)))
+
+
+def _restore_missing(store: Store, book_id: str, objects: dict[str, bytes]) -> None:
+    present = set(store.list(layout.book_prefix(book_id)))
+    for key, data in objects.items():
+        if key not in present:
+            log.warning("restoring a key a concurrent writer removed", extra=kv(key=key))
+            store.put(key, data)
 
 
 def _stored_manifest(store: Store, book_id: str) -> dict[str, Any] | None:
@@ -286,13 +392,22 @@ def preview_chunks(store: Store, manifest: dict[str, Any], count: int) -> list[s
     return chunks[:count]
 
 
+def book_ids(store: Store) -> list[str]:
+    """The ids of every complete book (one whose manifest exists), in id order."""
+    ids = (key.split("/")[1] for key in store.list(layout.BOOKS) if layout.is_manifest_key(key))
+    return sorted(book_id for book_id in ids if layout.BOOK_ID_RE.match(book_id))
+
+
+def read_book(store: Store, book_id: str) -> dict[str, Any] | None:
+    """A listed book's manifest; None when it was removed meanwhile or is unreadable."""
+    try:
+        return store.get_json(layout.manifest_key(book_id))
+    except (NotFound, StoreError):
+        return None
+
+
 def list_books(store: Store) -> list[dict[str, Any]]:
-    """Every complete book (one whose manifest exists), oldest first."""
-    books = []
-    for key in store.list(layout.BOOKS):
-        if layout.is_manifest_key(key):
-            try:
-                books.append(store.get_json(key))
-            except (NotFound, StoreError):
-                continue  # removed meanwhile, or unreadable: not a complete book
+    """Every complete book, oldest first (all in memory: for a bounded listing page through
+    :func:`book_ids` with :func:`read_book`)."""
+    books = [m for m in (read_book(store, book_id) for book_id in book_ids(store)) if m is not None]
     return sorted(books, key=lambda m: (m.get("created_at", 0), m.get("book_id", "")))
