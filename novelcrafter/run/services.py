@@ -148,7 +148,7 @@ class LocalServices:
             specs.append(("console", [*console, "--inference", self.inference], f"{self.console_url}health"))
         for name, args, health in specs:
             env = dict(base_env)
-            if self.metrics:
+            if self.metrics and name != "console":  # the console serves no /metrics
                 port = free_port()
                 env["NOVELCRAFTER_METRICS_LISTEN"] = f"{LOOPBACK}:{port}"
                 if not health:  # a worker has no gRPC server: its metrics port answers for it
@@ -156,7 +156,9 @@ class LocalServices:
             else:
                 env["NOVELCRAFTER_METRICS_LISTEN"] = "off"
             log_path = self.log_dir / f"{name}.log" if self.log_dir else None
-            metrics = env["NOVELCRAFTER_METRICS_LISTEN"] if self.metrics else ""
+            metrics = (
+                "" if env["NOVELCRAFTER_METRICS_LISTEN"] == "off" else env["NOVELCRAFTER_METRICS_LISTEN"]
+            )
             self.children.append(Child(name, [*cli, *args], env, log_path, health, metrics))
         for child in self.children:
             child.start()
