@@ -353,7 +353,7 @@ def start_server(
     ``max_workers``: threads for unary calls; ``max_streams``: streaming calls open at once,
     on threads of their own (the pool has both; default ``NOVELCRAFTER_MAX_STREAMS``)."""
     settings = settings or get_settings()
-    max_streams = max_streams or settings.max_streams
+    max_streams = settings.max_streams if max_streams is None else max_streams
     services = list(services)
     check_listen(listen, "gRPC " + ", ".join(svc.name.rsplit(".", 1)[-1] for svc in services), settings)
     interceptors: list[grpc.ServerInterceptor] = []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
-from novelcrafter.ingest.coordinator import Coordinator, job_service
+from novelcrafter.coordinator import Coordinator, job_service
 
 from novelcrafter import adapters, layout
 from novelcrafter.config import Settings, get_settings
@@ -58,10 +58,12 @@ def make_book(store: Store, parts: int = 3, tag: str = "book") -> str:
 class CoordinatorServer:
     """A real coordinator behind a real gRPC server on 127.0.0.1, as `serve ingest` hosts it."""
 
-    def __init__(self, store: Store, lease_seconds: float = 1.0, port: int = 0) -> None:
+    def __init__(self, store: Store, lease_seconds: float = 1.0, port: int = 0, db: str | None = None) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
-        self.coordinator = Coordinator(store, TEST_SETTINGS, lease_seconds=lease_seconds, flush_seconds=0.5)
+        self.db = db
+        settings = TEST_SETTINGS.with_overrides(db=db)
+        self.coordinator = Coordinator(store, settings, lease_seconds=lease_seconds)
         self.server: GrpcServer = start_server(
             [job_service(self.coordinator)], f"127.0.0.1:{port}", TEST_SETTINGS
         )
@@ -76,9 +78,16 @@ class CoordinatorServer:
         self.channel.close()
 
     def restart(self) -> CoordinatorServer:
-        """Stop this server and start a fresh coordinator on the same store and port."""
+        """Stop this server and start a fresh coordinator on the same store, database and port."""
         self.stop()
-        return CoordinatorServer(self.store, self.lease_seconds, port=self.port)
+        return CoordinatorServer(self.store, self.lease_seconds, port=self.port, db=self.db)
+
+    def stored_state(self, job_id: str) -> str:
+        """The job's state as its row in the database says (what a restart will read)."""
+        with self.coordinator.db.transaction() as tx:
+            row = tx.one("SELECT record FROM jobs WHERE job_id = ?", (job_id,))
+        assert row is not None, f"job {job_id} is not in the database"
+        return json.loads(row[0])["job"]["state"]
 
     def create(self, book_id: str, **config: object) -> jobs_pb2.Job:
         cfg = common_pb2.JobConfig(**config)  # type: ignore[arg-type]

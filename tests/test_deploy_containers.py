@@ -42,6 +42,8 @@ PROJECT = "novelcrafter-test"
 OVERRIDE = ROOT / "tests" / "compose" / "s3-moto.yml"
 MOTO_IMAGE = "novelcrafter-test/moto:latest"
 CPU_SERVICES = ("ingest", "trainer", "inference", "console")
+# What `make images-cpu` builds: those, and the job coordinator's PostgreSQL.
+CPU_IMAGES = (*CPU_SERVICES, "postgres")
 LONG_RUNNING = ("minio", "ingest", "trainer", "inference", "console")
 
 
@@ -83,7 +85,7 @@ def test_the_quickstart_is_the_path_this_test_takes() -> None:
         ["novelcrafter", "generate"],
     ]
     makefile = (ROOT / "Makefile").read_text()
-    assert "images-cpu:\n\tdeploy/build-images.sh " + " ".join(CPU_SERVICES) in makefile
+    assert "images-cpu:\n\tdeploy/build-images.sh " + " ".join(CPU_IMAGES) in makefile
     assert "env:\n\tdeploy/make-env.sh\n" in makefile
 
 

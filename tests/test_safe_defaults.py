@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from console_support import csrf_of, start_console
-from novelcrafter.ingest.coordinator import job_config
+from novelcrafter.coordinator import job_config
 from support import NOVELCRAFTER, Proc, base_env, free_port, run_cli, wait_port
 
 from novelcrafter import config
