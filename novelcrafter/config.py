@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     db: str | None = setting(
         None,
         "the coordinator's database: `sqlite:///PATH` or `postgresql://USER:PASSWORD@HOST:PORT/DB` "
-        "(default: SQLite beside a local store, or in NOVELCRAFTER_HOME for an S3 store)",
+        "(default: SQLite beside a local store; an S3 store needs it set)",
         repr=False,
     )
     embedded_coordinator: bool = setting(

@@ -19,10 +19,11 @@ from test_coordinator_helpers import (
     Worker,
     make_book,
     rpc_code,
+    stage_adapter,
     wait_until,
 )
 
-from novelcrafter import layout
+from novelcrafter import adapters, layout
 from novelcrafter.progress import follow_job
 from novelcrafter.store import Store, open_store
 from novelcrafter.train_settings import TrainSettings
@@ -229,8 +230,12 @@ def test_claims_are_sequential_within_a_job_and_parallel_across_jobs(
     job = c.complete(cc)
     assert job.state == J.JOB_STATE_SUCCEEDED
     assert rpc_code(lambda: c.claim(first.job_id)) == grpc.StatusCode.FAILED_PRECONDITION  # finished job
-    # Completing twice (a retried RPC) is refused: the lease is gone.
-    assert rpc_code(lambda: c.complete(cc)) == grpc.StatusCode.ABORTED
+    # Completing twice (a retried RPC whose answer was lost) answers the job again and changes
+    # nothing: the version stays as first published.
+    published = store.get(layout.adapter_meta_key(book, cc.assignment.adapter_version))
+    again = c.complete(cc)
+    assert again.state == J.JOB_STATE_SUCCEEDED and list(again.parts) == list(job.parts)
+    assert store.get(layout.adapter_meta_key(book, cc.assignment.adapter_version)) == published
 
 
 def test_concurrent_claims_never_hand_out_a_part_twice(server: CoordinatorServer, store: Store) -> None:
@@ -253,21 +258,46 @@ def test_concurrent_claims_never_hand_out_a_part_twice(server: CoordinatorServer
     assert len(results) == 8
 
 
-def test_complete_requires_the_right_published_adapter(server: CoordinatorServer, store: Store) -> None:
+def test_complete_requires_the_right_staged_adapter(server: CoordinatorServer, store: Store) -> None:
+    """CompletePart publishes what the lease staged: a wrong version, nothing staged in the lease's
+    folder, or staged files that do not match their checksums are refused and publish nothing;
+    then a good staging completes. (Renewals keep the 1-second lease alive throughout.)"""
     from novelcrafter.v1 import common_pb2
 
     book = make_book(store, parts=1)
     job = server.create(book)
     w = Worker(server, "w1")
     claim = w.claim()
+    version = claim.assignment.adapter_version
     wrong = common_pb2.AdapterVersion(version=layout.adapter_version_id(job.job_id, 5))
     request = J.CompletePartRequest(lease=claim.lease, adapter=wrong)
     assert rpc_code(lambda: server.stub.CompletePart(request)) == grpc.StatusCode.INVALID_ARGUMENT
-    unpublished = common_pb2.AdapterVersion(version=claim.assignment.adapter_version)
-    request = J.CompletePartRequest(lease=claim.lease, adapter=unpublished)
+    unstaged = common_pb2.AdapterVersion(version=version)
+    request = J.CompletePartRequest(lease=claim.lease, adapter=unstaged)
     assert rpc_code(lambda: server.stub.CompletePart(request)) == grpc.StatusCode.FAILED_PRECONDITION
+    # Staged in another lease's folder (another epoch): not this lease's adapter.
+    stage_adapter(store, book, job.job_id, 0, claim.lease.epoch + 1)
+    w.renew(claim.lease)
+    assert rpc_code(lambda: server.stub.CompletePart(request)) == grpc.StatusCode.FAILED_PRECONDITION
+    # Staged, then a file changed: its checksum no longer matches the staged meta.
+    stage_adapter(store, book, job.job_id, 0, claim.lease.epoch)
+    staged = layout.part_publish_prefix(job.job_id, 0, claim.lease.epoch)
+    store.put(staged + "adapter_model.safetensors", b"tampered")
+    w.renew(claim.lease)
+    err = rpc_code(lambda: server.stub.CompletePart(request))
+    assert err == grpc.StatusCode.FAILED_PRECONDITION
     assert server.job(job.job_id).parts[0].state == J.PART_STATE_RUNNING
+    assert store.list(layout.adapters_prefix(book)) == []  # nothing published
+    assert adapters.latest_version(store, book) is None
+    w.renew(claim.lease)
     assert w.complete(claim).state == J.JOB_STATE_SUCCEEDED
+    meta = adapters.read_meta(store, book, version)
+    assert adapters.latest_version(store, book) == version and meta.published_at > 0
+    assert (
+        store.get(meta.prefix + "adapter_model.safetensors")
+        == f"weights of {job.job_id}-0 epoch {claim.lease.epoch}".encode()
+    )
+    assert store.list(staged) == []  # the staged copy is gone once published
 
 
 def test_expired_lease_is_reclaimed_and_the_zombie_is_refused(

@@ -22,9 +22,9 @@ J = jobs_pb2
 
 
 def test_the_url_picks_the_database_and_a_bad_one_is_one_clear_error(tmp_path: Path) -> None:
-    assert default_url(str(tmp_path / "data"), tmp_path) == f"sqlite:///{tmp_path}/data/coordinator.sqlite3"
-    s3 = default_url("s3://bucket/prefix", tmp_path / "home")
-    assert s3.startswith(f"sqlite:///{tmp_path}/home/coordinator/") and s3.endswith(".sqlite3")
+    assert default_url(str(tmp_path / "data")) == f"sqlite:///{tmp_path}/data/coordinator.sqlite3"
+    with pytest.raises(FailedPrecondition, match="set NOVELCRAFTER_DB"):
+        default_url("s3://bucket/prefix")
     with pytest.raises(InvalidArgument, match="NOVELCRAFTER_DB must be sqlite"):
         Database("mysql://user:secret@host/db")
     unreachable = Database("postgresql://novelcrafter:s3cret-password@127.0.0.1:1/none")

@@ -16,8 +16,10 @@ through, like every other change.
 
 Fencing: every lease carries the job's next epoch, a number that only grows. Renewals,
 progress, completion and failure present the lease; a lease that expired or was replaced is
-ABORTED, and since completion (which records the published adapter) runs in the same
-transaction as the lease check, a worker whose lease is gone cannot complete its part.
+ABORTED. A worker only stages its adapter (in its epoch's own folder); CompletePart publishes
+it (files into the version's folder, ``meta.json``, then ``latest``) in the same transaction
+as the lease check, so a worker whose lease is gone, or whose job was cancelled, can neither
+publish nor move ``latest``.
 
 Attempts: a part's ``attempts`` counts failed attempts: FailPart(retryable) and an
 expired lease (a worker that died, e.g. out of memory, must not loop forever) both
@@ -79,7 +81,7 @@ def lease_seconds_from_env(explicit: float | None) -> float:
 
 def database_url(settings: Settings, store: Store) -> str:
     """``NOVELCRAFTER_DB``, else SQLite beside a local store (or in the cache for S3)."""
-    return settings.db or default_url(store.url, settings.home)
+    return settings.db or default_url(store.url)
 
 
 class _Change:
@@ -671,14 +673,36 @@ class Coordinator:
     def complete_part(
         self, lease: jobs_pb2.Lease, metrics: jobs_pb2.PartMetrics, adapter: common_pb2.AdapterVersion
     ) -> jobs_pb2.Job:
+        """Publish the part's adapter and mark the part SUCCEEDED, under the worker's live lease.
+
+        The worker staged the version in its lease's folder: ``part_publish_prefix`` of the epoch
+        recorded for the lease here (the request names no key to trust). In one transaction, the
+        job's row locked: the lease is checked (current, not expired) and the job not cancelled,
+        the staged files are checked against the staged meta, the metrics recorded, the version
+        committed (files copied into ``adapters/<book>/<version>/``, its meta.json, then
+        ``latest``) and the part marked SUCCEEDED. A lease that expired or was replaced, or a
+        cancelled job: ABORTED, and nothing is published.
+
+        Idempotent: a retry of a completion that went through (its answer lost) finds the part
+        SUCCEEDED by this very lease (its metrics record names it) and gets the job again.
+        """
+        import hashlib
+
         index = lease.part_index
         worker = ""
+        version = ""
+        # Names the completing lease in the part's metrics record (a retry is recognized by it).
+        lease_tag = hashlib.sha256(lease.lease_id.encode()).hexdigest()
+        staged_prefix = ""
 
         def apply(new: JobRecord, held: LeaseInfo, change: _Change) -> None:
-            nonlocal worker
+            nonlocal worker, version, staged_prefix
             worker = held.worker_id
             if new.job.state == jobs_pb2.JOB_STATE_CANCELLED:
-                raise Aborted(f"job {new.job_id} was cancelled: the part's result is not recorded")
+                raise Aborted(f"job {new.job_id} was cancelled: the part's result is not published")
+            part = new.job.parts[index]
+            if new.terminal or part.state != jobs_pb2.PART_STATE_RUNNING:
+                raise Aborted(f"part {index} of job {new.job_id} is no longer running: nothing is published")
             expected = layout.adapter_version_id(new.job_id, index)
             if adapter.version != expected:
                 raise InvalidArgument(f"adapter.version must be {expected} (got {adapter.version[:80]!r})")
@@ -689,12 +713,14 @@ class Coordinator:
             prefix = layout.adapter_prefix(new.job.book_id, expected)
             if adapter.key not in ("", prefix):
                 raise InvalidArgument(f"adapter.key must be {prefix} (got {adapter.key[:120]!r})")
-            try:
-                adapters.read_meta(self.store, new.job.book_id, expected)
-            except NotFound:
+            staged_prefix = layout.part_publish_prefix(new.job_id, index, held.epoch)
+            staged = adapters.read_staged(self.store, staged_prefix)
+            if (staged.book_id, staged.version) != (new.job.book_id, expected):
                 raise FailedPrecondition(
-                    f"adapter {expected} is not published (no {prefix}meta.json): publish it, then complete"
+                    f"the adapter staged at {staged_prefix} is {staged.book_id}/{staged.version}, "
+                    f"not {new.job.book_id}/{expected}"
                 )
+            adapters.verify_staged(self.store, staged_prefix, staged)
             self.store.put_json(
                 layout.part_metrics_key(new.job_id, index),
                 {
@@ -704,11 +730,14 @@ class Coordinator:
                     "adapter_version": expected,
                     "adapter_key": prefix,
                     "worker_id": held.worker_id,
+                    "epoch": held.epoch,
+                    "lease_sha256": lease_tag,
                     "completed_at": time.time(),
                     "metrics": json_format.MessageToDict(metrics, preserving_proto_field_name=True),
                 },
             )
-            part = new.job.parts[index]
+            adapters.commit_adapter(self.store, staged_prefix, staged, verify=False)
+            version = expected
             part.state = jobs_pb2.PART_STATE_SUCCEEDED
             part.metrics.CopyFrom(metrics)
             part.adapter_version = expected
@@ -728,9 +757,45 @@ class Coordinator:
                 change.message(f"job succeeded: {len(new.job.parts)} parts trained")
                 change.job_state(jobs_pb2.JOB_STATE_SUCCEEDED)
 
-        rec = self._leased(lease, apply)
+        def completed_by_this_lease() -> jobs_pb2.Job | None:
+            try:
+                rec = self._record(lease.job_id)
+            except NotFound:
+                return None
+            if index >= len(rec.job.parts):
+                return None
+            part = rec.job.parts[index]
+            if part.state != jobs_pb2.PART_STATE_SUCCEEDED or part.adapter_version != (
+                layout.adapter_version_id(rec.job_id, index)
+            ):
+                return None
+            try:
+                record = self.store.get_json(layout.part_metrics_key(rec.job_id, index))
+            except NotFound:
+                return None
+            return rec.job if isinstance(record, dict) and record.get("lease_sha256") == lease_tag else None
+
+        try:
+            rec = self._leased(lease, apply)
+        except Aborted as refused:
+            done = completed_by_this_lease()
+            if done is None:
+                log.warning(
+                    "part completion refused: nothing published",
+                    extra=kv(job=lease.job_id, part=index, epoch=lease.epoch, why=refused.message[:200]),
+                )
+                raise
+            log.info("part completion repeated", extra=kv(job=lease.job_id, part=index, epoch=lease.epoch))
+            return done
+        try:  # committed: the staged copy is no longer needed
+            self.store.delete_prefix(staged_prefix)
+        except Exception as exc:
+            log.warning("staged adapter not removed", extra=kv(prefix=staged_prefix, error=str(exc)[:200]))
         coordinator_metrics.PARTS_COMPLETED.inc()
-        log.info("part completed", extra=kv(job=rec.job_id, part=index, worker=worker))
+        log.info(
+            "part completed",
+            extra=kv(job=rec.job_id, part=index, worker=worker, version=version, epoch=lease.epoch),
+        )
         return rec.job
 
     def fail_part(

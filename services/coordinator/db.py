@@ -15,7 +15,6 @@ password).
 from __future__ import annotations
 
 import queue
-import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -273,11 +272,14 @@ class Database:
         return max(current, SCHEMA_VERSION)
 
 
-def default_url(store_url: str, home: Path) -> str:
-    """SQLite beside a local store (``./data`` → ``./data/coordinator.sqlite3``); for an S3
-    store, in the cache folder, one file per store."""
+def default_url(store_url: str) -> str:
+    """SQLite beside a local store (``./data`` → ``./data/coordinator.sqlite3``). An S3 store
+    has no such place (a file on one host would part from the store it describes): it needs
+    NOVELCRAFTER_DB."""
     if "://" not in store_url or store_url.startswith("file://"):
         root = store_url.removeprefix("file://")
         return f"sqlite:///{Path(root).resolve()}/coordinator.sqlite3"
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", store_url).strip("-")[:120]
-    return f"sqlite:///{(home / 'coordinator' / safe).resolve()}.sqlite3"
+    raise FailedPrecondition(
+        f"the store {store_url} is not a local folder: set NOVELCRAFTER_DB to the coordinator's database "
+        "(postgresql://USER:PASSWORD@HOST:PORT/DB, or sqlite:///PATH on a disk that persists)"
+    )
