@@ -195,8 +195,14 @@ class Database:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as exc:
                     raise self._unavailable(exc) from None
+                # The cursor is closed inside the lock: freed later (by another thread's garbage
+                # collection) it would reset a cached statement the next transaction is using.
+                cursor = conn.cursor()
                 try:
-                    yield Tx(self, conn.cursor())
+                    try:
+                        yield Tx(self, cursor)
+                    finally:
+                        cursor.close()
                     conn.execute("COMMIT")
                 except sqlite3.OperationalError as exc:
                     if conn.in_transaction:
