@@ -59,7 +59,7 @@ images:
 	deploy/build-images.sh
 
 images-cpu:
-	deploy/build-images.sh ingest trainer inference console
+	deploy/build-images.sh ingest trainer inference console postgres
 
 base-image:
 	deploy/base-image.sh

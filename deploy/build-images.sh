@@ -23,6 +23,7 @@ ingest           services/ingest/Dockerfile        novelcrafter/ingest
 trainer          services/trainer/Dockerfile.cpu   novelcrafter/trainer
 inference        services/inference/Dockerfile     novelcrafter/inference
 console          services/console/Dockerfile       novelcrafter/console
+postgres         deploy/docker/postgres.Dockerfile novelcrafter/postgres
 trainer-gpu      services/trainer/Dockerfile.gpu   novelcrafter/trainer-gpu
 "
 LOCAL_BASE=novelcrafter/python-base:3.11-bookworm

@@ -38,7 +38,7 @@ app.add_typer(model_app, name="model")
 # Modules that contribute commands; each has register(app, serve_app).
 COMMAND_MODULES = (
     "novelcrafter.ingest.cli",
-    "novelcrafter.jobs_cli",
+    "novelcrafter.coordinator.cli",
     "novelcrafter.trainer.cli",
     "novelcrafter.inference.cli",
     "novelcrafter.console.cli",

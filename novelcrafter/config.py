@@ -29,10 +29,11 @@ DEFAULT_INGEST_LISTEN = "127.0.0.1:50051"
 DEFAULT_INFERENCE_LISTEN = "127.0.0.1:50052"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8000"  # the inference service's OpenAI-compatible HTTP API
 DEFAULT_CONSOLE_LISTEN = "127.0.0.1:8080"
+DEFAULT_COORDINATOR_LISTEN = "127.0.0.1:50054"  # `serve coordinator` (ingest hosts it on its own port)
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DEFAULT_INFERENCE = "127.0.0.1:50052"
 # /metrics binds on its service's host (loopback for a trainer, which has no listener) at this port.
-DEFAULT_METRICS_PORTS = {"ingest": 9101, "trainer": 9102, "inference": 9103}
+DEFAULT_METRICS_PORTS = {"ingest": 9101, "trainer": 9102, "inference": 9103, "coordinator": 9104}
 
 S = TypeVar("S", bound="Settings")
 
@@ -94,6 +95,17 @@ class Settings(BaseSettings):
 
     listen: str | None = setting(
         None, "gRPC address a service binds (default: the service's own)", flag="--listen"
+    )
+    db: str | None = setting(
+        None,
+        "the coordinator's database: `sqlite:///PATH` or `postgresql://USER:PASSWORD@HOST:PORT/DB` "
+        "(default: SQLite beside a local store; an S3 store needs it set)",
+        repr=False,
+    )
+    embedded_coordinator: bool = setting(
+        True,
+        "ingest: host the job coordinator (JobService) in the ingest process; `false`: create jobs "
+        "through the coordinator service at NOVELCRAFTER_COORDINATOR (`serve coordinator`)",
     )
     coordinator: str = setting(
         DEFAULT_COORDINATOR, "where trainers (and the CLI) reach `JobService`", flag="--coordinator"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from urllib.parse import unquote, urlsplit
 
 from novelcrafter.config import Settings
 from novelcrafter.errors import FailedPrecondition, InvalidArgument
@@ -122,6 +123,9 @@ def check_secrets(settings: Settings) -> None:
     secrets = [("NOVELCRAFTER_AUTH_TOKEN", settings.auth_token)]
     if settings.store.startswith("s3://"):
         secrets.append(("AWS_SECRET_ACCESS_KEY", settings.aws_secret_access_key))
+    db_password = urlsplit(settings.db).password if settings.db else None
+    if db_password is not None:
+        secrets.append(("the password in NOVELCRAFTER_DB", unquote(db_password)))
     for variable, value in secrets:
         if value and (why := weakness(value)):
             raise FailedPrecondition(

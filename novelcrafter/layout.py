@@ -144,6 +144,17 @@ def part_metrics_key(job_id: str, part: int) -> str:
     return part_prefix(job_id, part) + "metrics.json"
 
 
+def part_publish_prefix(job_id: str, part: int, epoch: int) -> str:
+    """The staging folder of the worker holding the part's lease of fencing ``epoch``: it uploads
+    the adapter it would publish here (files and the meta.json they will have), and the
+    coordinator's CompletePart copies it into ``adapters/<book>/<version>/`` only under that
+    live lease. Every lease stages in its own folder, so a late worker never touches the
+    files another committed. (Epoch 0: publishing without a coordinator.)"""
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise InvalidArgument(f"invalid lease epoch {epoch!r}: expected an integer >= 0")
+    return part_prefix(job_id, part) + f"publish/{epoch}/"
+
+
 # --- adapters ----------------------------------------------------------------------------------
 
 

@@ -109,6 +109,9 @@ class Store(ABC):
     def _stat(self, key: str) -> ObjectInfo: ...
 
     @abstractmethod
+    def _copy(self, src: str, dst: str) -> None: ...
+
+    @abstractmethod
     def _delete(self, key: str) -> None: ...
 
     @abstractmethod
@@ -192,6 +195,15 @@ class Store(ABC):
             return True
         except NotFound:
             return False
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy the object at ``src_key`` to ``dst_key`` inside the store (on S3 the server copies:
+        the bytes never travel through this process). Atomic like every write: a reader of
+        ``dst_key`` sees the previous object or the whole copy. :class:`NotFound` when
+        ``src_key`` is absent."""
+        validate_key(src_key)
+        validate_key(dst_key)
+        self._retry(f"copy {src_key} to {dst_key}", lambda: self._copy(src_key, dst_key))
 
     def delete(self, key: str) -> None:
         """Delete an object; deleting a missing object is not an error."""
@@ -338,6 +350,15 @@ class LocalStore(Store):
         return ObjectInfo(
             key=key, size=st.st_size, modified=st.st_mtime, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}"
         )
+
+    def _copy(self, src: str, dst: str) -> None:
+        source = self._path(src)
+        if not source.is_file():
+            raise NotFound(f"not found in store: {src}")
+        try:
+            self._put_file(dst, source)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # removed meanwhile
+            raise NotFound(f"not found in store: {src}")
 
     def _delete(self, key: str) -> None:
         path = self._path(key)
@@ -497,6 +518,17 @@ class S3Store(Store):
             raise
         modified = st.last_modified.timestamp() if st.last_modified else 0.0
         return ObjectInfo(key=key, size=st.size or 0, modified=modified, etag=st.etag or "")
+
+    def _copy(self, src: str, dst: str) -> None:
+        from minio.commonconfig import CopySource
+        from minio.error import S3Error
+
+        try:
+            self.client.copy_object(self.bucket, self._k(dst), CopySource(self.bucket, self._k(src)))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"):
+                raise NotFound(f"not found in store: {src}")
+            raise
 
     def _delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, self._k(key))

@@ -64,3 +64,26 @@ def s3_settings(moto_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) ->
     for key, value in moto_server.items():
         monkeypatch.setenv(key, value)
     return moto_server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the session (tests/pg_support.py's PostgresServer):
+    ``.url`` (``postgresql://…@127.0.0.1:PORT/novelcrafter``), ``.stop()`` and ``.start()``
+    (an outage: same port, same data), ``.create_database()`` (a fresh one, its URL). Skips
+    without PostgreSQL's server programs; fails instead under CI=true. A test that stops it
+    starts it again before it ends (try/finally)."""
+    from pg_support import PostgresServer, require_binaries
+
+    server = PostgresServer(require_binaries())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: Any) -> str:
+    """The URL of the session's PostgreSQL database (the ``postgres`` fixture)."""
+    return postgres.url

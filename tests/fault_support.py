@@ -67,7 +67,11 @@ def _serve(
 ) -> Service:
     address = address or f"127.0.0.1:{free_port()}"
     name = name or kind
-    child_env = base_env(**{"NOVELCRAFTER_METRICS_LISTEN": "off", **(env or {})})
+    # The coordinator's database: its own file, kept across restarts of this service (an S3
+    # store has no default one).
+    database = {"NOVELCRAFTER_DB": f"sqlite:///{log_dir}/{name}-coordinator.sqlite3"}
+    database = database if kind == "ingest" else {}
+    child_env = base_env(**{"NOVELCRAFTER_METRICS_LISTEN": "off", **database, **(env or {})})
     argv = [NOVELCRAFTER, "serve", kind, "--listen", address, *args]
     log_path = log_dir / f"{name}.log"
     if log_path.exists():  # a restart: keep the first run's log beside the new one

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
-from novelcrafter.ingest.coordinator import Coordinator, job_service
+from novelcrafter.coordinator import Coordinator, job_service
 
 from novelcrafter import adapters, layout
 from novelcrafter.config import Settings, get_settings
@@ -58,10 +58,14 @@ def make_book(store: Store, parts: int = 3, tag: str = "book") -> str:
 class CoordinatorServer:
     """A real coordinator behind a real gRPC server on 127.0.0.1, as `serve ingest` hosts it."""
 
-    def __init__(self, store: Store, lease_seconds: float = 1.0, port: int = 0) -> None:
+    def __init__(
+        self, store: Store, lease_seconds: float = 1.0, port: int = 0, db: str | None = None
+    ) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
-        self.coordinator = Coordinator(store, TEST_SETTINGS, lease_seconds=lease_seconds, flush_seconds=0.5)
+        self.db = db
+        settings = TEST_SETTINGS.with_overrides(db=db)
+        self.coordinator = Coordinator(store, settings, lease_seconds=lease_seconds)
         self.server: GrpcServer = start_server(
             [job_service(self.coordinator)], f"127.0.0.1:{port}", TEST_SETTINGS
         )
@@ -76,9 +80,16 @@ class CoordinatorServer:
         self.channel.close()
 
     def restart(self) -> CoordinatorServer:
-        """Stop this server and start a fresh coordinator on the same store and port."""
+        """Stop this server and start a fresh coordinator on the same store, database and port."""
         self.stop()
-        return CoordinatorServer(self.store, self.lease_seconds, port=self.port)
+        return CoordinatorServer(self.store, self.lease_seconds, port=self.port, db=self.db)
+
+    def stored_state(self, job_id: str) -> str:
+        """The job's state as its row in the database says (what a restart will read)."""
+        with self.coordinator.db.transaction() as tx:
+            row = tx.one("SELECT record FROM jobs WHERE job_id = ?", (job_id,))
+        assert row is not None, f"job {job_id} is not in the database"
+        return json.loads(row[0])["job"]["state"]
 
     def create(self, book_id: str, **config: object) -> jobs_pb2.Job:
         cfg = common_pb2.JobConfig(**config)  # type: ignore[arg-type]
@@ -89,7 +100,7 @@ class CoordinatorServer:
 
 
 class Worker:
-    """Plays a trainer worker through the public API: claim, progress, publish, complete, fail."""
+    """Plays a trainer worker through the public API: claim, progress, stage, complete, fail."""
 
     def __init__(self, server: CoordinatorServer, worker_id: str, device: str = "cpu") -> None:
         self.server = server
@@ -125,8 +136,10 @@ class Worker:
         return self.stub.RenewLease(jobs_pb2.RenewLeaseRequest(lease=lease), timeout=30)
 
     def complete(self, claim: jobs_pb2.ClaimPartResponse, loss: float = 2.0) -> jobs_pb2.Job:
+        """Stage a fake adapter in the lease's folder, as the trainer does, and complete the part
+        (the coordinator publishes it)."""
         a = claim.assignment
-        meta = publish_adapter(self.server.store, a.book_id, a.job_id, a.part_index)
+        meta = stage_adapter(self.server.store, a.book_id, a.job_id, a.part_index, claim.lease.epoch)
         metrics = jobs_pb2.PartMetrics(
             train_loss=loss,
             base_perplexity=30.0,
@@ -165,16 +178,27 @@ class Worker:
         )
 
 
-def publish_adapter(store: Store, book_id: str, job_id: str, part: int) -> adapters.AdapterMeta:
-    """Publish an adapter version the way a worker does (its weights are not what is tested here)."""
+def stage_adapter(
+    store: Store, book_id: str, job_id: str, part: int, epoch: int, weights: bytes = b""
+) -> adapters.AdapterMeta:
+    """Stage an adapter version in the staging folder of the lease of ``epoch``, the way a worker
+    does; CompletePart publishes it. (Its weights are not what is tested here: ``weights``, or
+    bytes naming the job, part and epoch.)"""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "adapter_model.safetensors").write_bytes(b"weights of " + f"{job_id}-{part}".encode())
+        data = weights or f"weights of {job_id}-{part} epoch {epoch}".encode()
+        (folder / "adapter_model.safetensors").write_bytes(data)
         (folder / "adapter_config.json").write_text(
             json.dumps({"r": 8, "base_model_name_or_path": "smollm2"})
         )
-        return adapters.publish_adapter(
-            store, folder, book_id=book_id, job_id=job_id, part=part, base_model=TEST_SETTINGS.base_model
+        return adapters.stage_adapter(
+            store,
+            folder,
+            layout.part_publish_prefix(job_id, part, epoch),
+            book_id=book_id,
+            job_id=job_id,
+            part=part,
+            base_model=TEST_SETTINGS.base_model,
         )
 
 

@@ -28,7 +28,7 @@ HOST = textwrap.dedent(
     """
     import sys
     from novelcrafter.config import get_settings
-    from novelcrafter.ingest.coordinator import Coordinator, job_service
+    from novelcrafter.coordinator import Coordinator, job_service
     from novelcrafter.logs import configure_logging
     from novelcrafter.rpc import start_server
     from novelcrafter.store import open_store

@@ -75,7 +75,7 @@ def test_ingest_runs_without_the_model_stack(tmp_path: Path) -> None:
 def test_the_console_and_ingest_servers_import_without_the_model_stack(tmp_path: Path) -> None:
     code = (
         "import novelcrafter.console.app, novelcrafter.console.server\n"
-        "import novelcrafter.ingest.server, novelcrafter.ingest.coordinator.service\n"
+        "import novelcrafter.ingest.server, novelcrafter.coordinator.service\n"
         "print('ok')\n"
     )
     result = run_without(MODEL_STACK, code, tmp_path)

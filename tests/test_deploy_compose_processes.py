@@ -1,16 +1,21 @@
 """The compose wiring, proved as processes (issue 7, requirement 5).
 
-docker-compose.yml is read, not rewritten: for ingest, two trainer replicas and inference
-the test runs the image's ENTRYPOINT + the service's ``command`` with the environment
-compose would give the container (the image's ENV, ``env_file: .env`` — read as
-``.env.example`` — and ``environment``, interpolated), as local processes on loopback.
-Only what Docker would provide changes: the MinIO endpoint becomes moto's S3 server,
-service hostnames become 127.0.0.1, container ports become free local ports, and the
-image's paths (/opt/novelcrafter, /tmp) become local folders. The bucket is created the
-way the ``minio-init`` container does; each container counts as started when its compose
-health check passes. Then two short books go through ingest (two jobs, so that both
-trainer replicas train a part) and inference, with the compose auth token on every call,
-and a generation comes back from the trained adapter.
+docker-compose.yml is read, not rewritten: for the coordinator's replicas (its
+``deploy.replicas``), ingest, two trainer replicas and inference the test runs the image's
+ENTRYPOINT + the service's ``command`` with the environment compose would give the container
+(the image's ENV, ``env_file: .env`` — as ``make env`` writes it — and ``environment``,
+interpolated), as local processes on loopback. Only what Docker would provide changes: the
+MinIO endpoint becomes moto's S3 server, the ``postgres`` service a local PostgreSQL server
+set up from that service's environment (user, password, database), service hostnames become
+127.0.0.1, container ports become free local ports, and the image's paths
+(/opt/novelcrafter, /tmp) become local folders. A service name with several replicas
+resolves, as Docker's DNS spreads clients over them, to one replica per client: the two
+trainers each talk to a different coordinator replica. The bucket is created the way the
+``minio-init`` container does; each container starts once the services it ``depends_on``
+pass their compose health checks. Then two short books go through ingest (two jobs, so that
+both trainer replicas train a part; ingest hosts one more coordinator replica, on the same
+database) and inference, with the compose auth token on every call, every coordinator
+replica reports the same finished jobs, and a generation comes back from the trained adapter.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import grpc
 import pytest
 from support import NOVELCRAFTER, Proc, base_env, free_port
-from test_deploy_support import DOCKERFILES, dockerfile_stages, load_compose, service_env
+from test_deploy_support import DOCKERFILES, SAME_IMAGE_AS, dockerfile_stages, load_compose, service_env
 
 from novelcrafter.config import Settings
 from novelcrafter.rpc import connect
@@ -44,7 +49,7 @@ from novelcrafter.v1 import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-REPLICAS = {"ingest": 1, "trainer": 2, "inference": 1}
+TRAINERS = 2  # `docker compose up --scale trainer=2`, as the README's quickstart
 LOCAL_ADDRESS = re.compile(r"(?:0\.0\.0\.0|127\.0\.0\.1|localhost):(?P<port>\d+)")
 
 
@@ -72,20 +77,25 @@ class Localizer:
     """Maps what Docker provides (service DNS names, container ports, image paths) to loopback."""
 
     def __init__(self, s3_endpoint: str, home: Path, scratch: Path) -> None:
-        self.hosts: dict[str, str] = {"minio:9000": s3_endpoint}
+        self.hosts: dict[str, list[str]] = {"minio:9000": [s3_endpoint]}
         self.paths = {"/opt/novelcrafter": str(home), "/tmp/": f"{scratch}/"}
 
     def publish(self, service: str, container_port: int, local_port: int) -> None:
-        self.hosts[f"{service}:{container_port}"] = f"127.0.0.1:{local_port}"
+        self.hosts[f"{service}:{container_port}"] = [f"127.0.0.1:{local_port}"]
 
-    def value(self, text: str, ports: dict[int, int]) -> str:
+    def resolve(self, service: str, container_port: int, addresses: list[str]) -> None:
+        """``service:port`` reaches these replicas: client replica N gets replica N (cyclically)."""
+        self.hosts[f"{service}:{container_port}"] = addresses
+
+    def value(self, text: str, ports: dict[int, int], replica: int = 1) -> str:
         """One pass, so that an address already mapped is not mapped again."""
         names = "|".join(re.escape(host) for host in self.hosts)
         pattern = re.compile(rf"\b(?:(?P<name>{names})|{LOCAL_ADDRESS.pattern})\b")
 
         def local(match: re.Match[str]) -> str:
             if match["name"]:
-                return self.hosts[match["name"]]
+                addresses = self.hosts[match["name"]]
+                return addresses[(replica - 1) % len(addresses)]
             return f"127.0.0.1:{ports.setdefault(int(match['port']), free_port())}"
 
         text = pattern.sub(local, text)
@@ -97,34 +107,48 @@ class Localizer:
 
 def image_env(service: str) -> dict[str, str]:
     """The runtime image's ENV (PATH aside: the local venv stands in for /opt/venv)."""
-    env = dockerfile_stages(DOCKERFILES[service])[-1].env()
+    env = dockerfile_stages(DOCKERFILES[SAME_IMAGE_AS.get(service, service)])[-1].env()
     env.pop("PATH", None)
     return env
+
+
+def replicas(compose: dict[str, Any]) -> dict[str, int]:
+    """The services run here, in start order, with their number of containers."""
+    coordinators = compose["services"]["coordinator"]["deploy"]["replicas"]
+    assert coordinators >= 2, "the point of the coordinator service: replicas on one database"
+    return {"coordinator": coordinators, "ingest": 1, "trainer": TRAINERS, "inference": 1}
+
+
+# A service's gRPC port that its replicas' clients reach by its name (not published to the host).
+INTERNAL_PORTS = {"coordinator": 50054}
 
 
 def plan(compose: dict[str, Any], localizer: Localizer) -> list[Container]:
     """Every container of the deployment, in start order, with its argv, env and health check."""
     containers = []
     published: dict[str, dict[int, int]] = {}  # host ports: known to every container up front
-    for service in REPLICAS:
+    for service in replicas(compose):
         for mapping in compose["services"][service].get("ports", []):
             container_port = int(str(mapping).rsplit(":", 1)[-1])
             local_port = free_port()
             published.setdefault(service, {})[container_port] = local_port
             localizer.publish(service, container_port, local_port)
-    for service, replicas in REPLICAS.items():
+    for service, count in replicas(compose).items():
         spec = compose["services"][service]
-        entrypoint = dockerfile_stages(DOCKERFILES[service])[-1].exec_form("ENTRYPOINT")
-        assert entrypoint == ["novelcrafter"]
-        for replica in range(1, replicas + 1):
+        image = DOCKERFILES[SAME_IMAGE_AS.get(service, service)]
+        assert dockerfile_stages(image)[-1].exec_form("ENTRYPOINT") == ["novelcrafter"]
+        for replica in range(1, count + 1):
             ports = dict(published.get(service, {}))
             env = {**image_env(service), **service_env(spec)}
-            env = {key: localizer.value(value, ports) for key, value in env.items()}
-            argv = [NOVELCRAFTER, *(localizer.value(arg, ports) for arg in spec["command"])]
+            env = {key: localizer.value(value, ports, replica) for key, value in env.items()}
+            argv = [NOVELCRAFTER, *(localizer.value(arg, ports, replica) for arg in spec["command"])]
             test = spec["healthcheck"]["test"]
             assert test[0] == "CMD" and test[1] == "python"
-            health = [sys.executable, *(localizer.value(arg, ports) for arg in test[2:])]
+            health = [sys.executable, *(localizer.value(arg, ports, replica) for arg in test[2:])]
             containers.append(Container(service, replica, argv, env, health, ports))
+        if service in INTERNAL_PORTS:  # Docker's DNS: the name reaches every replica
+            port = INTERNAL_PORTS[service]
+            localizer.resolve(service, port, [c.address(port) for c in containers if c.service == service])
     return containers
 
 
@@ -195,6 +219,34 @@ def wait_healthy(container: Container, timeout: float) -> None:
     raise AssertionError(f"{container.name} not healthy after {timeout}s: {result and result.stderr}")
 
 
+POSTGRES_PORT = 5432  # the image's
+
+
+def start_postgres(compose: dict[str, Any], localizer: Localizer) -> Any:
+    """The ``postgres`` service as a local server (tests/pg_support.py), set up the way its image
+    does it from the service's environment (POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB), and
+    healthy once the service's health check (pg_isready) passes against it. Skips without
+    PostgreSQL's server programs (fails under CI=true), like the ``postgres`` fixture."""
+    from pg_support import PostgresServer, require_binaries
+
+    spec = compose["services"]["postgres"]
+    env = spec["environment"]
+    server = PostgresServer(require_binaries(), user=env["POSTGRES_USER"], database=env["POSTGRES_DB"])
+    server.password = env["POSTGRES_PASSWORD"]  # .env's, which NOVELCRAFTER_DB carries too
+    try:
+        server.start()
+        test = spec["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "pg_isready"]
+        check = [str(server.bindir / "pg_isready"), "-p", str(server.port), *test[2:]]
+        result = subprocess.run(check, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{' '.join(check)}: {result.stdout}{result.stderr}"
+    except BaseException:
+        server.close()
+        raise
+    localizer.publish("postgres", POSTGRES_PORT, server.port)
+    return server
+
+
 @pytest.fixture
 def deployment(
     moto_server: dict[str, str], base_model_dir: Path, tmp_path: Path
@@ -204,17 +256,29 @@ def deployment(
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     localizer = Localizer(moto_server["NOVELCRAFTER_S3_ENDPOINT"], home, scratch)
+    postgres = start_postgres(compose, localizer)
     containers = plan(compose, localizer)
     logs = tmp_path / "logs"
     logs.mkdir()
-    create_bucket(containers[0].env, " ".join(compose["services"]["minio-init"]["command"]))
+    create_bucket(one(containers, "ingest").env, " ".join(compose["services"]["minio-init"]["command"]))
+    ready: set[str] = {"minio", "minio-init", "postgres"}  # up before the plan
+
+    def wait_service(service: str) -> None:
+        if service not in ready:
+            for container in containers:
+                if container.service == service:
+                    wait_healthy(container, 240)
+            ready.add(service)
+
     try:
-        ingest = containers[0]
-        start(ingest, logs)
-        wait_healthy(ingest, 120)
-        for container in containers[1:]:
+        # compose's order: each container once the services it depends_on are healthy.
+        for container in containers:
+            dependencies = compose["services"][container.service].get("depends_on", {})
+            assert set(dependencies) <= ready | {c.service for c in containers}, dependencies
+            for dependency in dependencies:
+                wait_service(dependency)
             start(container, logs)
-        for container in containers[1:]:
+        for container in containers:
             wait_healthy(container, 240)
         yield containers
     finally:
@@ -225,6 +289,7 @@ def deployment(
             if container.proc:
                 proc = container.proc
                 print(f"--- {container.name} (exit {proc.popen.returncode})\n{proc.output()[-3000:]}")
+        postgres.close()
 
 
 def one(containers: list[Container], service: str) -> Container:
@@ -300,12 +365,21 @@ def test_compose_wiring_trains_books_on_both_trainers_and_serves_the_adapter(
 ) -> None:
     ingest, inference = one(deployment, "ingest"), one(deployment, "inference")
     trainers = [c for c in deployment if c.service == "trainer"]
-    assert len(trainers) == 2
-    # Replicas differ only in the port each one's metrics got on this host.
-    assert {**trainers[0].env, "NOVELCRAFTER_METRICS_LISTEN": ""} == {
-        **trainers[1].env,
-        "NOVELCRAFTER_METRICS_LISTEN": "",
-    }
+    coordinators = [c for c in deployment if c.service == "coordinator"]
+    assert len(trainers) == TRAINERS and len(coordinators) >= 2
+    coordinator_addresses = [c.address(50054) for c in coordinators]
+    # Replicas differ only in the port each one's metrics got on this host, and (Docker's DNS
+    # spreading them) in the coordinator replica each trainer reaches.
+    varying = {"NOVELCRAFTER_METRICS_LISTEN": "", "NOVELCRAFTER_COORDINATOR": ""}
+    assert {**trainers[0].env, **varying} == {**trainers[1].env, **varying}
+    assert {**coordinators[0].env, **varying} == {**coordinators[1].env, **varying}
+    reached = [t.env["NOVELCRAFTER_COORDINATOR"] for t in trainers]
+    assert reached == coordinator_addresses[: len(trainers)], reached
+    assert [t.argv[t.argv.index("--coordinator") + 1] for t in trainers] == reached
+    # One database for every coordinator replica, ingest's included: the local PostgreSQL server.
+    database = ingest.env["NOVELCRAFTER_DB"]
+    assert database.startswith("postgresql://") and "@127.0.0.1:" in database
+    assert all(c.env["NOVELCRAFTER_DB"] == database for c in coordinators)
     token = ingest.env["NOVELCRAFTER_AUTH_TOKEN"]
     assert token and all(c.env["NOVELCRAFTER_AUTH_TOKEN"] == token for c in deployment)
     client = Settings(auth_token=token)
@@ -316,6 +390,10 @@ def test_compose_wiring_trains_books_on_both_trainers_and_serves_the_adapter(
         (
             ingest_address,
             lambda ch: ingest_pb2_grpc.IngestServiceStub(ch).ListBooks(ingest_pb2.ListBooksRequest()),
+        ),
+        *(
+            (address, lambda ch: jobs_pb2_grpc.JobServiceStub(ch).ListJobs(jobs_pb2.ListJobsRequest()))
+            for address in coordinator_addresses
         ),
         (
             inference_address,
@@ -338,6 +416,13 @@ def test_compose_wiring_trains_books_on_both_trainers_and_serves_the_adapter(
         assert all(p.state == jobs_pb2.PART_STATE_SUCCEEDED and p.metrics.steps > 0 for p in job.parts)
     workers = {part.worker_id for job in jobs for part in job.parts}
     assert len(workers) == 2, f"both trainer replicas should have trained a part: {workers}"
+    # The jobs were created through ingest's replica and trained through the coordinator's two:
+    # each replica answers for them alike, from the one database.
+    for address in coordinator_addresses:
+        with connect(address, client) as channel:
+            stub = jobs_pb2_grpc.JobServiceStub(channel)
+            seen = [stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), timeout=30) for job in jobs]
+        assert seen == jobs, address
 
     # Inference hot-loads the published adapter (no restart) and generates with it.
     latest = jobs[0].parts[-1].adapter_version

@@ -2,8 +2,9 @@
 
 The path is the README's compose quickstart: `make images-cpu` (deploy/build-images.sh),
 `.env` from `.env.example` with every secret replaced, `docker compose up -d --scale
-trainer=2`. The only override (tests/compose/s3-moto.yml) swaps the two MinIO services for
-moto's S3 server built here, since MinIO's images cannot be pulled everywhere this runs.
+trainer=2`. The only override (tests/compose/s3-moto.yml) swaps the images that cannot be
+pulled everywhere this runs for ones built here: the two MinIO services become moto's S3 server,
+and PostgreSQL the novelcrafter/postgres image `make images-cpu` builds from Debian's packages.
 Through the published ports, with the token from `.env`: a book is ingested with the CLI, a
 small job trains, the trainer holding its part is `docker kill`ed once it has checkpointed
 and the other replica finishes the part from that checkpoint; the adapter is served over
@@ -30,7 +31,7 @@ import requests
 from console_support import login
 from support import ROOT, base_env, readme_block, run_cli
 from test_deploy_compose_processes import book_pdf
-from test_deploy_support import read_env_file
+from test_deploy_support import load_compose, read_env_file
 
 from novelcrafter.config import Settings
 from novelcrafter.rpc import connect
@@ -43,7 +44,16 @@ PROJECT = "novelcrafter-test"
 OVERRIDE = ROOT / "tests" / "compose" / "s3-moto.yml"
 MOTO_IMAGE = "novelcrafter-test/moto:latest"
 CPU_SERVICES = ("ingest", "trainer", "inference", "console")
-LONG_RUNNING = ("minio", "ingest", "trainer", "inference", "console")
+# What `make images-cpu` builds: those, and the job coordinator's PostgreSQL.
+CPU_IMAGES = (*CPU_SERVICES, "postgres")
+LONG_RUNNING = ("minio", "postgres", "coordinator", "ingest", "trainer", "inference", "console")
+
+
+def replicas(service: str) -> int:
+    """Containers of a service in the quickstart: `--scale trainer=2`, else its deploy.replicas."""
+    if service == "trainer":
+        return 2
+    return load_compose()["services"][service].get("deploy", {}).get("replicas", 1)
 
 
 def docker_missing() -> str | None:
@@ -84,7 +94,7 @@ def test_the_quickstart_is_the_path_this_test_takes() -> None:
         ["novelcrafter", "generate"],
     ]
     makefile = (ROOT / "Makefile").read_text()
-    assert "images-cpu:\n\tdeploy/build-images.sh " + " ".join(CPU_SERVICES) in makefile
+    assert "images-cpu:\n\tdeploy/build-images.sh " + " ".join(CPU_IMAGES) in makefile
     assert "env:\n\tdeploy/make-env.sh\n" in makefile
 
 
@@ -158,7 +168,7 @@ class Stack:
         while True:
             rows = self.containers()
             long_running = [row for row in rows if row["Service"] in LONG_RUNNING]
-            if len(long_running) == len(LONG_RUNNING) + 1 and all(
+            if len(long_running) == sum(map(replicas, LONG_RUNNING)) and all(
                 row["Health"] == "healthy" for row in long_running
             ):
                 return

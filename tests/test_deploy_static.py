@@ -23,6 +23,7 @@ import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -33,6 +34,7 @@ from test_deploy_support import (
     COMPOSE_FILE,
     DOCKERFILES,
     ENV_EXAMPLE,
+    INFRA_SERVICES,
     K8S,
     OVERLAYS,
     SAME_IMAGE_AS,
@@ -54,6 +56,7 @@ from test_deploy_support import (
     settings_env_names,
 )
 
+from novelcrafter.config import DEFAULT_COORDINATOR_LISTEN, DEFAULT_METRICS_PORTS
 from novelcrafter.exposure import weakness
 
 KUBERNETES_VERSION = "1.32"  # the oldest minor we support; the schemas are the API of that release
@@ -69,9 +72,15 @@ STANDARD_ENV = {
     "NVIDIA_DRIVER_CAPABILITIES",
 }
 # Read by compose only (image overrides), never by a service.
-COMPOSE_ONLY_ENV = {"MINIO_IMAGE", "MC_IMAGE"}
+COMPOSE_ONLY_ENV = {"MINIO_IMAGE", "MC_IMAGE", "POSTGRES_IMAGE"}
+# Our containers get it with the other credentials (.env, the Secret novelcrafter-credentials),
+# but only PostgreSQL reads it: the services get it inside NOVELCRAFTER_DB's URL (checked below).
+DATABASE_ONLY_ENV = {"POSTGRES_PASSWORD"}
 APP_IMAGE = re.compile(r"^novelcrafter/")
 VLLM_IMAGE = re.compile(r"^vllm/vllm-openai:v\d+\.\d+\.\d+$")  # the GPU serving engine (issue 19)
+# The official PostgreSQL image at one release (MAJOR.MINOR is PostgreSQL's full version), on
+# Debian bookworm like our images.
+POSTGRES_IMAGE = re.compile(r"^postgres:\d+\.\d+-bookworm$")
 
 
 # --- rendering, cached per test session -------------------------------------------------------
@@ -185,12 +194,20 @@ def render_with_components(tmp_path: Path, overlay: str, components: list[str], 
 
 
 def test_external_s3_component_replaces_minio(tmp_path: Path) -> None:
-    """components/external-s3: no MinIO objects; every app container reads the S3 Secret last."""
+    """components/external-s3: no MinIO objects (PostgreSQL stays); every app container that
+    opens the store reads the S3 Secret last."""
     docs = render_with_components(tmp_path, "cpu", ["external-s3"])
     names = {(o["kind"], o["metadata"]["name"]) for o in docs}
     assert not {n for n in names if "minio" in n[1]}, f"MinIO objects left: {names}"
+    assert ("StatefulSet", "postgres") in names and ("Service", "postgres") in names
     deployments = [o for o in docs if o["kind"] == "Deployment"]
-    assert {d["metadata"]["name"] for d in deployments} == {"ingest", "trainer", "inference", "console"}
+    assert {d["metadata"]["name"] for d in deployments} == {
+        "coordinator",
+        "ingest",
+        "trainer",
+        "inference",
+        "console",
+    }
     for obj in deployments:
         env_from = obj["spec"]["template"]["spec"]["containers"][0]["envFrom"]
         s3 = {"secretRef": {"name": "novelcrafter-s3"}}
@@ -226,7 +243,7 @@ def test_hub_model_component_gives_a_writable_model_cache(tmp_path: Path) -> Non
         container = obj["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        if obj["metadata"]["name"] in ("ingest", "console"):  # they load no model
+        if obj["metadata"]["name"] in ("coordinator", "ingest", "console"):  # they load no model
             assert "NOVELCRAFTER_HOME" not in env
             continue
         home = env["NOVELCRAFTER_HOME"]
@@ -302,8 +319,69 @@ def test_minio_keeps_its_data_on_a_pvc_and_the_bucket_job_matches_the_store(over
     )
 
 
+def env_item(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((item for item in container.get("env", []) if item["name"] == name), None)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-@pytest.mark.parametrize(("deployment", "metrics"), [("ingest", 9101), ("inference", 9103)])
+def test_postgres_keeps_its_data_on_a_pvc_and_every_coordinator_shares_it(overlay: str) -> None:
+    """One PostgreSQL (the official image at one release, data on a PVC, the password from the
+    credentials Secret) and one NOVELCRAFTER_DB for every process that hosts a coordinator (the
+    coordinator Deployment and ingest): the postgres Service on PostgreSQL's port, the user and
+    database the image creates, and the same Secret's password, by reference."""
+    postgres = by_name(overlay, "StatefulSet", "postgres")
+    (server,) = postgres["spec"]["template"]["spec"]["containers"]
+    assert POSTGRES_IMAGE.match(server["image"]), server["image"]
+    claims = {c["metadata"]["name"] for c in postgres["spec"]["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    env = {item["name"]: item for item in server["env"]}
+    # The data folder is one below the volume's root, which may hold lost+found.
+    assert "data" in claims and Path(env["PGDATA"]["value"]).parent == Path(mounts["data"])
+    assert {"/var/run/postgresql", "/tmp"} <= set(mounts.values())  # socket and lock file, read-only root
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password["key"] == "POSTGRES_PASSWORD"
+    user, database = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = server[probe]["exec"]["command"]
+        assert command[0] == "pg_isready", probe
+        # Over TCP, as the services connect: the image's setup server listens on a socket only.
+        assert (flag_value(command, "-h"), flag_value(command, "-U"), flag_value(command, "-d")) == (
+            "127.0.0.1",
+            user,
+            database,
+        ), probe
+    # SIGTERM is a smart shutdown, which waits for the coordinators' pooled connections.
+    assert "-m fast" in " ".join(server["lifecycle"]["preStop"]["exec"]["command"])
+    hosting = set()
+    for workload, container in app_containers(overlay):
+        name = workload["metadata"]["name"]
+        item = env_item(container, "NOVELCRAFTER_DB")
+        if name not in ("coordinator", "ingest"):
+            assert item is None, f"{name} hosts no coordinator: it needs no database"
+            continue
+        hosting.add(name)
+        url = urlsplit(item["value"])
+        assert (url.scheme, url.username, url.path) == ("postgresql", user, f"/{database}"), name
+        # Kubernetes expands $(POSTGRES_PASSWORD) from the container's envFrom: the same Secret.
+        assert url.password == "$(POSTGRES_PASSWORD)" and env_item(container, "POSTGRES_PASSWORD") is None
+        secrets = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+        assert password["name"] in secrets, name
+        service = by_name(overlay, "Service", url.hostname)
+        assert (
+            service["spec"]["selector"].items() <= postgres["spec"]["template"]["metadata"]["labels"].items()
+        )
+        target = next(p for p in service["spec"]["ports"] if p["port"] == url.port)["targetPort"]
+        assert container_port(server, target) == url.port == 5432
+    assert hosting == {"coordinator", "ingest"}
+    # The placeholder is one that `deploy/make-env.sh` replaces.
+    placeholder = read_env_file(K8S / "base" / "credentials.env")["POSTGRES_PASSWORD"]
+    assert placeholder.startswith("change-me-") and weakness(placeholder)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize(
+    ("deployment", "metrics"), [("coordinator", 9104), ("ingest", 9101), ("inference", 9103)]
+)
 def test_grpc_servers_listen_where_probes_and_services_look(
     overlay: str, deployment: str, metrics: int
 ) -> None:
@@ -314,7 +392,9 @@ def test_grpc_servers_listen_where_probes_and_services_look(
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == listen_port, probe  # native gRPC health probes
     _, metrics_port = host_port(env_value(overlay, container, "NOVELCRAFTER_METRICS_LISTEN"))
-    assert container_port(container, "metrics") == metrics_port == metrics
+    assert (
+        container_port(container, "metrics") == metrics_port == metrics == DEFAULT_METRICS_PORTS[deployment]
+    )
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(metrics_port)
     service = by_name(overlay, "Service", deployment)
@@ -351,13 +431,21 @@ def test_console_listens_where_probes_the_service_compose_and_image_look(overlay
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
     service = {p["name"]: p for p in by_name(overlay, "Service", "console")["spec"]["ports"]}
     assert service["http"]["port"] == port and service["http"]["targetPort"] == "http"
+    # One address for IngestService and JobService: ingest, with the coordinator replica it hosts
+    # (not the coordinator service, which serves JobService alone).
     assert env_value(overlay, container, "NOVELCRAFTER_COORDINATOR") == "ingest:50051"
     assert env_value(overlay, container, "NOVELCRAFTER_INFERENCE") == "inference:50052"
+    ingest = app_container(overlay, "ingest")
+    assert env_value(overlay, ingest, "NOVELCRAFTER_EMBEDDED_COORDINATOR") in (None, "true")
+    assert host_port(flag_value(ingest["args"], "--listen"))[1] == 50051
     compose = load_compose()["services"]["console"]
     assert compose["command"] == container["args"]
     assert [p.rsplit(":", 1)[-1] for p in compose["ports"]] == [str(port)]
     assert compose["healthcheck"]["test"][-1] == f"http://127.0.0.1:{port}/health"
+    assert service_env(compose)["NOVELCRAFTER_COORDINATOR"] == "ingest:50051"
     assert service_env(compose)["NOVELCRAFTER_INFERENCE"] == "inference:50052"
+    compose_ingest = load_compose()["services"]["ingest"]
+    assert service_env(compose_ingest).get("NOVELCRAFTER_EMBEDDED_COORDINATOR", "true") == "true"
     assert set(compose["depends_on"]) == {"ingest", "inference"}
     exposed = {
         int(p) for line in dockerfile_stages(DOCKERFILES["console"])[-1].all("EXPOSE") for p in line.split()
@@ -371,16 +459,27 @@ def test_trainers_reach_the_coordinator_service(overlay: str) -> None:
     coordinator = flag_value(trainer["args"], "--coordinator")
     assert coordinator == env_value(overlay, trainer, "NOVELCRAFTER_COORDINATOR")
     host, port = host_port(coordinator)
+    assert host == "coordinator"  # the coordinator's own replicas, not ingest's
     service = by_name(overlay, "Service", host)
     target = next(p for p in service["spec"]["ports"] if p["port"] == port)["targetPort"]
     assert container_port(app_container(overlay, host), target) == port
+    assert (
+        service["spec"]["selector"].items()
+        <= by_name(overlay, "Deployment", host)["spec"]["template"]["metadata"]["labels"].items()
+    )
     _, metrics_port = host_port(env_value(overlay, trainer, "NOVELCRAFTER_METRICS_LISTEN"))
     assert container_port(trainer, "metrics") == metrics_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert trainer[probe]["httpGet"]["port"] == metrics_port, probe
 
 
-def test_ingest_is_a_single_coordinator_and_trainers_scale() -> None:
+def test_coordinator_replicas_scale_beside_one_ingest_and_trainers_scale() -> None:
+    """The coordinator keeps its state in PostgreSQL: several replicas, which may overlap in a
+    rolling update. Ingest (which hosts one more) stays one process per store."""
+    coordinator = by_name("cpu", "Deployment", "coordinator")
+    assert coordinator["spec"]["replicas"] >= 2
+    assert coordinator["spec"].get("strategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    assert load_compose()["services"]["coordinator"]["deploy"]["replicas"] >= 2
     ingest = by_name("cpu", "Deployment", "ingest")
     assert ingest["spec"]["replicas"] == 1 and ingest["spec"]["strategy"]["type"] == "Recreate"
     assert by_name("cpu", "Deployment", "trainer")["spec"]["replicas"] >= 2
@@ -397,8 +496,9 @@ def test_gpu_overlay_puts_trainers_on_gpus_and_cpu_overlay_does_not() -> None:
     assert flag_value(cpu["containers"][0]["args"], "--device") == "cpu"
     assert image_name(cpu["containers"][0]["image"]) == "novelcrafter/trainer"
     assert "nvidia" not in json.dumps(cpu)
-    # The trainer and inference (next test) change between the overlays; ingest does not.
-    assert by_name("gpu", "Deployment", "ingest") == by_name("cpu", "Deployment", "ingest")
+    # The trainer and inference (next test) change between the overlays; the rest does not.
+    for kind, name in (("Deployment", "ingest"), ("Deployment", "coordinator"), ("StatefulSet", "postgres")):
+        assert by_name("gpu", kind, name) == by_name("cpu", kind, name), name
 
 
 def by_container(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -459,17 +559,19 @@ def test_compose_validates_against_the_compose_specification() -> None:
         errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(doc)]
         assert not errors, errors
     broken = load_compose()
-    broken["services"]["trainer"]["depends_on"]["ingest"]["condition"] = "service_ready"
+    broken["services"]["trainer"]["depends_on"]["coordinator"]["condition"] = "service_ready"
     assert list(validator.iter_errors(broken)), "the schema should reject an unknown depends_on condition"
 
 
 def test_compose_wiring() -> None:
     compose = load_compose()
     services = compose["services"]
-    assert set(APP_SERVICES) | {"minio", "minio-init", "vllm"} == set(services)
-    # MinIO keeps its data in a named volume; the bucket job runs to completion first.
+    assert set(APP_SERVICES) | set(INFRA_SERVICES) == set(services)
+    assert not set(APP_SERVICES) & set(INFRA_SERVICES)
+    # MinIO and PostgreSQL keep their data in named volumes; the bucket job runs to completion first.
     assert any(v.startswith("minio-data:") for v in services["minio"]["volumes"])
-    assert set(compose["volumes"]) >= {"minio-data"}
+    assert services["postgres"]["volumes"] == ["postgres-data:/var/lib/postgresql/data"]
+    assert set(compose["volumes"]) >= {"minio-data", "postgres-data"}
     for name in APP_SERVICES:
         service = services[name]
         assert service["env_file"] == [".env"], name
@@ -481,10 +583,18 @@ def test_compose_wiring() -> None:
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             assert source in compose["volumes"], f"{name}: {source} is not a named volume"
-    # Trainers scale with --scale: no fixed name and no host port to collide.
-    for name in ("trainer", "trainer-gpu"):
+    # Coordinators and trainers scale (deploy.replicas, --scale): no fixed name and no host port
+    # to collide.
+    for name in ("coordinator", "trainer", "trainer-gpu"):
         assert "container_name" not in services[name] and "ports" not in services[name]
-    assert services["trainer"]["depends_on"]["ingest"]["condition"] == "service_healthy"
+    assert services["coordinator"]["deploy"]["replicas"] >= 2
+    # Trainers start once a coordinator answers; every coordinator (ingest hosts one) once
+    # PostgreSQL does, and once the bucket exists (they open the store).
+    for name in ("trainer", "trainer-gpu"):
+        assert services[name]["depends_on"]["coordinator"]["condition"] == "service_healthy", name
+    for name in ("coordinator", "ingest"):
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert "profiles" not in services["trainer"]
     gpu = services["trainer-gpu"]
     assert gpu["profiles"] == ["gpu"]
@@ -545,11 +655,13 @@ def test_compose_credentials_come_from_an_uncommitted_env_file() -> None:
     example = read_env_file(ENV_EXAMPLE)
     dotenv = read_env_file(dotenv_file())  # what `make env` writes: new secrets, nothing else changed
     assert dotenv.keys() == example.keys()
-    for secret in ("AWS_SECRET_ACCESS_KEY", "NOVELCRAFTER_AUTH_TOKEN"):
+    secrets = ("AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD", "NOVELCRAFTER_AUTH_TOKEN")
+    for secret in secrets:
         assert example[secret].startswith("change-me-") and weakness(example[secret])
         assert len(dotenv[secret]) == 48 and weakness(dotenv[secret]) is None
-    assert {k: v for k, v in dotenv.items() if not k.endswith(("SECRET_ACCESS_KEY", "AUTH_TOKEN"))} == {
-        k: v for k, v in example.items() if not k.endswith(("SECRET_ACCESS_KEY", "AUTH_TOKEN"))
+        assert re.fullmatch(r"[0-9a-f]+", dotenv[secret]), "URL-safe: POSTGRES_PASSWORD goes into a URL"
+    assert {k: v for k, v in dotenv.items() if k not in secrets} == {
+        k: v for k, v in example.items() if k not in secrets
     }
     subprocess.run([str(ROOT / "deploy" / "make-env.sh"), str(dotenv_file())], check=True)
     assert read_env_file(dotenv_file()) == dotenv  # an existing .env is kept as it is
@@ -558,16 +670,82 @@ def test_compose_credentials_come_from_an_uncommitted_env_file() -> None:
         # The auth token reaches every service, and compose refuses to start without one.
         assert env["NOVELCRAFTER_AUTH_TOKEN"] == dotenv["NOVELCRAFTER_AUTH_TOKEN"], name
         assert env["AWS_SECRET_ACCESS_KEY"] == dotenv["AWS_SECRET_ACCESS_KEY"], name
+        # The database password reaches them inside NOVELCRAFTER_DB only.
+        assert urlsplit(env["NOVELCRAFTER_DB"]).password == dotenv["POSTGRES_PASSWORD"], name
     minio = services["minio"]["environment"]
     assert minio["MINIO_ROOT_PASSWORD"] == dotenv["AWS_SECRET_ACCESS_KEY"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == dotenv["POSTGRES_PASSWORD"]
     raw = COMPOSE_FILE.read_text()
-    for secret in ("AWS_SECRET_ACCESS_KEY", "NOVELCRAFTER_AUTH_TOKEN"):
+    for secret in secrets:
         assert example[secret] not in raw, f"{secret}'s value is written into docker-compose.yml"
         assert f"${{{secret}:?" in raw, f"compose should refuse to start without {secret}"
 
 
+def test_compose_coordinators_share_one_postgres_database() -> None:
+    """PostgreSQL creates the user and database that NOVELCRAFTER_DB names (the password is
+    checked with the other credentials), its health check asks for that database, and its
+    image is the official one at the release Kubernetes runs."""
+    services = load_compose()["services"]
+    postgres = services["postgres"]
+    env = postgres["environment"]
+    user, database = env["POSTGRES_USER"], env["POSTGRES_DB"]
+    test = postgres["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"]
+    # Over TCP, as the services connect: the image's setup server listens on a socket only.
+    assert (flag_value(test, "-h"), flag_value(test, "-U"), flag_value(test, "-d")) == (
+        "127.0.0.1",
+        user,
+        database,
+    )
+    for name in APP_SERVICES:  # the shared environment: the same database for every replica
+        url = urlsplit(service_env(services[name])["NOVELCRAFTER_DB"])
+        assert (url.scheme, url.username, url.hostname, url.path) == (
+            "postgresql",
+            user,
+            "postgres",
+            f"/{database}",
+        ), name
+    assert POSTGRES_IMAGE.match(postgres["image"]), postgres["image"]
+    assert (
+        postgres["image"]
+        == by_name("cpu", "StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    assert "${POSTGRES_IMAGE:-" + postgres["image"] + "}" in COMPOSE_FILE.read_text()
+
+
+def test_third_party_images_are_pinned_and_the_same_in_compose_and_kubernetes() -> None:
+    """Every image that `make images` does not build is one exact release, and compose's default
+    for it is the image Kubernetes runs."""
+    cluster: dict[str, str] = {}
+    for overlay in OVERLAYS:
+        for obj in rendered(overlay):
+            spec = pod_spec(obj)
+            for container in containers(spec) if spec else []:
+                image = container["image"]
+                if not APP_IMAGE.match(image):
+                    assert pinned(image) or POSTGRES_IMAGE.match(image), f"{overlay}: {image} is not pinned"
+                    cluster[image_name(image)] = image
+    services = load_compose()["services"]
+    for name in INFRA_SERVICES:
+        image = services[name]["image"]
+        assert pinned(image) or POSTGRES_IMAGE.match(image), f"compose {name}: {image} is not pinned"
+        assert cluster.get(image_name(image)) == image, f"compose {name} runs {image}, Kubernetes does not"
+    assert set(cluster) == {image_name(services[name]["image"]) for name in INFRA_SERVICES}
+
+
 def test_compose_ports_agree_with_commands_and_health_checks() -> None:
     services = load_compose()["services"]
+    # The coordinator service: its own port and metrics port (the CLI's defaults), on the
+    # container network only; its image (ingest's) declares them.
+    coordinator = services["coordinator"]
+    _, coordinator_port = host_port(flag_value(coordinator["command"], "--listen"))
+    assert coordinator_port == host_port(DEFAULT_COORDINATOR_LISTEN)[1] == 50054
+    assert coordinator["healthcheck"]["test"][-1] == f"127.0.0.1:{coordinator_port}"
+    _, coordinator_metrics = host_port(service_env(coordinator)["NOVELCRAFTER_METRICS_LISTEN"])
+    assert coordinator_metrics == DEFAULT_METRICS_PORTS["coordinator"] == 9104
+    image = dockerfile_stages(DOCKERFILES[SAME_IMAGE_AS["coordinator"]])[-1]
+    exposed = {int(p) for line in image.all("EXPOSE") for p in line.split()}
+    assert {coordinator_port, coordinator_metrics} <= exposed
     for name, grpc_port, metrics_port, http_port in (
         ("ingest", 50051, 9101, None),
         ("inference", 50052, 9103, 8000),  # + the OpenAI-compatible HTTP API
@@ -583,20 +761,23 @@ def test_compose_ports_agree_with_commands_and_health_checks() -> None:
             assert host_port(service_env(service)["NOVELCRAFTER_HTTP_LISTEN"])[1] == http_port
     for name in ("trainer", "trainer-gpu"):
         service = services[name]
-        coordinator = flag_value(service["command"], "--coordinator")
-        host, port = host_port(coordinator)
-        assert host == "ingest" and port == 50051
-        assert service_env(service)["NOVELCRAFTER_COORDINATOR"] == coordinator
+        address = flag_value(service["command"], "--coordinator")
+        host, port = host_port(address)
+        assert host == "coordinator" and port == coordinator_port
+        assert service_env(service)["NOVELCRAFTER_COORDINATOR"] == address
         _, metrics = host_port(service_env(service)["NOVELCRAFTER_METRICS_LISTEN"])
         assert service["healthcheck"]["test"][-1] == f"http://127.0.0.1:{metrics}/healthz"
     endpoint_host, endpoint_port = host_port(service_env(services["ingest"])["NOVELCRAFTER_S3_ENDPOINT"])
     assert endpoint_host == "minio" and endpoint_port == 9000
     assert f"http://minio:{endpoint_port}" in " ".join(services["minio-init"]["command"])
+    for name in ("coordinator", "ingest"):  # PostgreSQL's port (the image's default)
+        database = urlsplit(service_env(services[name])["NOVELCRAFTER_DB"])
+        assert (database.hostname, database.port) == ("postgres", 5432), name
 
 
 def test_compose_and_kubernetes_run_the_same_commands() -> None:
     services = load_compose()["services"]
-    for name in ("ingest", "trainer", "inference"):
+    for name in ("coordinator", "ingest", "trainer", "inference"):
         assert services[name]["command"] == app_container("cpu", name)["args"], name
     assert services["trainer-gpu"]["command"] == app_container("gpu", "trainer")["args"]
 
@@ -668,7 +849,7 @@ def test_the_cli_check_rejects_what_the_cli_rejects() -> None:
 
 def test_every_environment_variable_is_a_real_setting() -> None:
     """Names the services read: a NOVELCRAFTER_* typo would be silently ignored by pydantic."""
-    known = settings_env_names() | cli_envvars() | STANDARD_ENV
+    known = settings_env_names() | cli_envvars() | STANDARD_ENV | DATABASE_ONLY_ENV
     used: dict[str, set[str]] = {}
     services = load_compose()["services"]
     for name in APP_SERVICES:
@@ -695,7 +876,13 @@ def test_every_environment_variable_is_a_real_setting() -> None:
             used.setdefault(key, set()).add(f"{name} image")
     unknown = {key: sorted(where) for key, where in used.items() if key not in known}
     assert not unknown, f"not a setting nor a standard variable: {unknown}"
-    assert {"NOVELCRAFTER_AUTH_TOKEN", "NOVELCRAFTER_STORE", "AWS_SECRET_ACCESS_KEY"} <= set(used)
+    assert {
+        "NOVELCRAFTER_AUTH_TOKEN",
+        "NOVELCRAFTER_STORE",
+        "AWS_SECRET_ACCESS_KEY",
+        "NOVELCRAFTER_DB",
+    } <= set(used)
+    assert not DATABASE_ONLY_ENV & settings_env_names(), "a setting now: drop it from DATABASE_ONLY_ENV"
 
 
 def test_the_auth_token_reaches_every_kubernetes_service() -> None:

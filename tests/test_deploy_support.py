@@ -30,10 +30,13 @@ ENV_EXAMPLE = ROOT / ".env.example"
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
 SCHEMAS = ROOT / "tests" / "schemas"
-# The NovelCrafter services in docker-compose.yml (the others are MinIO and its bucket job).
-APP_SERVICES = ("ingest", "trainer", "trainer-gpu", "inference", "inference-gpu", "console")
-# Compose services that run another service's image (inference-gpu: inference with --engine vllm).
-SAME_IMAGE_AS = {"inference-gpu": "inference"}
+# The NovelCrafter services in docker-compose.yml, and the third-party ones beside them: the
+# object store and its bucket job, the job coordinator's database, the GPU serving engine.
+APP_SERVICES = ("coordinator", "ingest", "trainer", "trainer-gpu", "inference", "inference-gpu", "console")
+INFRA_SERVICES = ("minio", "minio-init", "postgres", "vllm")
+# Compose services that run another service's image (inference-gpu: inference with --engine
+# vllm; coordinator: the ingest image's `serve coordinator`).
+SAME_IMAGE_AS = {"inference-gpu": "inference", "coordinator": "ingest"}
 DOCKERFILES = {
     "ingest": ROOT / "services" / "ingest" / "Dockerfile",
     "trainer": ROOT / "services" / "trainer" / "Dockerfile.cpu",

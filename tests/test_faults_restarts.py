@@ -107,7 +107,8 @@ def test_coordinator_restarted_mid_job_by_sigterm_and_sigkill(
         assert trainer.alive(), "the worker died instead of waiting for the coordinator"
         # The same worker finished both parts under its leases: no attempt was lost to the restarts.
         assert [(p.state, p.attempts) for p in done.parts] == [(J.PART_STATE_SUCCEEDED, 0)] * 2, logs()
-        assert "recovered jobs jobs=1" in coordinators[1].output() + coordinators[2].output()
+        # Each restart answered from the coordinator's database at once: nothing to recover.
+        assert all("coordinator database" in c.output() for c in coordinators[1:]), logs()
     finally:
         trainer.stop()
         ingest.stop()

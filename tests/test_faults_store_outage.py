@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from fault_support import (
     book_pdf,
@@ -75,7 +74,7 @@ def test_training_survives_a_20_second_store_outage(
         assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{done.error}\n{logs()}"
         assert proxy.refused > 0, "nothing tried the store during the outage"
         assert RETRY_LINE in trainer.output(), "the worker did not retry the store:\n" + logs()
-        assert RETRY_LINE in ingest.output(), "the coordinator did not retry the store:\n" + logs()
+        # The coordinator's job state is in its database: it needs the store only to publish.
         assert "Traceback" not in trainer.output() + ingest.output(), logs()
     finally:
         trainer.stop()
@@ -144,15 +143,15 @@ def test_a_claim_that_timed_out_in_a_store_outage_is_not_lost(
             stub = jobs_pb2_grpc.JobServiceStub(channel)
             request = jobs_pb2.ClaimPartRequest(worker_id="w-claims")
             proxy.cut()
-            with pytest.raises(grpc.RpcError) as info:  # the worker's claim gives up (its deadline)
-                stub.ClaimPart(request, timeout=3)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Job state is in the coordinator's database: claims need no store.
+            first = stub.ClaimPart(request, timeout=10)
+            assert first.assigned
+            # Its answer was lost (a timeout): the worker asks again, as it does after a
+            # transient error, and gets the same lease back, renewed.
+            claim = stub.ClaimPart(request, timeout=10)
+            assert claim.assigned and claim.lease.lease_id == first.lease.lease_id, "the part is stranded"
+            assert claim.lease.epoch == first.lease.epoch and claim.lease.expires_at >= first.lease.expires_at
             proxy.restore()
-            # The worker asks again, as it does after a transient error.
-            claim = wait_for(
-                "the coordinator to answer again", lambda: stub.ClaimPart(request, timeout=30), 120
-            )
-            assert claim.assigned, "the part is held by a lease its worker never received"
             part = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), timeout=10).parts[0]
             assert part.attempts == 0
     finally:

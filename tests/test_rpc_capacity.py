@@ -42,7 +42,7 @@ from fault_support import (
 )
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from novelcrafter.console.backends import UploadTooLarge, http_status
-from novelcrafter.ingest.coordinator import Coordinator, job_service
+from novelcrafter.coordinator import Coordinator, job_service
 from prometheus_client import REGISTRY
 from support import free_port, run_cli
 from test_coordinator_helpers import TEST_SETTINGS, make_book, wait_until
@@ -349,15 +349,16 @@ def test_cli_watch_refused_a_stream_says_the_job_continues(tmp_path: Path) -> No
     try:
         book = make_book(store, parts=1)
         out = run_cli("train", book, "--coordinator", f"127.0.0.1:{server.port}", "--watch", timeout=90)
+        job_id = out.stdout.split("created job ", 1)[1].split()[0]
+        state = coordinator.get_job(job_id).state
     finally:
         server.stop(grace=5)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    job_id = out.stdout.split("created job ", 1)[1].split()[0]
     assert out.stderr.strip() == (
         f"error: cannot follow job {job_id}: too many open streams (0); try again later; the job "
         f"continues (see `novelcrafter status {job_id}`)"
     )
-    assert coordinator.get_job(job_id).state == jobs_pb2.JOB_STATE_PENDING
+    assert state == jobs_pb2.JOB_STATE_PENDING
 
 
 # --- the console: one shared channel, a page's stream cancelled with the page -----------------

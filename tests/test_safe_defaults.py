@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from console_support import csrf_of, start_console
-from novelcrafter.ingest.coordinator import job_config
+from novelcrafter.coordinator import job_config
 from support import NOVELCRAFTER, Proc, base_env, free_port, run_cli, wait_port
 
 from novelcrafter import config
@@ -143,6 +143,12 @@ def test_a_short_token_and_a_placeholder_s3_secret_are_refused(tmp_path: Path) -
     )
     line = _one_error_line(run_cli("serve", "trainer", env=s3, timeout=120))
     assert "AWS_SECRET_ACCESS_KEY is a documented placeholder" in line, line
+    db = base_env(NOVELCRAFTER_DB="postgresql://novelcrafter:change-me-postgres-password@127.0.0.1:1/x")
+    line = _one_error_line(
+        run_cli("serve", "coordinator", "--store", str(tmp_path / "store"), env=db, timeout=120)
+    )
+    assert "the password in NOVELCRAFTER_DB is a documented placeholder" in line, line
+    assert "change-me-postgres-password" not in line
 
 
 # --- /metrics ----------------------------------------------------------------------------------

@@ -248,20 +248,22 @@ class JobEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[float] = ..., part_index: _Optional[int] = ..., job_state: _Optional[_Union[JobState, str]] = ..., part_state: _Optional[_Union[PartState, str]] = ..., progress: _Optional[_Union[ProgressUpdate, _Mapping]] = ..., metrics: _Optional[_Union[PartMetrics, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "job_id", "part_index", "worker_id", "expires_at", "ttl_seconds")
+    __slots__ = ("lease_id", "job_id", "part_index", "worker_id", "expires_at", "ttl_seconds", "epoch")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PART_INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     job_id: str
     part_index: int
     worker_id: str
     expires_at: float
     ttl_seconds: float
-    def __init__(self, lease_id: _Optional[str] = ..., job_id: _Optional[str] = ..., part_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    epoch: int
+    def __init__(self, lease_id: _Optional[str] = ..., job_id: _Optional[str] = ..., part_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ClaimPartRequest(_message.Message):
     __slots__ = ("worker_id", "device", "job_id")

@@ -44,18 +44,21 @@ class IngestServer:
 def start_ingest_server(
     settings: Settings, *, listen: str | None = None, store: Store | None = None, metrics: bool = True
 ) -> IngestServer:
-    """Open the store, recover the coordinator's jobs, bind and start serving."""
-    from novelcrafter.ingest.coordinator import Coordinator, job_service
+    """Open the store and the coordinator (hosted here, or the one at NOVELCRAFTER_COORDINATOR
+    when ``embedded_coordinator`` is off), bind and start serving."""
+    from novelcrafter.coordinator import Coordinator, job_service
+    from novelcrafter.coordinator.client import RemoteCoordinator
 
     store = store or open_store(settings=settings)
     listen = listen or settings.listen or DEFAULT_INGEST_LISTEN
-    coordinator = Coordinator(store, settings)
+    if settings.embedded_coordinator:
+        coordinator = Coordinator(store, settings)
+        services = [ingest_service(store, coordinator), job_service(coordinator)]
+    else:  # jobs are created through the coordinator service
+        coordinator = RemoteCoordinator(settings.coordinator, settings)
+        services = [ingest_service(store, coordinator)]
     try:
-        server = start_server(
-            [ingest_service(store, coordinator), job_service(coordinator)],
-            listen,
-            settings,
-        )
+        server = start_server(services, listen, settings)
     except BaseException:
         coordinator.close()
         raise

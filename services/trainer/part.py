@@ -3,6 +3,11 @@
 Independent of gRPC: the worker passes :class:`PartHooks` (progress reports, the stop
 flag, a lease check before publishing); tests and the benchmark call it directly.
 
+Publishing: a worker's part only *stages* its adapter, in its lease's folder
+(``PartJob.publish_prefix``); the coordinator publishes it when the worker completes the part,
+and only while that lease is live (see :func:`novelcrafter.adapters.commit_adapter`). Without
+a coordinator (tests, benchmarks: no ``publish_prefix``) the part publishes it itself.
+
 Optimizer state between parts (a deliberate choice): *resuming* a part
 restores the optimizer, scheduler, RNG states and data cursor exactly from its
 checkpoint; *moving on* to the next part starts a fresh AdamW and a fresh warmup/decay
@@ -69,9 +74,18 @@ class PartJob:
     init_adapter_key: str = ""  # store prefix of the adapter to start from ("" = fresh LoRA)
     resume_checkpoint_key: str = ""
     hub_repo_id: str = ""
+    # The lease's staging folder (layout.part_publish_prefix of its epoch): the adapter is staged
+    # there and CompletePart publishes it. "" = no coordinator: run_part publishes it itself.
+    publish_prefix: str = ""
 
     @classmethod
-    def from_assignment(cls, assignment: Any) -> PartJob:
+    def from_assignment(cls, assignment: Any, epoch: int | None = None) -> PartJob:
+        """The assignment's part; ``epoch``: the lease's, whose staging folder the adapter goes to."""
+        publish_prefix = (
+            layout.part_publish_prefix(assignment.job_id, assignment.part_index, epoch)
+            if epoch is not None
+            else ""
+        )
         return cls(
             job_id=assignment.job_id,
             book_id=assignment.book_id,
@@ -86,6 +100,7 @@ class PartJob:
             settings=TrainSettings.from_job_config(assignment.config),
             base_model=assignment.config.base_model,
             hub_repo_id=assignment.config.hub_repo_id,
+            publish_prefix=publish_prefix,
         )
 
 
@@ -105,7 +120,7 @@ class PartHooks:
 
     report: Callable[[Progress, str], None] = lambda update, checkpoint_key: None
     should_stop: Callable[[], bool] = lambda: False
-    before_publish: Callable[[], None] = lambda: None  # raises when the lease is lost
+    before_publish: Callable[[], None] = lambda: None  # raises when the lease is lost: nothing staged
     # True once another worker may own the part: then nothing more is written for it.
     lease_lost: Callable[[], bool] = lambda: False
 
@@ -121,9 +136,12 @@ class Interrupted(Exception):
 @dataclass
 class PartResult:
     metrics: PartMetrics  # reads like its record (meta.json's metrics) too
+    # The version's meta: as published, or as staged (published_at 0) when the coordinator
+    # publishes it on completion (staged_prefix set).
     adapter: adapters.AdapterMeta
-    adapter_dir: Path  # local copy of the published files (the caller deletes it)
+    adapter_dir: Path  # local copy of the version's files (the caller deletes it)
     checkpoint_key: str
+    staged_prefix: str = ""  # where the adapter waits for CompletePart ("" = published here)
 
 
 def _download_init_adapter(store: Store, prefix: str, dest: Path) -> Path:
@@ -220,10 +238,12 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
         model.save_pretrained(str(out))
         hooks.report(_update(training, "publish", "publishing the adapter"), "")
         hooks.before_publish()
-        # The card and canonical config are written into `out`: it then holds the published files.
-        meta = adapters.publish_adapter(
+        staged_prefix = job.publish_prefix or layout.part_publish_prefix(job.job_id, job.part, 0)
+        # The card and canonical config are written into `out`: it then holds the version's files.
+        meta = adapters.stage_adapter(
             store,
             out,
+            staged_prefix,
             book_id=job.book_id,
             job_id=job.job_id,
             part=job.part,
@@ -232,12 +252,18 @@ def run_part(store: Store, base: BaseModel, job: PartJob, hooks: PartHooks | Non
             settings=settings.to_dict(),
             started_from=layout.version_of_adapter_prefix(job.init_adapter_key),
         )
-        log.info("part published", extra=kv(job=job.job_id, part=job.part, version=meta.version))
-        # The caller owns the published copy from here (e.g. for a Hub push, card included).
+        where = kv(job=job.job_id, part=job.part, version=meta.version)
+        if job.publish_prefix:
+            log.info("part staged: the coordinator publishes it on completion", extra=where)
+        else:  # no coordinator to complete with (tests, benchmarks): publish it here
+            meta = adapters.commit_adapter(store, staged_prefix, meta, verify=False)
+            store.delete_prefix(staged_prefix)
+            log.info("part published", extra=where)
+        # The caller owns the local copy from here (e.g. for a Hub push, card included).
         kept = Path(tempfile.mkdtemp(prefix="nc-adapter-"))
         for name in adapters.VERSION_FILES:
             shutil.copy2(out / name, kept / name)
-        return PartResult(metrics, meta, kept, checkpoint_key)
+        return PartResult(metrics, meta, kept, checkpoint_key, job.publish_prefix)
     finally:
         base.model = detach(model)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -11,6 +11,11 @@ any worker can pick up any part.
   written, the part is released with ``FailPart(release=True, checkpoint_key=…)``.
 * The coordinator unreachable: claims and completions are retried with backoff; the
   worker never crashes for it.
+* Publishing is fenced: the part stages its adapter in the lease's own folder and
+  CompletePart publishes it, in the transaction that checks the lease is still live. A worker
+  whose lease expired (paused, partitioned) or whose job was cancelled is refused (ABORTED) and
+  nothing of it is published. CompletePart is idempotent: a retry after a lost answer gets the
+  job again.
 
 The coordinator client is :mod:`~novelcrafter.trainer.coordinator_client`, what a part
 reports (progress, metrics) is typed in :mod:`~novelcrafter.trainer.reports`.
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from novelcrafter import adapters
 from novelcrafter.config import Settings
 from novelcrafter.errors import (
     Aborted,
@@ -148,7 +154,7 @@ class Worker:
         return None
 
     def _work(self, claim: jobs_pb2.ClaimPartResponse) -> None:
-        job = PartJob.from_assignment(claim.assignment)
+        job = PartJob.from_assignment(claim.assignment, epoch=claim.lease.epoch)
         where = kv(job=job.job_id, part=job.part, worker=self.worker_id)
         log.info("part claimed", extra=where)
         keeper = LeaseKeeper(self.client, claim.lease).start()
@@ -193,7 +199,9 @@ class Worker:
             return
         keeper.stop()
         try:
-            if self._complete(keeper.lease, result):
+            published = self._complete(keeper.lease, result)
+            if published is not None:
+                result.adapter = published
                 self.completed.append(result.adapter.version)
                 trainer_metrics.PARTS.labels("completed").inc()
                 if job.hub_repo_id and self.hub is not None:
@@ -203,17 +211,49 @@ class Worker:
         finally:
             shutil.rmtree(result.adapter_dir, ignore_errors=True)
 
-    def _complete(self, lease: jobs_pb2.Lease, result: PartResult) -> bool:
+    def _complete(self, lease: jobs_pb2.Lease, result: PartResult) -> adapters.AdapterMeta | None:
+        """CompletePart: the coordinator publishes the staged adapter and records the part, if the
+        lease is still this worker's. The version as published; None when refused (the lease
+        expired or was replaced, the job was cancelled: nothing of this worker is published) or
+        when the coordinator could not be reached in time (the lease then runs out and the part
+        is trained again)."""
         adapter = result.adapter.to_proto()
         metrics = metrics_proto(result.metrics)
-        done = self._retry(
-            "complete the part", lambda: self.client.complete(lease, metrics, adapter), patience=300.0
-        )
-        if done:
-            log.info(
-                "part completed", extra=kv(job=lease.job_id, part=lease.part_index, version=adapter.version)
+        where = kv(job=lease.job_id, part=lease.part_index, version=adapter.version, epoch=lease.epoch)
+        try:
+            retry(
+                lambda: self.client.complete(lease, metrics, adapter),
+                backoff=PART_OUTCOME_BACKOFF,
+                retryable=lambda exc: isinstance(exc, TRANSIENT),
+                deadline_seconds=300.0,
             )
-        return done
+        except Aborted as exc:
+            log.warning(
+                "part abandoned: the coordinator refused its completion, nothing published",
+                extra=kv(**where["fields"], why=exc.message),
+            )
+            trainer_metrics.PARTS.labels("lease_lost").inc()
+            return None
+        except TRANSIENT as exc:
+            log.error("could not complete the part: coordinator unreachable", extra=kv(error=exc.message))
+            return None
+        except NovelCrafterError as exc:
+            # E.g. the staged files do not match their checksums: give the part back for another
+            # attempt now rather than when the lease runs out.
+            log.error("could not complete the part", extra=kv(**where["fields"], error=exc.message))
+            self._fail(
+                lease, exc.message, retryable=True, release=False, checkpoint_key=result.checkpoint_key
+            )
+            trainer_metrics.PARTS.labels("failed").inc()
+            return None
+        log.info("part completed", extra=where)
+        if not result.staged_prefix:
+            return result.adapter  # published by run_part itself
+        try:  # the meta as the coordinator published it (published_at)
+            return adapters.read_meta(self.store, result.adapter.book_id, result.adapter.version)
+        except NovelCrafterError as exc:
+            log.warning("published meta not read back", extra=kv(**where["fields"], error=exc.message))
+            return result.adapter
 
     def _fail(
         self, lease: jobs_pb2.Lease, error: str, *, retryable: bool, release: bool, checkpoint_key: str

@@ -1,6 +1,8 @@
-"""``novelcrafter train`` and ``novelcrafter status``: the job coordinator's client commands (gRPC).
+"""``novelcrafter serve coordinator``, and the coordinator's client commands ``novelcrafter train``
+and ``novelcrafter status`` (gRPC).
 
-The coordinator itself is served by ``novelcrafter serve ingest`` (:mod:`novelcrafter.ingest.coordinator`).
+The coordinator is served by ``novelcrafter serve coordinator``, or hosted by ``novelcrafter
+serve ingest`` beside IngestService (:mod:`novelcrafter.coordinator`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from novelcrafter.cli import BaseModelOpt, CoordinatorOpt
+from novelcrafter.cli import (
+    AllowUnauthenticatedOpt,
+    BaseModelOpt,
+    CoordinatorOpt,
+    StoreOpt,
+    setting_option,
+)
+from novelcrafter.config import DEFAULT_COORDINATOR_LISTEN, IngestSettings
 from novelcrafter.train_settings import MAX_ATTEMPTS, LoraSettings, TrainSettings, default_text, help_of
 
 JsonOpt = Annotated[
@@ -31,6 +40,27 @@ def _help(name: str, settings: type = TrainSettings) -> str:
 def register(app: typer.Typer, serve_app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("status")(status)
+    serve_app.command("coordinator")(serve_coordinator_command)
+
+
+def serve_coordinator_command(
+    listen: Annotated[
+        str | None, setting_option(IngestSettings, "listen", default=DEFAULT_COORDINATOR_LISTEN)
+    ] = None,
+    store: StoreOpt = None,
+    allow_unauthenticated: AllowUnauthenticatedOpt = None,
+) -> None:
+    """Serve the job coordinator (JobService) on its own: any number of replicas on one database."""
+    from novelcrafter.config import get_settings
+    from novelcrafter.exposure import check_secrets
+
+    from .server import serve_coordinator
+
+    settings = get_settings(
+        IngestSettings, listen=listen, store=store, allow_unauthenticated=allow_unauthenticated
+    )
+    check_secrets(settings)
+    serve_coordinator(settings)
 
 
 def _call(address: str, fn: Callable[[], T]) -> T:
@@ -45,7 +75,7 @@ def _call(address: str, fn: Callable[[], T]) -> T:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             raise Unavailable(
                 f"cannot reach the job coordinator at {address} ({exc.details() or 'unavailable'}): "
-                "start it with `novelcrafter serve ingest` "
+                "start it with `novelcrafter serve coordinator` (or `serve ingest`, which hosts it) "
                 "or point --coordinator / NOVELCRAFTER_COORDINATOR at it"
             ) from None
         raise from_rpc_error(exc) from None

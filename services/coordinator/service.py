@@ -104,6 +104,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + WATCH_KEEPALIVE_SECONDS
                     ended = self.c.get_job(job_id).state in TERMINAL
+                    if ended:  # read through: the last events may come from another replica
+                        history = self._history(job_id)
         finally:
             with self._lock:
                 self._watching.pop(stop, None)

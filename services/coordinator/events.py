@@ -1,8 +1,9 @@
-"""A job's event history: kept in memory for WatchJob replay, persisted (bounded) to the store.
+"""A job's event history as one process's WatchJob streams see it (the database keeps it all).
 
-History is bounded: when it grows past ``MAX_EVENTS`` the oldest *progress* events go
-first, so state changes, metrics and messages (a handful per part) survive the longest
-and a client that reconnects, even after a coordinator restart, still sees how the job went.
+The coordinator fills it from the database, in sequence order, whichever replica committed
+the events. In memory it is bounded: when it grows past ``MAX_EVENTS`` the oldest *progress*
+events go first, so state changes, metrics and messages (a handful per part) survive the
+longest. ``from_jsonl`` reads the ``events.jsonl`` an older coordinator kept in the store.
 
 WatchJob streams wait on the log itself (:meth:`EventLog.wait_after`), not on the
 coordinator's lock: a new event wakes only the streams of its job, they read it without
@@ -27,17 +28,18 @@ TRIM_TO = 1500
 class EventLog:
     def __init__(self, events: list[jobs_pb2.JobEvent] | None = None) -> None:
         self.events: list[jobs_pb2.JobEvent] = list(events or [])
-        self.dirty = False  # appended since the last successful persist
         # Guards ``events``; a leaf lock (nothing else is taken while holding it), so the
         # coordinator may extend under its own lock while streams read without taking that.
         self._changed = threading.Condition(threading.Lock())
 
     def extend(self, events: list[jobs_pb2.JobEvent]) -> None:
-        if not events:
-            return
+        """Append events in sequence order; ones already here (read twice) are skipped."""
         with self._changed:
+            last = self.events[-1].sequence if self.events else 0
+            events = [event for event in events if event.sequence > last]
+            if not events:
+                return
             self.events.extend(events)
-            self.dirty = True
             if len(self.events) > MAX_EVENTS:
                 self._trim()
             self._changed.notify_all()
@@ -94,11 +96,6 @@ class EventLog:
         if len(kept) > TRIM_TO:  # still too long: drop the oldest of any kind
             kept = kept[len(kept) - TRIM_TO :]
         self.events = kept
-
-    def to_jsonl(self) -> str:
-        with self._changed:
-            events = list(self.events)  # serialized outside the lock: streams keep reading
-        return "".join(json.dumps(json_format.MessageToDict(e), separators=(",", ":")) + "\n" for e in events)
 
     @classmethod
     def from_jsonl(cls, text: str) -> EventLog:

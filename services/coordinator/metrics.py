@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter as _Tally
-from collections.abc import Iterable
-
 from prometheus_client import Counter, Gauge
 
 from novelcrafter.progress import job_state_name
@@ -40,7 +37,7 @@ _STATE_LABELS = {
 }
 
 
-def set_job_states(states: Iterable[int]) -> None:
-    tally = _Tally(states)
+def set_job_state_counts(counts: dict[int, int]) -> None:
+    """Jobs per state, as the database counts them (all replicas' jobs)."""
     for value, label in _STATE_LABELS.items():
-        JOBS.labels(label).set(tally.get(value, 0))
+        JOBS.labels(label).set(counts.get(value, 0))

@@ -1,8 +1,10 @@
-"""A job's full coordinator state and its JSON form in the store (``jobs/<job_id>/job.json``).
+"""A job's full coordinator state and its JSON form: the ``record`` column of the ``jobs`` table
+(and, format 1, the ``jobs/<job_id>/job.json`` an older coordinator kept in the store, which is
+imported once).
 
 The public :class:`jobs_pb2.Job` plus what only the coordinator needs: the part data
 keys (copied from the book manifest at creation, which is immutable), the store prefix
-of the adapter part 0 starts from, the live leases, and the event-sequence reservation.
+of the adapter part 0 starts from, the live leases and the last fencing epoch handed out.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from google.protobuf import json_format
 from novelcrafter.v1 import jobs_pb2
 
 FORMAT = 1
-# Event sequence numbers are reserved in blocks: job.json always records a number above
-# every sequence handed out, so after a crash numbering resumes above anything a client saw.
-SEQ_BLOCK = 10_000
 
 TERMINAL_JOB_STATES = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 
@@ -29,6 +28,9 @@ class LeaseInfo:
     worker_id: str
     device: str
     expires_at: float  # unix seconds, coordinator clock
+    # The fencing token: every grant of any part of the job takes the next number, so a lease
+    # granted later always carries a larger one (0: a lease from before epochs existed).
+    epoch: int = 0
 
 
 @dataclass
@@ -43,9 +45,7 @@ class JobRecord:
     part_data: list[PartData]
     init_adapter_key: str = ""
     leases: dict[int, LeaseInfo] = field(default_factory=dict)
-    seq: int = 0  # last event sequence handed out
-    seq_reserved: int = 0  # persisted: every sequence handed out is below it
-    dirty: bool = False  # in-memory progress not yet in the store (not a state change)
+    epoch: int = 0  # the last fencing epoch handed out for this job
 
     @property
     def job_id(self) -> str:
@@ -63,9 +63,7 @@ class JobRecord:
             part_data=list(self.part_data),
             init_adapter_key=self.init_adapter_key,
             leases=copy.deepcopy(self.leases),
-            seq=self.seq,
-            seq_reserved=self.seq_reserved,
-            dirty=self.dirty,
+            epoch=self.epoch,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -80,10 +78,11 @@ class JobRecord:
                     "worker_id": lease.worker_id,
                     "device": lease.device,
                     "expires_at": lease.expires_at,
+                    "epoch": lease.epoch,
                 }
                 for i, lease in self.leases.items()
             },
-            "seq_reserved": self.seq_reserved,
+            "epoch": self.epoch,
         }
 
     @classmethod
@@ -97,5 +96,5 @@ class JobRecord:
         leases = {int(i): LeaseInfo(**lease) for i, lease in data.get("leases", {}).items()}
         if any(not 0 <= i < len(parts) for i in leases):
             raise ValueError("a lease names a part the job does not have")
-        reserved = int(data.get("seq_reserved", 0))
-        return cls(job, parts, str(data.get("init_adapter_key", "")), leases, reserved, reserved)
+        epoch = max([int(data.get("epoch", 0)), *(lease.epoch for lease in leases.values())])
+        return cls(job, parts, str(data.get("init_adapter_key", "")), leases, epoch)

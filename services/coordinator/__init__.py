@@ -1,4 +1,4 @@
-"""The job coordinator (JobService), hosted by the ingest process.
+"""The job coordinator (JobService): ``novelcrafter serve coordinator``, or hosted by the ingest process.
 
 CONTRACT (used by the ingest server and the CLI)::
 
@@ -13,11 +13,12 @@ CONTRACT (used by the ingest server and the CLI)::
 ``Coordinator(store, settings, lease_seconds=None)``: the lease time comes from the
 argument, else ``NOVELCRAFTER_LEASE_SECONDS``, else 60 s.
 
-ONE coordinator process per store: claims are made race-free by a lock inside the
-process, not by the store. See :mod:`.core` for durability, restart and attempt rules.
+Any number of coordinator processes may share one database (``NOVELCRAFTER_DB``: SQLite by
+default, PostgreSQL for replicas): claims are made race-free by the database's row locks. See
+:mod:`.core` for durability, fencing and attempt rules, :mod:`.db` for the database.
 
 Names are imported lazily so that importing the package stays cheap. Its client commands
-(``train``, ``status``) are :mod:`novelcrafter.jobs_cli`.
+(``train``, ``status``) are :mod:`novelcrafter.coordinator.cli`.
 """
 
 from __future__ import annotations
