@@ -1,6 +1,7 @@
 """Benchmark: one job coordinator process over real gRPC, with a big job table, many workers.
 
     .venv/bin/python -m bench.coordinator --db sqlite --jobs 10000 --history 100000 --workers 200 --seconds 60
+    .venv/bin/python -m bench.coordinator ... --pace 10       # paced workers, see 3. below
     .venv/bin/python -m bench.coordinator --db postgresql://USER:PASSWORD@HOST:PORT/DB ... [--json]
     .venv/bin/python -m bench.coordinator --db store ...        # the baseline (below)
     .venv/bin/python -m bench.coordinator --compare [--pg URL|auto] --jobs ... --max-seed-seconds 600
@@ -27,11 +28,27 @@ What one run does, for one coordinator:
    ``--renewals`` RenewLease and ``--reports`` ReportProgress, then **FailPart(release=True)**,
    which gives the part back READY without counting an attempt, so the live set stays
    ``--jobs`` jobs for the whole run (CompletePart would need a published adapter per part and
-   would drain the queue). No think time between calls (``--think-ms``): a closed loop that
-   saturates the coordinator, so latencies include its queueing. An empty claim waits
-   ``--idle-sleep`` before the next. Claim latencies (assigned and empty), renewals/s,
-   reports/s, errors by status code, and the CPU seconds the coordinator and this process (the
-   workers: they share the machine's cores with it) used during the load.
+   would drain the queue). Two ways to pace those calls (``pace`` in the output says which):
+
+   - ``--pace 0`` (the default), **saturating**: no think time between calls (``--think-ms``),
+     a closed loop that saturates the coordinator, so latencies include its queueing; an empty
+     claim waits ``--idle-sleep`` before the next. This shows throughput: the most claims,
+     renewals and reports per second the coordinator serves, and its latencies when overloaded.
+   - ``--pace SECONDS``, **paced**: each worker calls at the rate of a real trainer. After a
+     claim it holds the part for ``max(--renewals, --reports)`` rounds of SECONDS, calling
+     RenewLease and ReportProgress once a round each (at fixed times from the claim's answer,
+     as the trainer's lease keeper does every ``ttl / 3``, i.e. 10 s at the default 30 s lease),
+     then releases it; an empty or failed claim waits SECONDS before the next (the trainer
+     polls every ``poll_seconds``, 2 s by default). The workers' first calls are staggered
+     uniformly over SECONDS (offsets seeded with ``PACE_SEED``, the same in every run) so they
+     do not arrive in lockstep. At the end of ``--seconds`` a held part is released at once
+     rather than after its last round. This shows the latency a trainer sees at a realistic
+     call rate, which saturation cannot: there, every figure includes the queue the load
+     itself builds. Both are reported because they answer different questions.
+
+   Either way the same figures are measured: claim latencies (assigned and empty),
+   renewals/s, reports/s, errors by status code, and the CPU seconds the coordinator and this
+   process (the workers: they share the machine's cores with it) used during the load.
 4. ``rss_mb``: the coordinator process's resident memory (psutil) after the load (the
    database server's, for PostgreSQL, is not included).
 5. **Restart**: SIGTERM, wait for the exit, start it again: ``restart_to_first_claim_s`` is
@@ -64,6 +81,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -90,6 +108,7 @@ BASELINE_WHY = (
 PARTS = 10
 BATCH_JOBS = 5000  # jobs per seeding transaction
 SEQ_BLOCK = 10_000  # the baseline's event-sequence reservation (its record.py)
+PACE_SEED = 0  # --pace: the seed of the workers' random first-call offsets (the same in every run)
 LAUNCH = (
     "import runpy, sys\n"
     "import novelcrafter\n"
@@ -738,59 +757,109 @@ def run_load(address: str, args: argparse.Namespace, tag: str) -> tuple[Samples,
     per_worker = [Samples() for _ in range(args.workers)]
     window: dict[str, float] = {}
 
-    def worker(index: int) -> None:
+    def renew(stub: Any, rec: Samples, lease: Any) -> Any:
+        t = time.perf_counter()
+        lease = stub.RenewLease(J.RenewLeaseRequest(lease=lease), timeout=args.rpc_timeout)
+        rec.renew.append(time.perf_counter() - t)
+        return lease
+
+    def report(stub: Any, rec: Samples, lease: Any, step: int) -> Any:
+        progress = J.ProgressUpdate(
+            step=step, total_steps=args.reports, loss=3.0 - 0.01 * step, phase="train"
+        )
+        t = time.perf_counter()
+        answer = stub.ReportProgress(
+            J.ReportProgressRequest(lease=lease, progress=progress), timeout=args.rpc_timeout
+        )
+        rec.report.append(time.perf_counter() - t)
+        return answer.lease if answer.HasField("lease") else lease
+
+    def release(stub: Any, rec: Samples, lease: Any) -> None:
+        t = time.perf_counter()
+        try:
+            stub.FailPart(
+                J.FailPartRequest(lease=lease, error="bench: released", release=True),
+                timeout=args.rpc_timeout,
+            )
+            rec.release.append(time.perf_counter() - t)
+        except grpc.RpcError as exc:
+            rec.error("FailPart", exc)
+
+    def claim(stub: Any, rec: Samples, worker_id: str) -> Any:
+        """The claim's answer (its latency recorded), or None when the call failed."""
+        t = time.perf_counter()
+        try:
+            resp = stub.ClaimPart(
+                J.ClaimPartRequest(worker_id=worker_id, device="cpu"), timeout=args.rpc_timeout
+            )
+        except grpc.RpcError as exc:
+            rec.error("ClaimPart", exc)
+            return None
+        (rec.claim_assigned if resp.assigned else rec.claim_empty).append(time.perf_counter() - t)
+        return resp
+
+    def saturating(index: int) -> None:
         stub, rec = stubs[index % len(stubs)], per_worker[index]
         worker_id = f"bench-{tag}-w{index:04d}"
         barrier.wait()
         deadline = window["deadline"]
         while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            try:
-                resp = stub.ClaimPart(
-                    J.ClaimPartRequest(worker_id=worker_id, device="cpu"), timeout=args.rpc_timeout
-                )
-            except grpc.RpcError as exc:
-                rec.error("ClaimPart", exc)
+            resp = claim(stub, rec, worker_id)
+            if resp is None or not resp.assigned:
                 time.sleep(args.idle_sleep)
                 continue
-            dt = time.perf_counter() - t
-            if not resp.assigned:
-                rec.claim_empty.append(dt)
-                time.sleep(args.idle_sleep)
-                continue
-            rec.claim_assigned.append(dt)
             lease, method = resp.lease, "RenewLease"
             try:
                 for _ in range(args.renewals):
                     time.sleep(think)
-                    t = time.perf_counter()
-                    lease = stub.RenewLease(J.RenewLeaseRequest(lease=lease), timeout=args.rpc_timeout)
-                    rec.renew.append(time.perf_counter() - t)
+                    lease = renew(stub, rec, lease)
                 method = "ReportProgress"
                 for step in range(1, args.reports + 1):
                     time.sleep(think)
-                    progress = J.ProgressUpdate(
-                        step=step, total_steps=args.reports, loss=3.0 - 0.01 * step, phase="train"
-                    )
-                    t = time.perf_counter()
-                    answer = stub.ReportProgress(
-                        J.ReportProgressRequest(lease=lease, progress=progress), timeout=args.rpc_timeout
-                    )
-                    rec.report.append(time.perf_counter() - t)
-                    if answer.HasField("lease"):
-                        lease = answer.lease
+                    lease = report(stub, rec, lease, step)
             except grpc.RpcError as exc:
                 rec.error(method, exc)
             time.sleep(think)
-            t = time.perf_counter()
+            release(stub, rec, lease)
+
+    def wait_until(when: float, deadline: float) -> bool:
+        """Sleep until ``when`` (at most until the deadline); False when ``when`` is past it."""
+        pause = min(when, deadline) - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        return when < deadline
+
+    def paced(index: int) -> None:
+        stub, rec = stubs[index % len(stubs)], per_worker[index]
+        worker_id = f"bench-{tag}-w{index:04d}"
+        barrier.wait()
+        deadline = window["deadline"]
+        if not wait_until(window["start"] + offsets[index], deadline):
+            return
+        while time.perf_counter() < deadline:
+            resp = claim(stub, rec, worker_id)
+            if resp is None or not resp.assigned:
+                wait_until(time.perf_counter() + args.pace, deadline)
+                continue
+            held = time.perf_counter()
+            lease, method = resp.lease, "RenewLease"
             try:
-                stub.FailPart(
-                    J.FailPartRequest(lease=lease, error="bench: released", release=True),
-                    timeout=args.rpc_timeout,
-                )
-                rec.release.append(time.perf_counter() - t)
+                for n in range(1, max(args.renewals, args.reports) + 1):
+                    if not wait_until(held + n * args.pace, deadline):
+                        break  # the load is over: give the part back now
+                    if n <= args.renewals:
+                        method = "RenewLease"
+                        lease = renew(stub, rec, lease)
+                    if n <= args.reports:
+                        method = "ReportProgress"
+                        lease = report(stub, rec, lease, n)
             except grpc.RpcError as exc:
-                rec.error("FailPart", exc)
+                rec.error(method, exc)
+            release(stub, rec, lease)
+
+    worker = paced if args.pace > 0 else saturating
+    stagger = random.Random(PACE_SEED)
+    offsets = [stagger.uniform(0.0, args.pace) for _ in range(args.workers)]
 
     threads = [
         threading.Thread(target=worker, args=(i,), name=f"bench-w{i}", daemon=True)
@@ -900,6 +969,7 @@ def run_one(kind: str, db_url: str, args: argparse.Namespace, jobs: int, history
             "renewals_per_claim": args.renewals,
             "reports_per_claim": args.reports,
             "think_ms": args.think_ms,
+            "pace": args.pace,
             "claims": len(claims),
             "claims_assigned": len(samples.claim_assigned),
             "claims_empty": len(samples.claim_empty),
@@ -1020,15 +1090,25 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def header(info: dict[str, Any], args: argparse.Namespace) -> str:
+    if args.pace > 0:
+        load = (
+            f"pace {args.pace:g} s (paced: after a claim, one RenewLease + one ReportProgress every "
+            f"{args.pace:g} s, {args.renewals} + {args.reports} in all, then FailPart(release); "
+            f"{args.pace:g} s after an empty claim; first calls staggered over {args.pace:g} s)"
+        )
+    else:
+        load = (
+            f"pace 0 (saturating: per claim {args.renewals} RenewLease + {args.reports} ReportProgress + "
+            f"FailPart(release); think {args.think_ms:g} ms; idle sleep {args.idle_sleep:g} s)"
+        )
     return (
         f"Machine: {info['cpu_model']}, {info['cpu_cores']} cores ({info['cpu_affinity']} usable), "
         f"{info['memory_gb']} GiB, load average {info['load_average_1m']} at the start; "
         f"Python {info['python']}, "
         f"grpcio {info['grpcio']}, SQLite {info['sqlite']}; {info['date']}.\n"
         f"Load: {args.workers} worker threads on {max(1, args.channels)} channels in this process, "
-        f"{args.seconds:g} s; per claim {args.renewals} RenewLease + {args.reports} ReportProgress + "
-        f"FailPart(release); think {args.think_ms:g} ms; idle sleep {args.idle_sleep:g} s; lease "
-        f"{args.lease_seconds:g} s. Coordinator: one process, OMP_NUM_THREADS=1, gRPC's 32 unary threads "
+        f"{args.seconds:g} s; {load}; lease {args.lease_seconds:g} s. "
+        "Coordinator: one process, OMP_NUM_THREADS=1, gRPC's 32 unary threads "
         "(the product's default, the same in both). The workers are threads of this process and share the "
         "machine's cores with the coordinator (its CPU and theirs during the load are in the JSON)."
     )
@@ -1052,6 +1132,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports", type=int, default=3, help="ReportProgress calls per claimed part")
     parser.add_argument("--think-ms", type=float, default=0.0, help="pause before each call after a claim")
     parser.add_argument("--idle-sleep", type=float, default=0.1, help="pause after an empty claim (s)")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="paced workers: one RenewLease + ReportProgress every SECONDS while holding a part, "
+        "SECONDS after an empty claim, first calls staggered over SECONDS (0: saturating, no pause)",
+    )
     parser.add_argument("--rpc-timeout", type=float, default=60.0, help="deadline of each worker call (s)")
     parser.add_argument("--lease-seconds", type=float, default=30.0, help="NOVELCRAFTER_LEASE_SECONDS")
     parser.add_argument("--max-seed-seconds", type=float, default=0.0, help="cap on seeding (0: none)")
@@ -1072,6 +1160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.history < 0 or args.workers < 1 or args.seconds <= 0:
         parser.error("--jobs and --workers must be >= 1, --history >= 0, --seconds > 0")
+    if args.pace < 0:
+        parser.error("--pace must be >= 0")
+    if args.pace > 0 and args.think_ms > 0:
+        parser.error("--pace sets the time between calls: leave --think-ms at 0")
 
     info = machine()
     runs: list[dict[str, Any]] = []

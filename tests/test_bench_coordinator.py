@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from support import ROOT, base_env
@@ -44,7 +45,8 @@ COUNTS = ("jobs", "history", "workers", "channels", "claims", "claims_assigned",
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_bench_coordinator_tiny_run_prints_every_field(tmp_path: Path):
+@pytest.mark.parametrize("pace", [0.0, 0.2], ids=["saturating", "paced"])
+def test_bench_coordinator_tiny_run_prints_every_field(tmp_path: Path, pace: float):
     db = tmp_path / "bench.sqlite3"
     proc = subprocess.run(
         [
@@ -61,6 +63,7 @@ def test_bench_coordinator_tiny_run_prints_every_field(tmp_path: Path):
             "4",
             "--seconds",
             "3",
+            *(["--pace", str(pace)] if pace else []),
             "--work-dir",
             str(tmp_path),
             "--json",
@@ -75,6 +78,7 @@ def test_bench_coordinator_tiny_run_prints_every_field(tmp_path: Path):
     doc = json.loads(proc.stdout)
     assert doc["db"] == "sqlite" and doc["coordinator"].startswith("ours")
     assert (doc["jobs"], doc["history"], doc["workers"]) == (20, 50, 4)
+    assert doc["pace"] == pace
     assert doc["seed_capped"] is False
     for key in NUMBERS:
         value = doc[key]
@@ -86,9 +90,35 @@ def test_bench_coordinator_tiny_run_prints_every_field(tmp_path: Path):
     assert doc["claim_p50_ms"] <= doc["claim_p99_ms"] <= doc["claim_max_ms"]
     assert isinstance(doc["errors"], dict)
     assert isinstance(doc["cpu_model"], str) and doc["cpu_model"]
+    if pace:
+        # 4 workers, each holding a part for 3 rounds of 0.2 s, in 3 s: a handful of claims each,
+        # nowhere near the thousands a saturating run makes; every claimed part was renewed.
+        assert doc["claims"] <= 4 * (3 / pace + 1)
+        assert doc["renewals_per_s"] > 0 and doc["reports_per_s"] > 0
     # The server process ran this checkout's package (the editable install), not another copy.
     assert Path(doc["server_module"]).resolve().is_relative_to(ROOT)
     assert not db.exists()  # the bench removes the database it seeded
+
+
+def test_pace_header_and_arguments(capsys: pytest.CaptureFixture[str]):
+    info = {key: "x" for key in ("cpu_model", "cpu_cores", "cpu_affinity", "memory_gb", "load_average_1m")}
+    info |= {key: "x" for key in ("python", "grpcio", "sqlite", "date")}
+    args = SimpleNamespace(
+        workers=4,
+        channels=1,
+        seconds=3.0,
+        renewals=3,
+        reports=3,
+        think_ms=0.0,
+        idle_sleep=0.1,
+        lease_seconds=30.0,
+    )
+    assert "pace 0 (saturating" in bc.header(info, SimpleNamespace(**vars(args), pace=0.0))
+    assert "pace 10 s (paced" in bc.header(info, SimpleNamespace(**vars(args), pace=10.0))
+    for bad in (["--pace", "-1"], ["--pace", "1", "--think-ms", "5"]):
+        with pytest.raises(SystemExit):
+            bc.main(bad)
+        assert "--pace" in capsys.readouterr().err
 
 
 def test_seeded_rows_are_insert_jobs_and_json_is_job_records(tmp_path: Path):
