@@ -17,6 +17,7 @@ or :func:`check_listen`; every ``serve`` command calls :func:`check_secrets`.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import socket
 from urllib.parse import unquote, urlsplit
@@ -44,6 +45,22 @@ PLACEHOLDERS = frozenset(
 PLACEHOLDER_PREFIXES = ("change-me", "changeme", "replace-me", "your-", "<")
 MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_hex(24))'"
 ALLOW_VARIABLE = "NOVELCRAFTER_ALLOW_UNAUTHENTICATED"
+
+
+UNAUTHORIZED = "missing or invalid bearer token (set NOVELCRAFTER_AUTH_TOKEN)"
+
+
+class BearerCheck:
+    """``Authorization: Bearer <token>``, compared in constant time: the one check every
+    listener (gRPC, the HTTP API, ``/metrics``) makes."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def __call__(self, supplied: str | bytes) -> bool:
+        if isinstance(supplied, str):
+            supplied = supplied.encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(supplied, self._expected)
 
 
 def split_listen(listen: str, what: str) -> tuple[str, int]:

@@ -10,7 +10,6 @@ its labels name books and adapter versions.
 
 from __future__ import annotations
 
-import hmac
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from novelcrafter.config import DEFAULT_METRICS_PORTS, Settings
 from novelcrafter.errors import NovelCrafterError
-from novelcrafter.exposure import bind_socket, check_listen, split_listen
+from novelcrafter.exposure import UNAUTHORIZED, BearerCheck, bind_socket, check_listen, split_listen
 from novelcrafter.logs import get_logger, kv
 
 log = get_logger(__name__)
@@ -42,22 +41,22 @@ HEALTH_PATH = "/healthz"  # open, like gRPC health: probes carry no token, and i
 def require_token(app: Callable, token: str | None) -> Callable:
     """The WSGI app, answering 401 to a request without ``Authorization: Bearer <token>``;
     :data:`HEALTH_PATH` answers ``ok`` to anyone."""
-    expected = f"Bearer {token}".encode() if token else None
+    matches = BearerCheck(token) if token else None
 
     def guarded(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == HEALTH_PATH:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
-        if expected is None:
+        if matches is None:
             return app(environ, start_response)
-        supplied = str(environ.get("HTTP_AUTHORIZATION", "")).encode("latin-1", "replace")
-        if hmac.compare_digest(supplied, expected):  # constant time
+        # WSGI hands headers over as latin-1 text: back to the bytes that were sent.
+        if matches(str(environ.get("HTTP_AUTHORIZATION", "")).encode("latin-1", "replace")):
             return app(environ, start_response)
         start_response(
             "401 Unauthorized",
             [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
         )
-        return [b"missing or invalid bearer token (set NOVELCRAFTER_AUTH_TOKEN)\n"]
+        return [UNAUTHORIZED.encode() + b"\n"]
 
     return guarded
 

@@ -18,7 +18,6 @@ Client: :func:`connect` makes a channel with the same limits, TLS and token.
 
 from __future__ import annotations
 
-import hmac
 import signal
 import threading
 import time
@@ -36,7 +35,7 @@ from prometheus_client import Counter, Gauge
 
 from novelcrafter.config import Settings, get_settings
 from novelcrafter.errors import NovelCrafterError
-from novelcrafter.exposure import check_listen
+from novelcrafter.exposure import UNAUTHORIZED, BearerCheck, check_listen
 from novelcrafter.logs import get_logger
 
 log = get_logger(__name__)
@@ -153,17 +152,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on every RPC except health checks."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._matches = BearerCheck(token)
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith(HEALTH_PREFIX):
             return continuation(details)
         metadata = dict(details.invocation_metadata or ())
-        supplied = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(supplied, self._expected):  # constant time
+        if self._matches(str(metadata.get("authorization", ""))):
             return continuation(details)
         handler = continuation(details)
-        message = "missing or invalid bearer token (set NOVELCRAFTER_AUTH_TOKEN)"
+        message = UNAUTHORIZED
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

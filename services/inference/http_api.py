@@ -19,7 +19,6 @@ Every response's ``model`` (and ``system_fingerprint``) is the exact version tha
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import ssl
@@ -48,7 +47,7 @@ from novelcrafter.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from novelcrafter.exposure import bind_tcp
+from novelcrafter.exposure import UNAUTHORIZED, BearerCheck, bind_tcp
 from novelcrafter.logs import get_logger
 
 from . import metrics
@@ -110,7 +109,6 @@ ERRORS: dict[grpc.StatusCode, HttpError] = {
 }
 INTERNAL = HttpError(500, "server_error", "internal_error")
 TOO_LARGE = HttpError(413, "invalid_request_error", "request_too_large")
-UNAUTHORIZED = "missing or invalid bearer token (set NOVELCRAFTER_AUTH_TOKEN)"  # the gRPC wording
 
 
 class BadParameter(InvalidArgument):
@@ -511,7 +509,7 @@ class HttpApi:
         self.servicer = servicer
         self.base_model = base_model
         self.created = int(time.time())
-        self._expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
+        self._matches = BearerCheck(settings.auth_token) if settings.auth_token else None
         # InferenceSettings' (NOVELCRAFTER_HTTP_MAX_BODY_MB); programs that embed the server may
         # pass plain Settings, which get its default.
         self._max_body_mb = float(getattr(settings, "http_max_body_mb", DEFAULT_MAX_BODY_MB))
@@ -558,10 +556,9 @@ class HttpApi:
             metrics.HTTP_REQUESTS.labels(route, label).inc()
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
-        if self._expected is None:
+        if self._matches is None:
             return True
-        supplied = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return hmac.compare_digest(supplied, self._expected)  # constant time; never logged
+        return self._matches(next((v for k, v in scope["headers"] if k == b"authorization"), b""))
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
